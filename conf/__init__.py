@@ -1,0 +1,1 @@
+"""Hydra YAML config groups, packaged as moe_pd.conf so `pkg://moe_pd.conf` resolves from any install."""

@@ -1,0 +1,26 @@
+"""Runtime schema: device, precision, logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moe_pd.config.errors import check_choice
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and in which precision the model runs."""
+
+    device: str = "cpu"
+    """'cpu', 'cuda' or 'auto' (cuda when available)."""
+    dtype: str = "float32"
+    """Activation and weight dtype: float32 (CPU default), bfloat16 or float16."""
+    log_level: str = "INFO"
+    """Python logging level of rank 0 (other ranks log warnings and errors only)."""
+
+    def __post_init__(self) -> None:
+        check_choice("runtime.device", self.device, ("cpu", "cuda", "auto"))
+        check_choice("runtime.dtype", self.dtype, DTYPES)
+        check_choice("runtime.log_level", self.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"))

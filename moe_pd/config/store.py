@@ -1,0 +1,30 @@
+"""Registers every schema in Hydra's ConfigStore; YAML under conf/ names a schema then lists deltas."""
+
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+
+from moe_pd.config.generate import GenerateConfig
+from moe_pd.config.kvcache import KVCacheConfig
+from moe_pd.config.model import ModelConfig
+from moe_pd.config.parallel import ParallelConfig
+from moe_pd.config.runtime import RuntimeConfig
+from moe_pd.config.sampling import SamplingConfig
+
+SCHEMAS = {
+    ("", "generate_schema"): GenerateConfig,
+    ("model", "model_schema"): ModelConfig,
+    ("parallel", "parallel_schema"): ParallelConfig,
+    ("sampling", "sampling_schema"): SamplingConfig,
+    ("kvcache", "kvcache_schema"): KVCacheConfig,
+    ("runtime", "runtime_schema"): RuntimeConfig,
+}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    for (group, name), node in SCHEMAS.items():
+        if group:
+            cs.store(group=group, name=name, node=node)
+        else:
+            cs.store(name=name, node=node)

@@ -1,0 +1,1 @@
+"""Request execution: tokenizer, sampler, offline generation (the serving engine builds on these)."""

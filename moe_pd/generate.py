@@ -1,0 +1,127 @@
+"""Offline generation: `python -m moe_pd.generate prompts='[hello]' sampling.max_new_tokens=16`.
+
+Reads prompts (text, token ids or a JSON-lines file), generates with continuous batching over the paged
+latent cache, and writes one JSON line per prompt, in prompt order, to stdout or `output=FILE`.
+Every knob is a typed config field (conf/generate.yaml); `--cfg job` prints the composed config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from moe_pd.config.errors import ConfigError
+from moe_pd.config.generate import GenerateConfig
+from moe_pd.config.hf import resolve_model_config
+from moe_pd.config.store import register_configs
+from moe_pd.engine.offline import OfflineEngine, PromptError
+from moe_pd.engine.tokenizer import Tokenizer, load_tokenizer
+from moe_pd.log import setup_logging
+from moe_pd.model.loader import CheckpointError, build_model
+from moe_pd.runtime import resolve_device, resolve_dtype
+
+log = logging.getLogger("moe_pd.generate")
+
+
+def to_config(cfg: DictConfig) -> GenerateConfig:
+    """Instantiates the schema dataclasses, which runs every __post_init__ check."""
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except ConfigError:
+        raise
+    except Exception as exc:  # OmegaConf wraps errors raised inside __post_init__
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise
+
+
+def read_prompts(cfg: GenerateConfig, tokenizer: Tokenizer | None) -> tuple[list[list[int]], list[str | None]]:
+    texts: list[str | None] = []
+    ids: list[list[int]] = []
+    entries: list[dict] = [{"prompt": p} for p in cfg.prompts] + [{"prompt_ids": p} for p in cfg.prompt_ids]
+    if cfg.prompts_file:
+        path = Path(cfg.prompts_file)
+        if not path.is_file():
+            raise PromptError(f"prompts_file={cfg.prompts_file!r}: no such file")
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    entries.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise PromptError(f"{path}:{n}: not JSON ({exc.msg})") from None
+    for n, entry in enumerate(entries):
+        if "prompt_ids" in entry:
+            ids.append([int(t) for t in entry["prompt_ids"]])
+            texts.append(None)
+        elif "prompt" in entry:
+            if tokenizer is None:
+                raise PromptError(f"prompt {n} is text but the checkpoint has no tokenizer.json; give prompt_ids")
+            if not entry["prompt"]:
+                raise PromptError(f"prompt {n} is empty")
+            ids.append(tokenizer.encode(entry["prompt"]))
+            texts.append(entry["prompt"])
+        else:
+            raise PromptError(f"prompt {n}: needs a 'prompt' or 'prompt_ids' key")
+    if not ids:
+        raise PromptError("no prompts: set prompts=[...], prompt_ids=[[...]] or prompts_file=FILE")
+    return ids, texts
+
+
+def run(cfg: GenerateConfig) -> list[dict]:
+    model_cfg = resolve_model_config(cfg.model)
+    device, dtype = resolve_device(cfg.runtime), resolve_dtype(cfg.runtime)
+    tokenizer = load_tokenizer(model_cfg)
+    prompt_ids, texts = read_prompts(cfg, tokenizer)
+    t0 = time.perf_counter()
+    model = build_model(model_cfg, device=device, dtype=dtype)
+    log.info("model %s (%s) ready in %.1f s", model_cfg.architecture, model_cfg.path or "random weights",
+             time.perf_counter() - t0)
+    engine = OfflineEngine(model, cfg.kvcache, cfg.max_batch_size, device)
+    completions = engine.generate(prompt_ids, cfg.sampling)
+    s = engine.stats
+    log.info("prefill %d tokens in %.3f s (%.1f tok/s); decode %d tokens in %.3f s (%.1f tok/s)",
+             s.prefill_tokens, s.prefill_s, s.prefill_tokens / max(s.prefill_s, 1e-9),
+             s.decode_tokens, s.decode_s, s.decode_tokens / max(s.decode_s, 1e-9))
+    return [
+        {
+            "index": c.index,
+            "prompt": texts[c.index],
+            "prompt_ids": c.prompt_ids,
+            "output_ids": c.output_ids,
+            "text": tokenizer.decode(c.output_ids) if tokenizer else None,
+            "finish_reason": c.finish_reason,
+            "timing": {"ttft_s": round(c.ttft_s, 6), "decode_s": round(c.decode_s, 6)},
+        }
+        for c in completions
+    ]
+
+
+@hydra.main(config_path="pkg://moe_pd.conf", config_name="generate", version_base=None)
+def main(dict_cfg: DictConfig) -> None:
+    try:
+        cfg = to_config(dict_cfg)
+        setup_logging(cfg.runtime.log_level)
+        records = run(cfg)
+    except (ConfigError, PromptError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    out = open(cfg.output, "w") if cfg.output else sys.stdout
+    try:
+        for record in records:
+            out.write(json.dumps(record) + "\n")
+    finally:
+        if cfg.output:
+            out.close()
+
+
+register_configs()
+
+if __name__ == "__main__":
+    main()

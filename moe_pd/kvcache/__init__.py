@@ -1,0 +1,1 @@
+"""Paged MLA latent cache and page accounting."""

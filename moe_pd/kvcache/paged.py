@@ -1,0 +1,117 @@
+"""Paged MLA latent cache and the per-step batch metadata that addresses it.
+
+Legend: L layers, P pages (blocks), S tokens per page, C kv_lora_rank, R qk_rope_head_dim,
+B sequences in the batch, M max pages per sequence, T tokens in the step.
+
+Per token and layer the cache holds only what MLA needs to rebuild keys and values: the normalised
+latent (C) and the rotated rope key (R), stored side by side as one row of C + R (FlashMLA's layout).
+A sequence's token i lives in page block_table[i // S] at offset i % S.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionBatch:
+    """Where this step's tokens sit: built on the host once per step, shared by every layer."""
+
+    positions_T: torch.Tensor
+    """int64 position of each token in its sequence."""
+    slot_mapping_T: torch.Tensor
+    """int64 cache row (page * S + offset) each token's latent is written to."""
+    block_tables_BM: torch.Tensor
+    """int64 pages of each sequence, padded with 0 (masked by seq_lens)."""
+    seq_lens_B: torch.Tensor
+    """int64 tokens in the cache per sequence after this step."""
+    query_lens_B: torch.Tensor
+    """int64 new tokens per sequence in this step (1 for decode)."""
+    query_starts_B: torch.Tensor
+    """int64 row of each sequence's first new token in the step's T rows."""
+    max_seq_len: int
+    max_query_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.seq_lens_B.shape[0])
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_query_len == 1
+
+    @staticmethod
+    def build(
+        block_tables: Sequence[Sequence[int]],
+        context_lens: Sequence[int],
+        query_lens: Sequence[int],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> "AttentionBatch":
+        """For sequences that already hold `context_lens` tokens and add `query_lens` new ones."""
+        positions, slots, starts = [], [], []
+        for table, ctx, n in zip(block_tables, context_lens, query_lens, strict=True):
+            starts.append(len(positions))
+            needed = -(-(ctx + n) // block_size)
+            if len(table) < needed:
+                raise ValueError(f"block table holds {len(table)} pages, {ctx + n} tokens need {needed}")
+            for pos in range(ctx, ctx + n):
+                positions.append(pos)
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        width = max((len(t) for t in block_tables), default=0)
+        tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
+        seq_lens = [c + n for c, n in zip(context_lens, query_lens)]
+        as_long = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+        return AttentionBatch(
+            positions_T=as_long(positions),
+            slot_mapping_T=as_long(slots),
+            block_tables_BM=as_long(tables).reshape(len(tables), width),
+            seq_lens_B=as_long(seq_lens),
+            query_lens_B=as_long(list(query_lens)),
+            query_starts_B=as_long(starts),
+            max_seq_len=max(seq_lens, default=0),
+            max_query_len=max(query_lens, default=0),
+        )
+
+
+class PagedLatentCache:
+    """One tensor [L, P, S, C + R]; layers index it, attention reads it through block tables."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_lora_rank: int, rope_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        self.block_size = block_size
+        self.kv_lora_rank = kv_lora_rank
+        self.rope_dim = rope_dim
+        self.kv_LPSW = torch.zeros(num_layers, num_blocks, block_size, kv_lora_rank + rope_dim,
+                                   dtype=dtype, device=device)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_LPSW.shape[1]
+
+    def layer(self, layer_idx: int) -> torch.Tensor:
+        return self.kv_LPSW[layer_idx]
+
+    def bytes_per_token(self) -> int:
+        return self.kv_LPSW.shape[0] * self.kv_LPSW.shape[-1] * self.kv_LPSW.element_size()
+
+
+def write_latent(cache_PSW: torch.Tensor, slot_mapping_T: torch.Tensor, latent_TC: torch.Tensor,
+                 k_rope_TR: torch.Tensor) -> None:
+    rows = cache_PSW.view(-1, cache_PSW.shape[-1])
+    rows[slot_mapping_T] = torch.cat((latent_TC, k_rope_TR), dim=-1).to(rows.dtype)
+
+
+def gather_latent(cache_PSW: torch.Tensor, batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's cached rows padded to max_seq_len: (kv [B, Lmax, C + R], valid [B, Lmax])."""
+    block_size = cache_PSW.shape[1]
+    pos_L = torch.arange(batch.max_seq_len, device=cache_PSW.device)
+    valid_BL = pos_L[None, :] < batch.seq_lens_B[:, None]
+    page_BL = batch.block_tables_BM.gather(1, (pos_L // block_size).expand(batch.num_seqs, -1)
+                                           .clamp(max=max(batch.block_tables_BM.shape[1] - 1, 0)))
+    slot_BL = torch.where(valid_BL, page_BL * block_size + pos_L % block_size, 0)
+    rows = cache_PSW.view(-1, cache_PSW.shape[-1])
+    return rows[slot_BL], valid_BL

@@ -1,0 +1,183 @@
+"""Checkpoint loading: HF safetensors (bf16/fp32 or FP8 block-scaled) or seeded random weights.
+
+Both are TensorSources keyed by HF checkpoint names, so the tiny random model and a real checkpoint
+go through the same code. Reads are lazy per tensor (safe_open), and a rank reads only the routed
+experts it holds, by global expert id. Layers at or past `num_hidden_layers` (DeepSeek's MTP module)
+are skipped with a logged message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import zlib
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors import safe_open
+
+from moe_pd.config.model import ModelConfig
+from moe_pd.model.fp8 import FP8_DTYPE, dequantize_block_fp8
+from moe_pd.model.gate import Gate
+from moe_pd.model.transformer import DeepseekForCausalLM
+from moe_pd.parallel.dispatch.base import Dispatcher
+
+log = logging.getLogger(__name__)
+
+_EXPERT_PARAM = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint does not fit the model: the message names the tensor and the file."""
+
+
+class TensorSource(Protocol):
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor: ...
+    def names(self) -> list[str]: ...
+
+
+class RandomSource:
+    """Deterministic random weights: each tensor from its own generator seeded by (seed, name), so any
+    rank that builds any subset of the model gets the same values on any machine."""
+
+    def __init__(self, seed: int, std: float) -> None:
+        self.seed, self.std = seed, std
+
+    def names(self) -> list[str]:
+        return []
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        gen = torch.Generator().manual_seed((zlib.crc32(name.encode()) << 16) ^ self.seed)
+        x = torch.randn(shape, generator=gen)
+        if name.endswith("norm.weight"):
+            return 1.0 + 0.1 * x
+        if name.endswith("e_score_correction_bias"):
+            return 0.01 * x
+        return self.std * x
+
+
+class SafetensorsSource:
+    """A directory of *.safetensors (optionally with model.safetensors.index.json)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        self.file_of: dict[str, str] = {}
+        if index.is_file():
+            with open(index) as f:
+                self.file_of = dict(json.load(f)["weight_map"])
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{self.path}: no *.safetensors files")
+            for file in files:
+                with safe_open(file, framework="pt") as f:
+                    for key in f.keys():
+                        self.file_of[key] = file.name
+        self.block = self._block_size()
+        self._handles: dict[str, object] = {}
+
+    def _block_size(self) -> tuple[int, int]:
+        cfg_file = self.path / "config.json"
+        if cfg_file.is_file():
+            quant = json.loads(cfg_file.read_text()).get("quantization_config") or {}
+            if "weight_block_size" in quant:
+                return tuple(quant["weight_block_size"])  # type: ignore[return-value]
+        return (128, 128)
+
+    def names(self) -> list[str]:
+        return [n for n in self.file_of if not n.endswith("_scale_inv")]
+
+    def _read(self, name: str) -> torch.Tensor:
+        file = self.file_of[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(self.path / file, framework="pt")
+        return self._handles[file].get_tensor(name)  # type: ignore[attr-defined]
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name not in self.file_of:
+            raise CheckpointError(f"checkpoint {self.path}: tensor {name!r} is missing")
+        tensor = self._read(name)
+        if tensor.dtype == FP8_DTYPE:
+            scale_name = name.replace(".weight", ".weight_scale_inv")
+            if scale_name not in self.file_of:
+                raise CheckpointError(f"tensor {name!r} in {self.file_of[name]} is FP8 but {scale_name!r} is missing")
+            tensor = dequantize_block_fp8(tensor, self._read(scale_name), self.block)
+        if tuple(tensor.shape) != tuple(shape):
+            raise CheckpointError(f"tensor {name!r} in {self.file_of[name]} has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(shape)}")
+        return tensor
+
+
+def expert_names(prefix: str, kind: str, expert_id: int) -> list[str]:
+    if kind == "gate_up_proj":
+        return [f"{prefix}.{expert_id}.gate_proj.weight", f"{prefix}.{expert_id}.up_proj.weight"]
+    return [f"{prefix}.{expert_id}.down_proj.weight"]
+
+
+def load_weights(model: DeepseekForCausalLM, source: TensorSource) -> None:
+    """Fills every parameter and persistent buffer of `model` from `source`, by checkpoint name."""
+    cfg = model.cfg
+    targets = model.state_dict(keep_vars=True)
+    if cfg.tie_word_embeddings:
+        targets.pop("lm_head.weight", None)
+    started, done = time.monotonic(), 0
+    with torch.no_grad():
+        for name, target in targets.items():
+            match = _EXPERT_PARAM.match(name)
+            if match:
+                prefix, kind = match.groups()
+                expert_ids = model.get_submodule(prefix).expert_ids
+                for slot, gid in enumerate(expert_ids):
+                    parts = [source.get(n, (target.shape[1] // len(expert_names(prefix, kind, gid)),
+                                            target.shape[2]))
+                             for n in expert_names(prefix, kind, gid)]
+                    target[slot].copy_(torch.cat(parts, dim=0))
+            else:
+                target.copy_(source.get(name, tuple(target.shape)))
+            done += 1
+            if time.monotonic() - started > 10 and done % 100 == 0:
+                log.info("loaded %d/%d tensors (%.0f s)", done, len(targets), time.monotonic() - started)
+    _report_unused(cfg, source, targets)
+
+
+def _report_unused(cfg: ModelConfig, source: TensorSource, targets: dict) -> None:
+    mtp_layers: dict[int, int] = defaultdict(int)
+    for name in source.names():
+        m = _LAYER.match(name)
+        if m and int(m.group(1)) >= cfg.num_hidden_layers:
+            mtp_layers[int(m.group(1))] += 1
+    if mtp_layers:
+        log.info("skipping %d tensors of layers %s (multi-token prediction, not used for serving)",
+                 sum(mtp_layers.values()), sorted(mtp_layers))
+
+
+def build_model(
+    cfg: ModelConfig,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    expert_ids: Sequence[int] | None = None,
+    dispatcher: Dispatcher | None = None,
+    source: TensorSource | None = None,
+) -> DeepseekForCausalLM:
+    """Builds the model without initialising memory twice, then loads every tensor.
+
+    `source` defaults to the checkpoint at cfg.path, or seeded random weights when it is None.
+    """
+    if source is None:
+        source = SafetensorsSource(cfg.path) if cfg.path else RandomSource(cfg.init_seed, cfg.init_std)
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(cfg, expert_ids, dispatcher)
+    model = model.to_empty(device=device).to(dtype)
+    for module in model.modules():
+        if isinstance(module, Gate):  # routing stays fp32, as in DeepSeek's and transformers' code
+            module.float()
+    model.model.rotary.reset_parameters()
+    load_weights(model, source)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,107 @@
+"""Multi-head Latent Attention over the paged latent cache.
+
+Legend: T tokens, D hidden, H heads, B sequences, Q max new tokens per sequence, L max cached tokens,
+C kv_lora_rank, R rope width, N qk_nope_head_dim, V v_head_dim.
+
+Every step writes this step's latent and rope key into the cache, then attends over the cache.
+Two equivalent forms:
+- expanded (prefill): kv_b_proj rebuilds per-head keys and values from every cached latent;
+- absorbed (decode): kv_b_proj is folded into the query (W_UK) and the output (W_UV), so attention runs
+  directly on the C-wide latents, which is what makes MLA decode memory-light.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe_pd.config.model import ModelConfig
+from moe_pd.kvcache.paged import AttentionBatch, gather_latent, write_latent
+from moe_pd.model.norm import RMSNorm
+from moe_pd.model.rope import RotaryEmbedding, apply_rope
+
+ATTN_MODES = ("auto", "expanded", "absorbed")
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.rotary = rotary  # shared by every layer; it holds no persistent state
+        h, d = cfg.num_attention_heads, cfg.hidden_size
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=1e-6)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=False)
+
+    def project(self, x_TD: torch.Tensor, positions_T: torch.Tensor):
+        """Query heads and this step's cache rows: (q_nope_THN, q_pe_THR, latent_TC, k_pe_TR)."""
+        cfg = self.cfg
+        if cfg.q_lora_rank is None:
+            q = self.q_proj(x_TD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_TD)))
+        q_THK = q.view(x_TD.shape[0], cfg.num_attention_heads, cfg.qk_head_dim)
+        q_nope_THN, q_pe_THR = q_THK.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        latent_TC, k_pe_TR = self.kv_a_proj_with_mqa(x_TD).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        latent_TC = self.kv_a_layernorm(latent_TC)
+        cos, sin = self.rotary(positions_T)
+        q_pe_THR = apply_rope(q_pe_THR, cos, sin, cfg.rope_interleave)
+        k_pe_TR = apply_rope(k_pe_TR[:, None, :], cos, sin, cfg.rope_interleave)[:, 0]
+        return q_nope_THN, q_pe_THR, latent_TC, k_pe_TR
+
+    def forward(self, x_TD: torch.Tensor, batch: AttentionBatch, cache_PSW: torch.Tensor,
+                mode: str = "auto") -> torch.Tensor:
+        if x_TD.shape[0] == 0:
+            return x_TD.new_zeros(0, self.cfg.hidden_size)
+        q_nope_THN, q_pe_THR, latent_TC, k_pe_TR = self.project(x_TD, batch.positions_T)
+        write_latent(cache_PSW, batch.slot_mapping_T, latent_TC, k_pe_TR)
+        kv_BLW, key_valid_BL = gather_latent(cache_PSW, batch)
+        kv_BLW = kv_BLW.to(x_TD.dtype)
+
+        # Pad the step's queries per sequence: [B, Q, ...]; row order of T is sequence-major.
+        q_off_Q = torch.arange(batch.max_query_len, device=x_TD.device)
+        q_valid_BQ = q_off_Q[None, :] < batch.query_lens_B[:, None]
+        q_row_BQ = torch.where(q_valid_BQ, batch.query_starts_B[:, None] + q_off_Q[None, :], 0)
+        q_pos_BQ = (batch.seq_lens_B - batch.query_lens_B)[:, None] + q_off_Q[None, :]
+        key_pos_L = torch.arange(batch.max_seq_len, device=x_TD.device)
+        allowed_BQL = key_valid_BL[:, None, :] & (key_pos_L[None, None, :] <= q_pos_BQ[:, :, None])
+
+        if mode == "auto":
+            mode = "absorbed" if batch.is_decode else "expanded"
+        attend = {"expanded": self._expanded, "absorbed": self._absorbed}[mode]
+        out_BQHV = attend(q_nope_THN[q_row_BQ], q_pe_THR[q_row_BQ], kv_BLW, allowed_BQL)
+        return self.o_proj(out_BQHV[q_valid_BQ].flatten(1))
+
+    def _softmax(self, scores_BHQL: torch.Tensor, allowed_BQL: torch.Tensor) -> torch.Tensor:
+        scores_BHQL = scores_BHQL.float() * self.rotary.softmax_scale
+        scores_BHQL = scores_BHQL.masked_fill(~allowed_BQL[:, None], float("-inf"))
+        return scores_BHQL.softmax(dim=-1)
+
+    def _expanded(self, q_nope_BQHN, q_pe_BQHR, kv_BLW, allowed_BQL):
+        cfg = self.cfg
+        latent_BLC, k_pe_BLR = kv_BLW.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        kv_BLHX = self.kv_b_proj(latent_BLC).unflatten(-1, (cfg.num_attention_heads, -1))
+        k_nope_BLHN, v_BLHV = kv_BLHX.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        scores = torch.einsum("bqhn,blhn->bhql", q_nope_BQHN, k_nope_BLHN)
+        scores = scores + torch.einsum("bqhr,blr->bhql", q_pe_BQHR, k_pe_BLR)
+        probs_BHQL = self._softmax(scores, allowed_BQL).to(v_BLHV.dtype)
+        return torch.einsum("bhql,blhv->bqhv", probs_BHQL, v_BLHV)
+
+    def _absorbed(self, q_nope_BQHN, q_pe_BQHR, kv_BLW, allowed_BQL):
+        cfg = self.cfg
+        latent_BLC, k_pe_BLR = kv_BLW.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        w_HXC = self.kv_b_proj.weight.view(cfg.num_attention_heads, -1, cfg.kv_lora_rank)
+        w_uk_HNC, w_uv_HVC = w_HXC.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
+        q_latent_BQHC = torch.einsum("bqhn,hnc->bqhc", q_nope_BQHN, w_uk_HNC)
+        scores = torch.einsum("bqhc,blc->bhql", q_latent_BQHC, latent_BLC)
+        scores = scores + torch.einsum("bqhr,blr->bhql", q_pe_BQHR, k_pe_BLR)
+        probs_BHQL = self._softmax(scores, allowed_BQL).to(latent_BLC.dtype)
+        out_latent_BQHC = torch.einsum("bhql,blc->bqhc", probs_BHQL, latent_BLC)
+        return torch.einsum("bqhc,hvc->bqhv", out_latent_BQHC, w_uv_HVC)

@@ -1,0 +1,1 @@
+"""Expert parallelism: rank layout and token dispatch."""

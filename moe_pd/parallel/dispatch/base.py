@@ -1,0 +1,56 @@
+"""The token-dispatcher contract between MoE layers and expert parallelism.
+
+Legend: T tokens on this rank, D hidden, K top-k, N rows received for local experts, E local experts.
+
+dispatch(x_TD, topk_ids_TK, topk_weights_TK) -> DispatchResult(x_ND grouped by local expert in slot
+order, counts_E, handle); combine(y_ND, handle) -> y_TD, the routing-weighted sum of each token's expert
+outputs, in the original token order on the original rank. A topk id of -1 routes nowhere. Each call is
+split into a start half and a wait half so the overlap scheduler can put compute between them; the plain
+`dispatch`/`combine` run both halves back to back.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class DispatchResult:
+    x_ND: torch.Tensor
+    """Rows for this rank's experts, expert slot 0's rows first."""
+    counts_E: torch.Tensor
+    """int64 row count per local expert slot; sums to N."""
+    handle: Any
+    """Opaque state that `combine` needs to route results back."""
+
+
+class Dispatcher(ABC):
+    """Moves tokens to the ranks that hold their experts and the results back."""
+
+    num_local_experts: int
+
+    @abstractmethod
+    def dispatch_start(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> Any:
+        """Starts sending; returns a pending object for `dispatch_wait`."""
+
+    @abstractmethod
+    def dispatch_wait(self, pending: Any) -> DispatchResult:
+        """Blocks until this rank's rows have arrived."""
+
+    @abstractmethod
+    def combine_start(self, y_ND: torch.Tensor, handle: Any) -> Any:
+        """Starts sending expert outputs back; returns a pending object for `combine_wait`."""
+
+    @abstractmethod
+    def combine_wait(self, pending: Any) -> torch.Tensor:
+        """Blocks until every token's weighted sum is back: y_TD."""
+
+    def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> DispatchResult:
+        return self.dispatch_wait(self.dispatch_start(x_TD, topk_ids_TK, topk_weights_TK))
+
+    def combine(self, y_ND: torch.Tensor, handle: Any) -> torch.Tensor:
+        return self.combine_wait(self.combine_start(y_ND, handle))

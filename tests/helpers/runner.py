@@ -1,0 +1,37 @@
+"""Small drivers around moe_pd's model for tests: one-shot forward and greedy re-forward."""
+
+from __future__ import annotations
+
+import torch
+
+from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
+
+
+def fresh_cache(model, num_blocks: int = 64, block_size: int = 4) -> PagedLatentCache:
+    cfg = model.cfg
+    return PagedLatentCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                            dtype=next(model.parameters()).dtype)
+
+
+def forward_logits(model, prompts: list[list[int]], block_size: int = 4, attn_mode: str = "auto") -> list[torch.Tensor]:
+    """Logits of every position of every prompt, all prompts in one varlen forward on a fresh cache."""
+    cache = fresh_cache(model, num_blocks=sum(-(-len(p) // block_size) for p in prompts) + 1, block_size=block_size)
+    tables, next_block = [], 0
+    for p in prompts:
+        n = -(-len(p) // block_size)
+        # Hand out pages in reverse so tables are not contiguous: exercises the page indirection.
+        tables.append(list(range(next_block + n - 1, next_block - 1, -1)))
+        next_block += n
+    batch = AttentionBatch.build(tables, [0] * len(prompts), [len(p) for p in prompts], block_size)
+    ids = torch.tensor([t for p in prompts for t in p])
+    with torch.inference_mode():
+        logits = model.logits(model(ids, batch, cache, attn_mode))
+    return list(logits.split([len(p) for p in prompts]))
+
+
+def greedy_reforward(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding that re-runs the whole sequence every step (no cache reuse): the slow reference."""
+    seq = list(prompt)
+    for _ in range(max_new_tokens):
+        seq.append(int(forward_logits(model, [seq])[0][-1].argmax()))
+    return seq[len(prompt):]
