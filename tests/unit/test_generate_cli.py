@@ -67,3 +67,20 @@ def test_bad_input_fails_clearly(overrides, message):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_checkpoint_tokenizer_json(hf_checkpoints, tmp_path):
+    """Text prompts go through the checkpoint's tokenizer.json (the `tokenizers` package), BOS prepended."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(hf_checkpoints["v3_lora_groups_yarn"][1], path)
+    vocab = {"<bos>": 0, "<eos>": 1, "hello": 5, "world": 6, "[UNK]": 2}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    out = records(generate("model=path", f"model.path={path}", "prompts=[hello world]", "sampling.max_new_tokens=3"))
+    assert out[0]["prompt_ids"] == [0, 5, 6]
+    assert isinstance(out[0]["text"], str)
