@@ -3,6 +3,10 @@
 Reads prompts (text, token ids or a JSON-lines file), generates with continuous batching over the paged
 latent cache, and writes one JSON line per prompt, in prompt order, to stdout or `output=FILE`.
 Every knob is a typed config field (conf/generate.yaml); `--cfg job` prints the composed config.
+
+Under torchrun (`torchrun --nproc-per-node=R -m moe_pd.generate ...`) the R ranks form one EP group with
+data-parallel attention: prompts are spread over the ranks balanced by tokens, every rank holds 1/R of
+the routed experts, and rank 0 writes the results in prompt order.
 """
 
 from __future__ import annotations
@@ -14,16 +18,22 @@ import time
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from moe_pd.config.errors import ConfigError
 from moe_pd.config.generate import GenerateConfig
 from moe_pd.config.hf import resolve_model_config
 from moe_pd.config.store import register_configs
-from moe_pd.engine.offline import OfflineEngine, PromptError
+from moe_pd.engine.offline import OfflineEngine, PromptError, check_prompts
 from moe_pd.engine.tokenizer import Tokenizer, load_tokenizer
 from moe_pd.log import setup_logging
 from moe_pd.model.loader import CheckpointError, build_model
+from moe_pd.parallel.dispatch import make_dispatcher
+from moe_pd.parallel.flight_recorder import FlightRecorder
+from moe_pd.parallel.state import default_placement, env_world, init_parallel, shutdown
+from moe_pd.parallel.step_sync import StepSync, balance_by_tokens
+from moe_pd.parallel.watchdog import Watchdog, default_store
 from moe_pd.runtime import resolve_device, resolve_dtype
 
 log = logging.getLogger("moe_pd.generate")
@@ -74,21 +84,42 @@ def read_prompts(cfg: GenerateConfig, tokenizer: Tokenizer | None) -> tuple[list
     return ids, texts
 
 
-def run(cfg: GenerateConfig) -> list[dict]:
+def run(cfg: GenerateConfig, run_dir: str | None = None) -> list[dict]:
+    """Generates for every prompt; returns the JSON records on rank 0 and [] on the other ranks."""
     model_cfg = resolve_model_config(cfg.model)
     device, dtype = resolve_device(cfg.runtime), resolve_dtype(cfg.runtime)
     tokenizer = load_tokenizer(model_cfg)
     prompt_ids, texts = read_prompts(cfg, tokenizer)
-    t0 = time.perf_counter()
-    model = build_model(model_cfg, device=device, dtype=dtype)
-    log.info("model %s (%s) ready in %.1f s", model_cfg.architecture, model_cfg.path or "random weights",
-             time.perf_counter() - t0)
-    engine = OfflineEngine(model, cfg.kvcache, cfg.max_batch_size, device)
-    completions = engine.generate(prompt_ids, cfg.sampling)
-    s = engine.stats
-    log.info("prefill %d tokens in %.3f s (%.1f tok/s); decode %d tokens in %.3f s (%.1f tok/s)",
-             s.prefill_tokens, s.prefill_s, s.prefill_tokens / max(s.prefill_s, 1e-9),
-             s.decode_tokens, s.decode_s, s.decode_tokens / max(s.decode_s, 1e-9))
+    check_prompts(prompt_ids, model_cfg.vocab_size, model_cfg.max_position_embeddings)
+    state = init_parallel(cfg.parallel, model_cfg, device)
+    recorder = FlightRecorder(cfg.parallel.flight_recorder_size)
+    watchdog = None
+    if state.world_size > 1 and cfg.parallel.collective_timeout_s > 0:
+        dump_dir = Path(run_dir) / "flight_recorder" if run_dir else None
+        watchdog = Watchdog(recorder, state.rank, state.world_size, cfg.parallel.collective_timeout_s,
+                            default_store(), dump_dir).start()
+    try:
+        t0 = time.perf_counter()
+        placement = default_placement(state, model_cfg)
+        dispatcher = make_dispatcher(cfg.parallel, state, model_cfg.hidden_size, placement, recorder)
+        model = build_model(model_cfg, device=state.device, dtype=dtype, dispatcher=dispatcher,
+                            expert_ids=lambda layer: placement.rank_experts(state.ep_rank, layer))
+        log.info("model %s (%s) ready in %.1f s; EP %d, %d expert slots per rank", model_cfg.architecture,
+                 model_cfg.path or "random weights", time.perf_counter() - t0, state.ep_size,
+                 state.experts_per_rank)
+        owner = balance_by_tokens([len(p) for p in prompt_ids], state.dp_size)
+        mine = [i for i, r in enumerate(owner) if r == state.dp_rank]
+        engine = OfflineEngine(model, cfg.kvcache, cfg.max_batch_size, state.device, StepSync(state, recorder))
+        completions = engine.generate([prompt_ids[i] for i in mine], cfg.sampling, indices=mine)
+        s = engine.stats
+        log.info("prefill %d tokens in %.3f s (%.1f tok/s); decode %d tokens in %.3f s (%.1f tok/s) on rank %d",
+                 s.prefill_tokens, s.prefill_s, s.prefill_tokens / max(s.prefill_s, 1e-9),
+                 s.decode_tokens, s.decode_s, s.decode_tokens / max(s.decode_s, 1e-9), state.rank)
+        completions = gather_to_leader(state, completions)
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+        shutdown(state)
     return [
         {
             "index": c.index,
@@ -103,15 +134,30 @@ def run(cfg: GenerateConfig) -> list[dict]:
     ]
 
 
+def gather_to_leader(state, completions: list) -> list:
+    """Every rank's completions, in prompt order, on rank 0 (others get [])."""
+    if state.world_size == 1:
+        return completions
+    import torch.distributed as dist
+
+    gathered: list = [None] * state.world_size if state.is_leader else None
+    dist.gather_object(completions, gathered, dst=0, group=state.group)
+    if not state.is_leader:
+        return []
+    return sorted((c for part in gathered for c in part), key=lambda c: c.index)
+
+
 @hydra.main(config_path="pkg://moe_pd.conf", config_name="generate", version_base=None)
 def main(dict_cfg: DictConfig) -> None:
     try:
         cfg = to_config(dict_cfg)
         setup_logging(cfg.runtime.log_level)
-        records = run(cfg)
+        records = run(cfg, HydraConfig.get().runtime.output_dir)
     except (ConfigError, PromptError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    if env_world()[0] != 0:
+        return
     out = open(cfg.output, "w") if cfg.output else sys.stdout
     try:
         for record in records:

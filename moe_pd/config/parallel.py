@@ -3,21 +3,54 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
-from moe_pd.config.errors import check_choice
+from moe_pd.config.errors import check, check_choice
 
-DISPATCHERS = ("local",)
+DISPATCHERS = ("auto", "local", "all_to_all", "deepep", "nvshmem")
 
 
 @dataclass
 class ParallelConfig:
-    """Expert parallelism with data-parallel attention; one process is EP = 1."""
+    """Expert parallelism over every rank of the job, with data-parallel attention (one process: EP = 1)."""
 
-    dispatcher: str = "local"
-    """Token dispatcher backend for MoE layers; 'local' keeps every expert on this rank."""
+    dispatcher: str = "auto"
+    """Token dispatcher: 'auto' (local for one rank, all_to_all otherwise), 'local', 'all_to_all',
+    'deepep' (DeepEP Buffer, GPUs) or 'nvshmem' (nvshmem4py one-sided puts, GPU)."""
     backend: str = "auto"
     """torch.distributed backend: 'auto' (nccl on CUDA, gloo on CPU), 'gloo' or 'nccl'."""
+    ep_size: Optional[int] = None
+    """Expert-parallel ranks; null means the world size (the only layout supported today)."""
+    num_redundant_experts: int = 0
+    """Extra physical expert slots holding replicas of hot experts (DeepSeek: 32); (routed experts +
+    redundant) must split evenly over the EP ranks."""
+    fp8_dispatch: bool = False
+    """Send dispatch payloads as FP8 e4m3 with per-token 1x128 scales, as DeepSeek does (combine stays
+    in the activation dtype)."""
+    deepep_mode: str = "auto"
+    """DeepEP kernels: 'normal' (prefill), 'low_latency' (decode) or 'auto' (low latency for decode steps)."""
+    deepep_max_dispatch_tokens_per_rank: int = 128
+    """Low-latency buffer capacity: tokens one rank may send per step (DeepEP recommends < 256)."""
+    collective_timeout_s: float = 300.0
+    """Watchdog: a collective unfinished after this long dumps every rank's flight recorder and ends the
+    job with a message naming the slowest rank; 0 disables the watchdog."""
+    flight_recorder_size: int = 512
+    """Collectives remembered per rank for the hang report."""
+    dry_run_world_size: Optional[int] = None
+    """For `python -m moe_pd.parallel.dry_run`: ranks to lay out in one process on a fake process group."""
 
     def __post_init__(self) -> None:
         check_choice("parallel.dispatcher", self.dispatcher, DISPATCHERS)
         check_choice("parallel.backend", self.backend, ("auto", "gloo", "nccl"))
+        check_choice("parallel.deepep_mode", self.deepep_mode, ("auto", "normal", "low_latency"))
+        check(self.ep_size is None or self.ep_size > 0, "parallel.ep_size", self.ep_size, "must be > 0 or null")
+        check(self.num_redundant_experts >= 0, "parallel.num_redundant_experts", self.num_redundant_experts,
+              "must be >= 0")
+        check(self.collective_timeout_s >= 0, "parallel.collective_timeout_s", self.collective_timeout_s,
+              "must be >= 0 (0 disables the watchdog)")
+        check(self.flight_recorder_size > 0, "parallel.flight_recorder_size", self.flight_recorder_size,
+              "must be > 0")
+        check(self.deepep_max_dispatch_tokens_per_rank > 0, "parallel.deepep_max_dispatch_tokens_per_rank",
+              self.deepep_max_dispatch_tokens_per_rank, "must be > 0")
+        check(self.dry_run_world_size is None or self.dry_run_world_size > 0, "parallel.dry_run_world_size",
+              self.dry_run_world_size, "must be > 0 or null")

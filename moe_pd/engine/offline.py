@@ -3,6 +3,10 @@
 Each step either prefills newly admitted prompts (all their tokens in one forward) or decodes one token
 for every running sequence. A prompt is admitted when a batch slot is free and the pool can hold its
 whole worst case (prompt + max_new_tokens), so a running sequence never runs out of pages.
+
+Under expert parallelism every rank runs one engine on its own prompts (data-parallel attention) and the
+ranks step together through `StepSync`: a rank with nothing left runs empty forwards, which still take
+part in every MoE layer's all-to-all, until no rank has work.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from moe_pd.engine.sampler import SamplingParams, sample
 from moe_pd.kvcache.block_manager import BlockAllocator
 from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
 from moe_pd.model.transformer import DeepseekForCausalLM
+from moe_pd.parallel.step_sync import StepSync
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +85,10 @@ def check_prompts(prompts: list[list[int]], vocab_size: int, max_context: int) -
 
 class OfflineEngine:
     def __init__(self, model: DeepseekForCausalLM, kv: KVCacheConfig, max_batch_size: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", sync: StepSync | None = None) -> None:
         cfg = model.cfg
         self.model, self.device, self.max_batch_size = model, torch.device(device), max_batch_size
+        self.sync = sync
         self.max_context = cfg.max_position_embeddings
         self.eos = cfg.eos_token_id
         dtype = next(model.parameters()).dtype
@@ -93,14 +99,18 @@ class OfflineEngine:
         self.ignore_eos = False
         self._reserved = 0  # pages promised to admitted sequences (their worst case)
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig,
+                 indices: list[int] | None = None) -> list[Completion]:
+        """Completions in prompt order. `indices` are the prompts' positions in the whole job (they seed
+        the per-prompt generators and label the results); default 0..n-1."""
         check_prompts(prompts, self.model.cfg.vocab_size, self.max_context)
+        indices = list(range(len(prompts))) if indices is None else indices
         params = SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p)
         base_seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()).item())
         waiting = [
             Sequence(i, list(p), min(sampling.max_new_tokens, self.max_context - len(p)), params,
                      None if params.greedy else torch.Generator().manual_seed(base_seed + i))
-            for i, p in enumerate(prompts)
+            for i, p in zip(indices, prompts, strict=True)
         ]
         for seq in waiting:
             need = self.blocks.blocks_for(seq.num_tokens + seq.max_new_tokens)
@@ -109,7 +119,10 @@ class OfflineEngine:
                                   f"{self.blocks.num_blocks}; raise kvcache.num_blocks")
         self.ignore_eos = sampling.ignore_eos
         started, running, done = time.perf_counter(), [], []
-        while waiting or running:
+        while self._busy(bool(waiting or running)):
+            if not waiting and not running:
+                self._step([], [])  # idle rank: an empty forward keeps the MoE collectives in step
+                continue
             admitted = self._admit(waiting, running)
             if admitted:
                 self._prefill(admitted)
@@ -126,6 +139,9 @@ class OfflineEngine:
                        s.first_token_at - started, s.finished_at - s.first_token_at)
             for s in sorted(done, key=lambda s: s.index)
         ]
+
+    def _busy(self, local_busy: bool) -> bool:
+        return self.sync.any_rank_busy(local_busy) if self.sync else local_busy
 
     def _admit(self, waiting: list[Sequence], running: list[Sequence]) -> list[Sequence]:
         admitted = []
@@ -146,6 +162,8 @@ class OfflineEngine:
         ids_T = torch.tensor([t for n in new_tokens for t in n], dtype=torch.int64, device=self.device)
         with torch.inference_mode():
             hidden_TD = self.model(ids_T, batch, self.cache)
+            if not seqs:
+                return []
             last_B = batch.query_starts_B + batch.query_lens_B - 1
             logits_BV = self.model.logits(hidden_TD[last_B])
         return sample(logits_BV, [s.params for s in seqs], [s.generator for s in seqs])

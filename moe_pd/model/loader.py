@@ -14,7 +14,6 @@ import re
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -24,7 +23,7 @@ from safetensors import safe_open
 from moe_pd.config.model import ModelConfig
 from moe_pd.model.fp8 import FP8_DTYPE, dequantize_block_fp8
 from moe_pd.model.gate import Gate
-from moe_pd.model.transformer import DeepseekForCausalLM
+from moe_pd.model.transformer import DeepseekForCausalLM, ExpertIds
 from moe_pd.parallel.dispatch.base import Dispatcher
 
 log = logging.getLogger(__name__)
@@ -162,7 +161,7 @@ def build_model(
     cfg: ModelConfig,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    expert_ids: Sequence[int] | None = None,
+    expert_ids: ExpertIds | None = None,
     dispatcher: Dispatcher | None = None,
     source: TensorSource | None = None,
 ) -> DeepseekForCausalLM:

@@ -18,7 +18,7 @@ from moe_pd.parallel.dispatch.base import Dispatcher
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, expert_ids: Sequence[int], dispatcher: Dispatcher) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, expert_ids: Sequence[int], dispatcher: Dispatcher) -> None:
         super().__init__()
         if dispatcher.num_local_experts != len(expert_ids):
             raise ValueError(
@@ -32,10 +32,11 @@ class MoE(nn.Module):
             else None
         )
         self.dispatcher = dispatcher
+        self.layer_idx = layer_idx
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         topk_ids_TK, topk_weights_TK = self.gate(x_TD)
-        routed = self.dispatcher.dispatch(x_TD, topk_ids_TK, topk_weights_TK)
+        routed = self.dispatcher.dispatch(x_TD, topk_ids_TK, topk_weights_TK, self.layer_idx)
         y_ND = self.experts(routed.x_ND, routed.counts_E)
         out_TD = self.dispatcher.combine(y_ND, routed.handle)
         if self.shared_experts is not None:

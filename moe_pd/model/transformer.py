@@ -8,7 +8,7 @@ tokens to them; nothing here knows about ranks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +23,8 @@ from moe_pd.model.rope import RotaryEmbedding
 from moe_pd.parallel.dispatch.base import Dispatcher
 from moe_pd.parallel.dispatch.local import LocalDispatcher
 
+ExpertIds = Sequence[int] | Callable[[int], Sequence[int]]
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding,
@@ -32,7 +34,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLA(cfg, rotary)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = (MoE(cfg, expert_ids, dispatcher) if cfg.is_moe_layer(layer_idx)
+        self.mlp = (MoE(cfg, layer_idx, expert_ids, dispatcher) if cfg.is_moe_layer(layer_idx)
                     else DenseMLP(cfg.hidden_size, cfg.intermediate_size))
 
     def forward(self, x_TD: torch.Tensor, batch: AttentionBatch, cache: PagedLatentCache,
@@ -42,12 +44,13 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekBackbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, expert_ids: Sequence[int], dispatcher: Dispatcher) -> None:
+    def __init__(self, cfg: ModelConfig, expert_ids: Callable[[int], Sequence[int]], dispatcher: Dispatcher) -> None:
         super().__init__()
         self.rotary = RotaryEmbedding(cfg)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, self.rotary, expert_ids, dispatcher) for i in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, i, self.rotary, expert_ids(i) if cfg.is_moe_layer(i) else [], dispatcher)
+            for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -56,13 +59,17 @@ class DeepseekForCausalLM(nn.Module):
     """forward(token ids of one step, its AttentionBatch, the cache) -> hidden states of every token;
     `logits` applies the head to the rows you need (usually each sequence's last token)."""
 
-    def __init__(self, cfg: ModelConfig, expert_ids: Sequence[int] | None = None,
+    def __init__(self, cfg: ModelConfig, expert_ids: ExpertIds | None = None,
                  dispatcher: Dispatcher | None = None) -> None:
+        """`expert_ids`: the global (logical) expert id of each local slot, one list for every MoE layer or
+        a function of the layer index; default all experts. `dispatcher` defaults to the local one."""
         super().__init__()
         self.cfg = cfg
-        expert_ids = list(range(cfg.n_routed_experts)) if expert_ids is None else list(expert_ids)
-        dispatcher = dispatcher or LocalDispatcher(len(expert_ids))
-        self.model = DeepseekBackbone(cfg, expert_ids, dispatcher)
+        if expert_ids is None:
+            expert_ids = list(range(cfg.n_routed_experts))
+        ids_of_layer = expert_ids if callable(expert_ids) else (lambda _layer, ids=list(expert_ids): ids)
+        dispatcher = dispatcher or LocalDispatcher(cfg.n_routed_experts)
+        self.model = DeepseekBackbone(cfg, ids_of_layer, dispatcher)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

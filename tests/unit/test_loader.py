@@ -15,6 +15,7 @@ from moe_pd.config.hf import resolve_model_config
 from moe_pd.config.model import ModelConfig
 from moe_pd.model.fp8 import FP8_DTYPE, quantize_block_fp8
 from moe_pd.model.loader import CheckpointError, RandomSource, SafetensorsSource, build_model
+from moe_pd.parallel.dispatch import LocalDispatcher
 
 PROMPTS = [[0, 3, 9, 27, 81, 1, 2, 5]]
 QUANTISED = re.compile(r".*(proj|experts\.\d+\.\w+_proj)\.weight$")
@@ -115,7 +116,7 @@ def test_expert_subset_reads_only_its_experts(hf_checkpoints, random_weights):
     inner = RandomSource(cfg.init_seed, cfg.init_std) if random_weights else SafetensorsSource(cfg.path)
     full = build_model(cfg, source=inner)
     recorder = RecordingSource(inner)
-    subset = build_model(cfg, expert_ids=[1, 5, 9], source=recorder)
+    subset = build_model(cfg, expert_ids=[1, 5, 9], dispatcher=LocalDispatcher(3), source=recorder)
     experts_read = {int(m.group(1)) for n in recorder.read if (m := re.search(r"experts\.(\d+)\.", n))}
     assert experts_read == {1, 5, 9}
     for layer_full, layer_sub in zip(full.model.layers[1:], subset.model.layers[1:]):

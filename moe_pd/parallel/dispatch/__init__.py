@@ -1,6 +1,29 @@
-"""Token dispatchers: one contract (base.Dispatcher), several backends."""
+"""Token dispatchers: one contract (base.Dispatcher), several backends, chosen once at start-up."""
 
+from __future__ import annotations
+
+from moe_pd.config.errors import ConfigError
+from moe_pd.config.parallel import ParallelConfig
 from moe_pd.parallel.dispatch.base import Dispatcher, DispatchResult
 from moe_pd.parallel.dispatch.local import LocalDispatcher
+from moe_pd.parallel.flight_recorder import FlightRecorder
+from moe_pd.parallel.placement import ExpertPlacement
+from moe_pd.parallel.state import ParallelState
 
-__all__ = ["DispatchResult", "Dispatcher", "LocalDispatcher"]
+__all__ = ["Dispatcher", "DispatchResult", "LocalDispatcher", "make_dispatcher"]
+
+
+def make_dispatcher(cfg: ParallelConfig, state: ParallelState, hidden_size: int,
+                    placement: ExpertPlacement | None = None, recorder: FlightRecorder | None = None) -> Dispatcher:
+    kind = cfg.dispatcher
+    if kind == "auto":
+        kind = "local" if state.ep_size == 1 else "all_to_all"
+    if kind == "local":
+        if state.ep_size != 1:
+            raise ConfigError(f"parallel.dispatcher='local' needs one rank, the job has {state.ep_size}")
+        return LocalDispatcher(state.num_experts)
+    if kind == "all_to_all":
+        from moe_pd.parallel.dispatch.all_to_all import AllToAllDispatcher
+
+        return AllToAllDispatcher(state, hidden_size, placement, recorder, fp8=cfg.fp8_dispatch)
+    raise ConfigError(f"parallel.dispatcher={kind!r} is not available in this build yet")

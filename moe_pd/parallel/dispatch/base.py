@@ -28,14 +28,28 @@ class DispatchResult:
     """Opaque state that `combine` needs to route results back."""
 
 
+def weighted_sum_over_k(y_ND: torch.Tensor, slot_N: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+    """y_TD[t] = sum_k w[t, k] * y[(t, k)], summed in k order whatever order the rows came back in.
+
+    slot_N[n] is the flat (token * K + k) position row n answers. Every backend combines through this, so
+    they all add a token's expert outputs in the same order and agree bit for bit with one another.
+    """
+    num_tokens, top_k = topk_weights_TK.shape
+    y_SD = y_ND.new_zeros(num_tokens * top_k, y_ND.shape[-1])
+    y_SD[slot_N] = y_ND
+    return (y_SD.view(num_tokens, top_k, y_ND.shape[-1]) * topk_weights_TK[..., None].to(y_ND.dtype)).sum(dim=1)
+
+
 class Dispatcher(ABC):
     """Moves tokens to the ranks that hold their experts and the results back."""
 
     num_local_experts: int
 
     @abstractmethod
-    def dispatch_start(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> Any:
-        """Starts sending; returns a pending object for `dispatch_wait`."""
+    def dispatch_start(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                       layer: int = -1) -> Any:
+        """Starts sending; returns a pending object for `dispatch_wait`. `topk_ids_TK` are logical expert
+        ids; `layer` (the model layer index) selects that layer's expert placement and labels the call."""
 
     @abstractmethod
     def dispatch_wait(self, pending: Any) -> DispatchResult:
@@ -49,8 +63,9 @@ class Dispatcher(ABC):
     def combine_wait(self, pending: Any) -> torch.Tensor:
         """Blocks until every token's weighted sum is back: y_TD."""
 
-    def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> DispatchResult:
-        return self.dispatch_wait(self.dispatch_start(x_TD, topk_ids_TK, topk_weights_TK))
+    def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                 layer: int = -1) -> DispatchResult:
+        return self.dispatch_wait(self.dispatch_start(x_TD, topk_ids_TK, topk_weights_TK, layer))
 
     def combine(self, y_ND: torch.Tensor, handle: Any) -> torch.Tensor:
         return self.combine_wait(self.combine_start(y_ND, handle))

@@ -1,4 +1,4 @@
-"""EP = 1: every expert is local, so dispatch is a permutation and combine a weighted scatter-add.
+"""EP = 1: every expert is local, so dispatch is a permutation and combine a weighted sum over k.
 
 Legend: T tokens, D hidden, K top-k, N = valid (token, expert) pairs, E experts.
 This is the reference every other backend is tested against.
@@ -10,14 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_pd.parallel.dispatch.base import Dispatcher, DispatchResult
+from moe_pd.parallel.dispatch.base import Dispatcher, DispatchResult, weighted_sum_over_k
 
 
 @dataclass
 class LocalHandle:
-    token_index_N: torch.Tensor
-    weights_N: torch.Tensor
-    num_tokens: int
+    slot_N: torch.Tensor
+    """Flat (token * K + k) position of each dispatched row."""
+    topk_weights_TK: torch.Tensor
 
 
 def group_by_expert(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -37,20 +37,17 @@ class LocalDispatcher(Dispatcher):
     def __init__(self, num_experts: int) -> None:
         self.num_local_experts = num_experts
 
-    def dispatch_start(self, x_TD, topk_ids_TK, topk_weights_TK):
+    def dispatch_start(self, x_TD, topk_ids_TK, topk_weights_TK, layer: int = -1):
         order, counts_E, num_valid = group_by_expert(topk_ids_TK, self.num_local_experts)
-        order = order[:num_valid]
-        token_index_N = order // topk_ids_TK.shape[1]
-        handle = LocalHandle(token_index_N, topk_weights_TK.reshape(-1)[order], x_TD.shape[0])
-        return DispatchResult(x_TD[token_index_N], counts_E, handle)
+        slot_N = order[:num_valid]
+        handle = LocalHandle(slot_N, topk_weights_TK)
+        return DispatchResult(x_TD[slot_N // topk_ids_TK.shape[1]], counts_E, handle)
 
     def dispatch_wait(self, pending: DispatchResult) -> DispatchResult:
         return pending
 
     def combine_start(self, y_ND, handle: LocalHandle):
-        out_TD = y_ND.new_zeros(handle.num_tokens, y_ND.shape[1])
-        out_TD.index_add_(0, handle.token_index_N, y_ND * handle.weights_N[:, None].to(y_ND.dtype))
-        return out_TD
+        return weighted_sum_over_k(y_ND, handle.slot_N, handle.topk_weights_TK)
 
     def combine_wait(self, pending: torch.Tensor) -> torch.Tensor:
         return pending
