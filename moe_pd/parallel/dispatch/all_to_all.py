@@ -1,13 +1,15 @@
-"""EP dispatch over torch.distributed `all_to_all_single` (gloo and NCCL): counts first, then payload.
+"""EP dispatch over torch.distributed `all_to_all_single` (gloo and NCCL), token-deduplicated as DeepEP.
 
-Legend: T tokens on this rank, D hidden, K top-k, R EP ranks, E local experts per rank, N rows.
+Legend: T tokens on this rank, D hidden, K top-k, R EP ranks, E local expert slots per rank,
+S (token, destination rank) pairs sent, N token rows received.
 
-Logical ids are first routed to physical slots (placement.py; slot p lives on rank p // E). Dispatch
-sends one row per (token, chosen expert), ordered by physical slot, which is rank-major and
-local-slot-minor, so the send split per rank is a sum of counts. Receivers get rows source-rank-major and regroup them
-expert-major. Combine reverses both steps and sums each token's K results in k order (base.py), so the
-output matches the local backend. With `fp8`, payload rows travel as e4m3 bytes plus per-token 1x128
-fp32 scales packed into one uint8 row, as DeepSeek's dispatch does; combine stays in the activation dtype.
+Logical ids are first routed to physical slots (placement.py; slot p lives on rank p // E). Each token
+travels once to each rank that holds at least one of its experts, with its K local slot ids there (-1
+elsewhere) and weights: counts first (blocking), then metadata and payload (asynchronous). The receiver
+lays the rows out expert-major (permute.py); combine reduces each row's expert outputs with their weights
+on the expert side, sends one partial sum per row back, and the sender adds the partials in rank order.
+With `fp8`, payload rows travel as e4m3 bytes plus per-token 1x128 fp32 scales packed into one uint8 row,
+as DeepSeek's dispatch does; combine stays in the activation dtype.
 """
 
 from __future__ import annotations
@@ -20,22 +22,11 @@ import torch.distributed as dist
 
 from moe_pd.config.errors import ConfigError
 from moe_pd.model.fp8 import FP8_DTYPE, quantize_act_1x128
-from moe_pd.parallel.dispatch.base import Dispatcher, DispatchResult, weighted_sum_over_k
-from moe_pd.parallel.dispatch.local import group_by_expert
+from moe_pd.parallel.dispatch import permute
+from moe_pd.parallel.dispatch.base import Dispatcher, DispatchResult
 from moe_pd.parallel.flight_recorder import CommEntry, FlightRecorder
 from moe_pd.parallel.placement import ExpertPlacement
 from moe_pd.parallel.state import ParallelState
-
-
-def expert_major_order(counts_RE: torch.Tensor) -> torch.Tensor:
-    """Row indices that turn source-major rows ([r][e] blocks) into expert-major ([e][r] blocks)."""
-    flat_counts = counts_RE.reshape(-1)
-    starts_RE = (torch.cumsum(flat_counts, 0) - flat_counts).view_as(counts_RE)
-    counts_ER, starts_ER = counts_RE.t().reshape(-1), starts_RE.t().reshape(-1)
-    total = int(flat_counts.sum())
-    block_start = torch.repeat_interleave(starts_ER, counts_ER)
-    out_start = torch.repeat_interleave(torch.cumsum(counts_ER, 0) - counts_ER, counts_ER)
-    return block_start + torch.arange(total, device=counts_RE.device) - out_start
 
 
 def pack_fp8(x_ND: torch.Tensor) -> torch.Tensor:
@@ -57,27 +48,28 @@ def unpack_fp8(packed: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.T
 
 
 @dataclass
-class _PendingDispatch:
-    work: object
-    recv: torch.Tensor
-    recv_counts_RE: torch.Tensor
-    slot_N: torch.Tensor
+class _Pending:
+    works: list
+    recv_x: torch.Tensor
+    recv_meta: torch.Tensor
+    send_token_S: torch.Tensor
     send_split: list[int]
     recv_split: list[int]
-    topk_weights_TK: torch.Tensor
+    num_tokens: int
     entry: CommEntry | None
     dtype: torch.dtype
     hidden: int
     ready_at: float
+    tag: str
 
 
 @dataclass
 class AllToAllHandle:
-    order_N: torch.Tensor
-    slot_N: torch.Tensor
+    expansion: permute.Expansion
+    send_token_S: torch.Tensor
     send_split: list[int]
     recv_split: list[int]
-    topk_weights_TK: torch.Tensor
+    num_tokens: int
     tag: str
 
 
@@ -98,55 +90,62 @@ class AllToAllDispatcher(Dispatcher):
         if entry is not None and self.recorder is not None:
             self.recorder.finish(entry)
 
+    def _exchange(self, send: torch.Tensor, send_split: list[int], recv_split: list[int]):
+        recv = send.new_empty(sum(recv_split), *send.shape[1:])
+        work = dist.all_to_all_single(recv, send, recv_split, send_split, group=self.group, async_op=True)
+        return recv, work
+
     def dispatch_start(self, x_TD, topk_ids_TK, topk_weights_TK, layer: int = -1):
-        ranks, experts = self.state.ep_size, self.num_local_experts
+        ranks = self.state.ep_size
         tag = f"layer{layer}" if layer >= 0 else ""
-        if self.placement is not None:
-            topk_ids_TK = self.placement.route(topk_ids_TK, layer)
-        order, counts_G, num_valid = group_by_expert(topk_ids_TK, ranks * experts)
-        slot_N = order[:num_valid]
-        send_counts_RE = counts_G.view(ranks, experts)
-        recv_counts_RE = torch.empty_like(send_counts_RE)
-        entry = self._record("dispatch.counts", tag, ranks * experts, ranks * experts, 16 * ranks * experts)
-        dist.all_to_all_single(recv_counts_RE.view(-1), send_counts_RE.reshape(-1), group=self.group)
+        phys_TK = self.placement.route(topk_ids_TK, layer) if self.placement is not None else topk_ids_TK
+        send_token_S, send_rank_S, local_ids_SK = permute.token_rank_layout(phys_TK, self.num_local_experts, ranks)
+        send_counts_R = torch.bincount(send_rank_S, minlength=ranks)
+        recv_counts_R = torch.empty_like(send_counts_R)
+        entry = self._record("dispatch.counts", tag, ranks, ranks, 16 * ranks)
+        dist.all_to_all_single(recv_counts_R, send_counts_R, group=self.group)
         self._done(entry)
-        send_split, recv_split = send_counts_RE.sum(1).tolist(), recv_counts_RE.sum(1).tolist()
-        payload = x_TD[slot_N // topk_ids_TK.shape[1]]
+        send_split, recv_split = send_counts_R.tolist(), recv_counts_R.tolist()
+        # Metadata row: K local slot ids then K weights, as fp32 (slot ids are small exact integers).
+        meta_SK2 = torch.cat([local_ids_SK.float(), topk_weights_TK[send_token_S].float()], dim=1)
+        payload = x_TD[send_token_S]
         if self.fp8:
             payload = pack_fp8(payload)
-        recv = payload.new_empty(sum(recv_split), payload.shape[1])
-        entry = self._record("dispatch", tag, num_valid, recv.shape[0], payload.numel() * payload.element_size())
-        work = dist.all_to_all_single(recv, payload, recv_split, send_split, group=self.group, async_op=True)
-        return _PendingDispatch(work, recv, recv_counts_RE, slot_N, send_split, recv_split, topk_weights_TK, entry,
-                                x_TD.dtype, x_TD.shape[1], time.monotonic() + self.delay_s), tag
+        entry = self._record("dispatch", tag, len(send_token_S), sum(recv_split),
+                             payload.numel() * payload.element_size() + meta_SK2.numel() * 4)
+        recv_meta, work_meta = self._exchange(meta_SK2, send_split, recv_split)
+        recv_x, work_x = self._exchange(payload, send_split, recv_split)
+        return _Pending([work_meta, work_x], recv_x, recv_meta, send_token_S, send_split, recv_split,
+                        x_TD.shape[0], entry, x_TD.dtype, x_TD.shape[1], time.monotonic() + self.delay_s, tag)
 
-    def dispatch_wait(self, pending) -> DispatchResult:
-        p, tag = pending
-        self._wait(p.work, p.entry, p.ready_at)
-        recv = unpack_fp8(p.recv, p.hidden, p.dtype) if self.fp8 else p.recv
-        order_N = expert_major_order(p.recv_counts_RE)
-        handle = AllToAllHandle(order_N, p.slot_N, p.send_split, p.recv_split, p.topk_weights_TK, tag)
-        return DispatchResult(recv[order_N], p.recv_counts_RE.sum(0), handle)
+    def dispatch_wait(self, p: _Pending) -> DispatchResult:
+        self._wait(p.works, p.entry, p.ready_at)
+        recv_x = unpack_fp8(p.recv_x, p.hidden, p.dtype) if self.fp8 else p.recv_x
+        top_k = p.recv_meta.shape[1] // 2
+        local_ids_NK = p.recv_meta[:, :top_k].long()
+        x_MD, expansion = permute.expand(recv_x, local_ids_NK, p.recv_meta[:, top_k:], self.num_local_experts)
+        handle = AllToAllHandle(expansion, p.send_token_S, p.send_split, p.recv_split, p.num_tokens, p.tag)
+        return DispatchResult(x_MD, expansion.counts_E, handle)
 
-    def combine_start(self, y_ND, handle: AllToAllHandle):
-        back = torch.empty_like(y_ND)
-        back[handle.order_N] = y_ND
-        out = y_ND.new_empty(sum(handle.send_split), y_ND.shape[1])
-        entry = self._record("combine", handle.tag, back.shape[0], out.shape[0], back.numel() * back.element_size())
-        work = dist.all_to_all_single(out, back, handle.send_split, handle.recv_split, group=self.group,
-                                      async_op=True)
-        return work, entry, out, handle, time.monotonic() + self.delay_s
+    def combine_start(self, y_MD, handle: AllToAllHandle):
+        partial_ND = permute.reduce(y_MD, handle.expansion)
+        entry = self._record("combine", handle.tag, partial_ND.shape[0], sum(handle.send_split),
+                             partial_ND.numel() * partial_ND.element_size())
+        back_SD, work = self._exchange(partial_ND, handle.recv_split, handle.send_split)
+        return work, entry, back_SD, handle, time.monotonic() + self.delay_s
 
     def combine_wait(self, pending) -> torch.Tensor:
-        work, entry, out, handle, ready_at = pending
-        self._wait(work, entry, ready_at)
-        return weighted_sum_over_k(out, handle.slot_N, handle.topk_weights_TK)
+        work, entry, back_SD, handle, ready_at = pending
+        self._wait([work], entry, ready_at)
+        out_TD = back_SD.new_zeros(handle.num_tokens, back_SD.shape[1])
+        return out_TD.index_add_(0, handle.send_token_S, back_SD)  # rank order: rows are rank-major
 
-    def _wait(self, work, entry: CommEntry | None, ready_at: float) -> None:
+    def _wait(self, works: list, entry: CommEntry | None, ready_at: float) -> None:
         """Waits for the transfer; with `delay_s` (a test knob emulating a slow network) not before
         `delay_s` after it started, so compute placed between start and wait hides the delay."""
         remaining = ready_at - time.monotonic()
         if remaining > 0:
             time.sleep(remaining)
-        work.wait()
+        for work in works:
+            work.wait()
         self._done(entry)

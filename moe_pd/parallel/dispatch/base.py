@@ -28,16 +28,16 @@ class DispatchResult:
     """Opaque state that `combine` needs to route results back."""
 
 
-def weighted_sum_over_k(y_ND: torch.Tensor, slot_N: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
-    """y_TD[t] = sum_k w[t, k] * y[(t, k)], summed in k order whatever order the rows came back in.
+def weighted_scatter_sum(y_ND: torch.Tensor, slot_N: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+    """y_TD[t] = sum over rows n answering token t of w[t, k_n] * y[n].
 
-    slot_N[n] is the flat (token * K + k) position row n answers. Every backend combines through this, so
-    they all add a token's expert outputs in the same order and agree bit for bit with one another.
+    slot_N[n] is the flat (token * K + k) position row n answers. Rows are added in row order
+    (expert-major), which is deterministic on CPU; memory is T x D, never T x K x D.
     """
     num_tokens, top_k = topk_weights_TK.shape
-    y_SD = y_ND.new_zeros(num_tokens * top_k, y_ND.shape[-1])
-    y_SD[slot_N] = y_ND
-    return (y_SD.view(num_tokens, top_k, y_ND.shape[-1]) * topk_weights_TK[..., None].to(y_ND.dtype)).sum(dim=1)
+    weights_N = topk_weights_TK.reshape(-1)[slot_N].to(y_ND.dtype)
+    out_TD = y_ND.new_zeros(num_tokens, y_ND.shape[-1])
+    return out_TD.index_add_(0, slot_N // max(top_k, 1), y_ND * weights_N[:, None])
 
 
 class Dispatcher(ABC):

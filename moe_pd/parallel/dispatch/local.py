@@ -1,4 +1,4 @@
-"""EP = 1: every expert is local, so dispatch is a permutation and combine a weighted sum over k.
+"""EP = 1: every expert is local, so dispatch is a permutation and combine a weighted scatter-sum.
 
 Legend: T tokens, D hidden, K top-k, N = valid (token, expert) pairs, E experts.
 This is the reference every other backend is tested against.
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_pd.parallel.dispatch.base import Dispatcher, DispatchResult, weighted_sum_over_k
+from moe_pd.parallel.dispatch.base import Dispatcher, DispatchResult, weighted_scatter_sum
 
 
 @dataclass
@@ -47,7 +47,7 @@ class LocalDispatcher(Dispatcher):
         return pending
 
     def combine_start(self, y_ND, handle: LocalHandle):
-        return weighted_sum_over_k(y_ND, handle.slot_N, handle.topk_weights_TK)
+        return weighted_scatter_sum(y_ND, handle.slot_N, handle.topk_weights_TK)
 
     def combine_wait(self, pending: torch.Tensor) -> torch.Tensor:
         return pending
