@@ -101,7 +101,8 @@ def run(cfg: GenerateConfig, run_dir: str | None = None) -> list[dict]:
     try:
         t0 = time.perf_counter()
         placement = default_placement(state, model_cfg)
-        dispatcher = make_dispatcher(cfg.parallel, state, model_cfg.hidden_size, placement, recorder)
+        dispatcher = make_dispatcher(cfg.parallel, state, model_cfg.hidden_size, placement, recorder,
+                                     model_cfg.num_experts_per_tok, dtype)
         model = build_model(model_cfg, device=state.device, dtype=dtype, dispatcher=dispatcher,
                             expert_ids=lambda layer: placement.rank_experts(state.ep_rank, layer))
         log.info("model %s (%s) ready in %.1f s; EP %d, %d expert slots per rank", model_cfg.architecture,
@@ -109,7 +110,8 @@ def run(cfg: GenerateConfig, run_dir: str | None = None) -> list[dict]:
                  state.experts_per_rank)
         owner = balance_by_tokens([len(p) for p in prompt_ids], state.dp_size)
         mine = [i for i, r in enumerate(owner) if r == state.dp_rank]
-        engine = OfflineEngine(model, cfg.kvcache, cfg.max_batch_size, state.device, StepSync(state, recorder))
+        engine = OfflineEngine(model, cfg.kvcache, cfg.max_batch_size, state.device,
+                               StepSync(state, recorder, dispatcher))
         completions = engine.generate([prompt_ids[i] for i in mine], cfg.sampling, indices=mine)
         s = engine.stats
         log.info("prefill %d tokens in %.3f s (%.1f tok/s); decode %d tokens in %.3f s (%.1f tok/s) on rank %d",

@@ -1,8 +1,10 @@
 """Dispatch + combine latency and bytes moved, moe_pd's all_to_all dispatcher vs a naive all_gather exchange.
 
     python perf/bench_dispatch.py [--ranks 2 4] [--tokens 128 512 1024 4096] [--hidden 1024] [--fp8]
+                                  [--backend gloo|nccl]
 
-Runs itself under torchrun (gloo on CPU, NCCL when CUDA is visible) for each rank count. Both sides do
+Runs itself under torchrun for each rank count: gloo on CPU by default, NCCL with --backend nccl (one
+GPU per rank). Both sides do
 the same job for every rank's tokens (top-k routing over E experts, uniform random): route rows to the
 ranks holding their experts and bring the weighted sums back. The baseline all_gathers every token and
 its routing to every rank, computes there, and all_reduces the partial outputs. Prints medians and the
@@ -24,14 +26,14 @@ import torch.distributed as dist
 
 def naive_exchange(x_TD, ids_TK, w_TK, local_experts, world):
     """all_gather tokens and routing; each rank applies its experts (identity here) to every token; all_reduce."""
-    t = torch.tensor([x_TD.shape[0]])
+    t = torch.tensor([x_TD.shape[0]], device=x_TD.device)
     sizes = [torch.zeros_like(t) for _ in range(world)]
     dist.all_gather(sizes, t)
     tmax = int(max(s.item() for s in sizes))
     pad = lambda a: torch.cat([a, a.new_zeros(tmax - a.shape[0], *a.shape[1:])])  # noqa: E731
-    xs = [torch.empty(tmax, x_TD.shape[1], dtype=x_TD.dtype) for _ in range(world)]
-    ids = [torch.empty(tmax, ids_TK.shape[1], dtype=ids_TK.dtype) for _ in range(world)]
-    ws = [torch.empty(tmax, w_TK.shape[1], dtype=w_TK.dtype) for _ in range(world)]
+    xs = [x_TD.new_empty(tmax, x_TD.shape[1]) for _ in range(world)]
+    ids = [ids_TK.new_empty(tmax, ids_TK.shape[1]) for _ in range(world)]
+    ws = [w_TK.new_empty(tmax, w_TK.shape[1]) for _ in range(world)]
     dist.all_gather(xs, pad(x_TD))
     dist.all_gather(ids, pad(ids_TK))
     dist.all_gather(ws, pad(w_TK))
@@ -49,9 +51,12 @@ def worker(args) -> None:
     from moe_pd.parallel.placement import ExpertPlacement
     from moe_pd.parallel.state import ParallelState
 
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    state = ParallelState(rank, world, rank, world, rank, world, rank, args.experts, torch.device("cpu"), "gloo",
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(args.backend)
+    state = ParallelState(rank, world, rank, world, rank, world, rank, args.experts, device, args.backend,
                           dist.group.WORLD)
     placement = ExpertPlacement.contiguous(1, args.experts, 0, world)
     ours = AllToAllDispatcher(state, args.hidden, placement, fp8=args.fp8)
@@ -59,20 +64,23 @@ def worker(args) -> None:
     gen = torch.Generator().manual_seed(rank)
     rows = []
     for tokens in args.tokens:
-        x = torch.randn(tokens, args.hidden, generator=gen)
-        ids = torch.stack([torch.randperm(args.experts, generator=gen)[: args.topk] for _ in range(tokens)])
-        w = torch.rand(tokens, args.topk, generator=gen)
+        x = torch.randn(tokens, args.hidden, generator=gen).to(device)
+        ids = torch.stack([torch.randperm(args.experts, generator=gen)[: args.topk] for _ in range(tokens)]).to(device)
+        w = torch.rand(tokens, args.topk, generator=gen).to(device)
         times = {"ours": [], "naive": []}
         moved = {}
         for it in range(args.iters + 1):
+            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
             dist.barrier()
             t0 = time.perf_counter()
             routed = ours.dispatch(x, ids, w, layer=0)
             ours.combine(routed.x_ND, routed.handle)
+            sync()
             t1 = time.perf_counter()
             dist.barrier()
             t2 = time.perf_counter()
             _, moved["naive"] = naive_exchange(x, ids, w, local, world)
+            sync()
             t3 = time.perf_counter()
             if it:  # the first iteration warms up
                 times["ours"].append(t1 - t0)
@@ -99,12 +107,13 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--fp8", action="store_true", help="FP8 e4m3 dispatch payload (emulated on CPU)")
+    parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
-    print(f"dispatch+combine per rank, gloo on CPU, torch {torch.__version__}, hidden {args.hidden}, "
+    print(f"dispatch+combine per rank, {args.backend}, torch {torch.__version__}, hidden {args.hidden}, "
           f"{args.experts} experts, top-{args.topk}, fp8 {args.fp8}, median of {args.iters}")
     print(f"{'ranks':>5} {'tokens':>7} {'ours ms':>10} {'naive ms':>10} {'ratio':>8} "
           f"{'ours MiB':>10} {'naive MiB':>10}")

@@ -119,16 +119,18 @@ class OfflineEngine:
                                   f"{self.blocks.num_blocks}; raise kvcache.num_blocks")
         self.ignore_eos = sampling.ignore_eos
         started, running, done = time.perf_counter(), [], []
-        while self._busy(bool(waiting or running)):
-            if not waiting and not running:
-                self._step([], [])  # idle rank: an empty forward keeps the MoE collectives in step
-                continue
+        while True:
             admitted = self._admit(waiting, running)
+            step_tokens = sum(len(s.prompt_ids) for s in admitted) if admitted else len(running)
+            if not self._sync_step(bool(admitted or running), step_tokens):
+                break
             if admitted:
                 self._prefill(admitted)
                 running.extend(admitted)
-            else:
+            elif running:
                 self._decode(running)
+            else:
+                self._step([], [])  # idle rank: an empty forward keeps the MoE collectives in step
             for seq in [s for s in running if s.finish_reason]:
                 running.remove(seq)
                 self._reserved -= self.blocks.blocks_for(len(seq.prompt_ids) + seq.max_new_tokens)
@@ -140,8 +142,9 @@ class OfflineEngine:
             for s in sorted(done, key=lambda s: s.index)
         ]
 
-    def _busy(self, local_busy: bool) -> bool:
-        return self.sync.any_rank_busy(local_busy) if self.sync else local_busy
+    def _sync_step(self, local_busy: bool, num_tokens: int) -> bool:
+        """Whether any rank has work this step (every rank then runs one forward)."""
+        return self.sync.step(local_busy, num_tokens) if self.sync else local_busy
 
     def _admit(self, waiting: list[Sequence], running: list[Sequence]) -> list[Sequence]:
         admitted = []

@@ -6,25 +6,33 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from moe_pd.parallel.dispatch.base import Dispatcher
 from moe_pd.parallel.flight_recorder import FlightRecorder
 from moe_pd.parallel.state import ParallelState
 
 
 class StepSync:
-    def __init__(self, state: ParallelState, recorder: FlightRecorder | None = None) -> None:
-        self.state, self.recorder = state, recorder
-        self._flag = torch.zeros(1, dtype=torch.int32, device=state.device if state.backend == "nccl" else "cpu")
+    """One small all-reduce per step: does any rank have work, and the most tokens any rank runs. The
+    dispatcher hears the latter (`begin_step`), so a choice such as DeepEP's normal vs low-latency
+    kernels is made identically on every rank."""
 
-    def any_rank_busy(self, busy: bool) -> bool:
-        """All-reduce (max) of `busy` over the EP group."""
-        if self.state.world_size == 1:
-            return busy
-        self._flag.fill_(int(busy))
-        entry = self.recorder.start("step.sync", "", 1, 1, 4) if self.recorder else None
-        dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.state.group)
-        if entry is not None:
-            self.recorder.finish(entry)
-        return bool(self._flag.item())
+    def __init__(self, state: ParallelState, recorder: FlightRecorder | None = None,
+                 dispatcher: Dispatcher | None = None) -> None:
+        self.state, self.recorder, self.dispatcher = state, recorder, dispatcher
+        device = state.device if state.backend == "nccl" else "cpu"
+        self._flags = torch.zeros(2, dtype=torch.int64, device=device)
+
+    def step(self, busy: bool, num_tokens: int) -> bool:
+        if self.state.world_size > 1:
+            self._flags[0], self._flags[1] = int(busy), num_tokens
+            entry = self.recorder.start("step.sync", "", 1, 1, 16) if self.recorder else None
+            dist.all_reduce(self._flags, op=dist.ReduceOp.MAX, group=self.state.group)
+            if entry is not None:
+                self.recorder.finish(entry)
+            busy, num_tokens = bool(self._flags[0].item()), int(self._flags[1].item())
+        if busy and self.dispatcher is not None:
+            self.dispatcher.begin_step(num_tokens)
+        return busy
 
 
 def balance_by_tokens(lengths: list[int], num_ranks: int) -> list[int]:

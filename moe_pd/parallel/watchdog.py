@@ -3,9 +3,9 @@
 A daemon thread per rank publishes the rank's progress (its last started collective) to the job's
 key-value store every `poll_s`. When a collective on this rank stays unfinished longer than the timeout,
 the thread reads every rank's progress, names the rank that is furthest behind (the one the others are
-waiting for), raises an abort flag in the store, dumps this rank's flight recorder, and ends the process.
-Every other rank sees the flag within `poll_s`, dumps its own recorder and exits too, so torchrun ends
-the job with a non-zero status.
+waiting for), raises an abort flag in the store and dumps this rank's flight recorder. Every other rank
+sees the flag within `poll_s` and dumps its own; once all have dumped (or a few seconds passed) each
+process exits with EXIT_CODE, so torchrun ends the job with a non-zero status.
 """
 
 from __future__ import annotations
@@ -98,4 +98,13 @@ class Watchdog:
             (self.dump_dir / f"rank{self.rank}.json").write_text(dump)
         print(f"[rank{self.rank}] watchdog: {message}\n[rank{self.rank}] flight recorder: {dump}",
               file=sys.stderr, flush=True)
+        try:
+            self.store.set(self._key(f"dumped/{self.rank}"), "1")
+            # The first rank to exit makes torchrun stop the others: wait (bounded) until every rank dumped.
+            deadline = time.monotonic() + max(5.0, 5 * self.poll_s)
+            keys = [self._key(f"dumped/{r}") for r in range(self.world_size)]
+            while time.monotonic() < deadline and not self.store.check(keys):
+                time.sleep(self.poll_s / 2)
+        except Exception as exc:
+            log.debug("watchdog: store unavailable while aborting: %s", exc)
         self.exit_fn(EXIT_CODE)

@@ -14,7 +14,8 @@ __all__ = ["Dispatcher", "DispatchResult", "LocalDispatcher", "make_dispatcher"]
 
 
 def make_dispatcher(cfg: ParallelConfig, state: ParallelState, hidden_size: int,
-                    placement: ExpertPlacement | None = None, recorder: FlightRecorder | None = None) -> Dispatcher:
+                    placement: ExpertPlacement | None = None, recorder: FlightRecorder | None = None,
+                    top_k: int = 8, dtype=None) -> Dispatcher:
     kind = cfg.dispatcher
     if kind == "auto":
         kind = "local" if state.ep_size == 1 else "all_to_all"
@@ -26,4 +27,20 @@ def make_dispatcher(cfg: ParallelConfig, state: ParallelState, hidden_size: int,
         from moe_pd.parallel.dispatch.all_to_all import AllToAllDispatcher
 
         return AllToAllDispatcher(state, hidden_size, placement, recorder, fp8=cfg.fp8_dispatch)
-    raise ConfigError(f"parallel.dispatcher={kind!r} is not available in this build yet")
+    if kind == "deepep":
+        from moe_pd.parallel.dispatch.deepep import make_deepep_dispatcher
+
+        return make_deepep_dispatcher(state, hidden_size, _placement(placement, state), cfg.deepep_mode,
+                                      cfg.deepep_max_dispatch_tokens_per_rank, cfg.fp8_dispatch)
+    if kind == "nvshmem":
+        import torch
+
+        from moe_pd.parallel.dispatch.nvshmem import NvshmemDispatcher
+
+        return NvshmemDispatcher(state, hidden_size, _placement(placement, state), recorder, top_k,
+                                 dtype=dtype or torch.bfloat16)
+    raise ConfigError(f"parallel.dispatcher={kind!r}: unknown")
+
+
+def _placement(placement: ExpertPlacement | None, state: ParallelState) -> ExpertPlacement:
+    return placement or ExpertPlacement.contiguous(1, state.num_experts, 0, state.ep_size)

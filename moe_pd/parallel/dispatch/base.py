@@ -63,6 +63,9 @@ class Dispatcher(ABC):
     def combine_wait(self, pending: Any) -> torch.Tensor:
         """Blocks until every token's weighted sum is back: y_TD."""
 
+    def begin_step(self, max_tokens_any_rank: int) -> None:
+        """Called on every rank before each forward with the largest token count of any rank this step."""
+
     def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                  layer: int = -1) -> DispatchResult:
         return self.dispatch_wait(self.dispatch_start(x_TD, topk_ids_TK, topk_weights_TK, layer))
