@@ -27,11 +27,12 @@ from moe_pd.config.hf import resolve_model_config
 from moe_pd.config.store import register_configs
 from moe_pd.engine.offline import OfflineEngine, PromptError, check_prompts
 from moe_pd.engine.tokenizer import Tokenizer, load_tokenizer
+from moe_pd.eplb.manager import initial_placement, make_eplb_manager
 from moe_pd.log import setup_logging
 from moe_pd.model.loader import CheckpointError, build_model
 from moe_pd.parallel.dispatch import make_dispatcher
 from moe_pd.parallel.flight_recorder import FlightRecorder
-from moe_pd.parallel.state import default_placement, env_world, init_parallel, shutdown
+from moe_pd.parallel.state import env_world, init_parallel, shutdown
 from moe_pd.parallel.step_sync import StepSync, balance_by_tokens
 from moe_pd.parallel.watchdog import Watchdog, default_store
 from moe_pd.runtime import resolve_device, resolve_dtype
@@ -100,23 +101,27 @@ def run(cfg: GenerateConfig, run_dir: str | None = None) -> list[dict]:
                             default_store(), dump_dir).start()
     try:
         t0 = time.perf_counter()
-        placement = default_placement(state, model_cfg)
+        placement = initial_placement(cfg.eplb, state, model_cfg)
         dispatcher = make_dispatcher(cfg.parallel, state, model_cfg.hidden_size, placement, recorder,
                                      model_cfg.num_experts_per_tok, dtype)
+        dispatcher.dynamic_routing = cfg.eplb.routing == "dynamic"
         model = build_model(model_cfg, device=state.device, dtype=dtype, dispatcher=dispatcher,
                             expert_ids=lambda layer: placement.rank_experts(state.ep_rank, layer))
+        eplb = make_eplb_manager(cfg.eplb, state, model_cfg, model, dispatcher)
         log.info("model %s (%s) ready in %.1f s; EP %d, %d expert slots per rank", model_cfg.architecture,
                  model_cfg.path or "random weights", time.perf_counter() - t0, state.ep_size,
                  state.experts_per_rank)
         owner = balance_by_tokens([len(p) for p in prompt_ids], state.dp_size)
         mine = [i for i, r in enumerate(owner) if r == state.dp_rank]
         engine = OfflineEngine(model, cfg.kvcache, cfg.max_batch_size, state.device,
-                               StepSync(state, recorder, dispatcher))
+                               StepSync(state, recorder, dispatcher, hooks=[eplb.on_step] if eplb else []))
         completions = engine.generate([prompt_ids[i] for i in mine], cfg.sampling, indices=mine)
         s = engine.stats
         log.info("prefill %d tokens in %.3f s (%.1f tok/s); decode %d tokens in %.3f s (%.1f tok/s) on rank %d",
                  s.prefill_tokens, s.prefill_s, s.prefill_tokens / max(s.prefill_s, 1e-9),
                  s.decode_tokens, s.decode_s, s.decode_tokens / max(s.decode_s, 1e-9), state.rank)
+        if eplb is not None and cfg.eplb.dump_stats:
+            eplb.dump(cfg.eplb.dump_stats)
         completions = gather_to_leader(state, completions)
     finally:
         if watchdog is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from moe_pd.config.eplb import EplbConfig
 from moe_pd.config.errors import ConfigError, check
 from moe_pd.config.kvcache import KVCacheConfig
 from moe_pd.config.model import ModelConfig
@@ -25,6 +26,8 @@ class GenerateConfig:
     """Token selection."""
     kvcache: KVCacheConfig = field(default_factory=KVCacheConfig)
     """Paged latent cache."""
+    eplb: EplbConfig = field(default_factory=EplbConfig)
+    """Expert load balancing."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     """Device and precision."""
     prompts: list[str] = field(default_factory=list)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
+from moe_pd.config.eplb import EplbConfig
 from moe_pd.config.generate import GenerateConfig
 from moe_pd.config.kvcache import KVCacheConfig
 from moe_pd.config.model import ModelConfig
@@ -18,6 +19,7 @@ SCHEMAS = {
     ("sampling", "sampling_schema"): SamplingConfig,
     ("kvcache", "kvcache_schema"): KVCacheConfig,
     ("runtime", "runtime_schema"): RuntimeConfig,
+    ("eplb", "eplb_schema"): EplbConfig,
 }
 
 

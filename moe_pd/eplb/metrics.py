@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 
-def gpu_loads(weight_LE: torch.Tensor, phy2log_LP: torch.Tensor, logcnt_LE: torch.Tensor, num_gpus: int) -> torch.Tensor:
+def gpu_loads(weight_LE: torch.Tensor, phy2log_LP: torch.Tensor, logcnt_LE: torch.Tensor,
+              num_gpus: int) -> torch.Tensor:
     """Predicted load per GPU [L, G]: each slot carries its expert's load / replica count."""
     per_replica_LE = weight_LE.float() / logcnt_LE.float()
     return per_replica_LE.gather(1, phy2log_LP).view(phy2log_LP.shape[0], num_gpus, -1).sum(-1)

@@ -180,3 +180,33 @@ def build_model(
     model.model.rotary.reset_parameters()
     load_weights(model, source)
     return model.eval().requires_grad_(False)
+
+
+def save_checkpoint(model: DeepseekForCausalLM, path: str | Path) -> Path:
+    """Writes `model` (holding every expert) as an HF checkpoint: config.json + model.safetensors with
+    per-expert tensor names, loadable by this loader and by transformers."""
+    from safetensors.torch import save_file
+
+    from moe_pd.config.hf import model_config_to_hf
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        match = _EXPERT_PARAM.match(name)
+        if not match:
+            tensors[name] = tensor.contiguous()
+            continue
+        prefix, kind = match.groups()
+        expert_ids = model.get_submodule(prefix).expert_ids
+        if sorted(expert_ids) != list(range(model.cfg.n_routed_experts)):
+            raise ValueError("save_checkpoint needs a model that holds every expert exactly once")
+        for slot, gid in enumerate(expert_ids):
+            names = expert_names(prefix, kind, gid)
+            for part_name, part in zip(names, tensor[slot].chunk(len(names), dim=0)):
+                tensors[part_name] = part.contiguous()
+    if model.cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(model_config_to_hf(model.cfg), indent=2))
+    return path

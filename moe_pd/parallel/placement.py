@@ -40,15 +40,28 @@ class ExpertPlacement:
         s = self.slots_per_rank
         return self.phy2log_LP[layer - self.first_layer, rank * s : (rank + 1) * s].tolist()
 
-    def route(self, topk_ids_TK: torch.Tensor, layer: int) -> torch.Tensor:
-        """Logical -> physical ids in model layer `layer`; -1 stays -1. A static, deterministic choice:
-        the (token, k) pair at flat position n takes replica n % (replica count), as vLLM does."""
+    def route(self, topk_ids_TK: torch.Tensor, layer: int, dynamic: bool = False, salt: int = 0) -> torch.Tensor:
+        """Logical -> physical ids in model layer `layer`; -1 stays -1.
+
+        static: the (token, k) pair at flat position n takes replica n % (replica count), as vLLM does.
+        dynamic: the j-th pair routed to an expert in this batch takes replica (j + salt) % count, which
+        splits each expert's tokens evenly over its replicas (salt = the rank, so ranks start apart).
+        """
         layer -= self.first_layer
         if self.num_slots == self.num_logical and bool((self.logcnt_LE[layer] == 1).all()):
             return torch.where(topk_ids_TK >= 0, self.log2phy_LEX[layer, topk_ids_TK.clamp(min=0), 0], -1)
         valid = topk_ids_TK >= 0
         ids = topk_ids_TK.clamp(min=0)
-        flat = torch.arange(ids.numel(), device=ids.device).view_as(ids)
+        if dynamic:
+            keys = torch.where(valid, ids, self.num_logical).reshape(-1)
+            order = torch.sort(keys, stable=True).indices
+            counts = torch.bincount(keys, minlength=self.num_logical + 1)
+            starts = torch.cumsum(counts, 0) - counts
+            occurrence = torch.empty_like(keys)
+            occurrence[order] = torch.arange(keys.numel(), device=keys.device) - starts[keys[order]]
+            flat = occurrence.view_as(ids) + salt
+        else:
+            flat = torch.arange(ids.numel(), device=ids.device).view_as(ids)
         replica = flat % self.logcnt_LE[layer, ids]
         phys = self.log2phy_LEX[layer, ids, replica]
         return torch.where(valid, phys, -1)

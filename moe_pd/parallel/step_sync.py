@@ -3,6 +3,8 @@ nothing to do still runs an empty step until no rank has work left."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -17,8 +19,10 @@ class StepSync:
     kernels is made identically on every rank."""
 
     def __init__(self, state: ParallelState, recorder: FlightRecorder | None = None,
-                 dispatcher: Dispatcher | None = None) -> None:
+                 dispatcher: Dispatcher | None = None, hooks: list[Callable[[], None]] | None = None) -> None:
+        """`hooks` run on every rank after each busy step's sync, at the same step (EPLB uses this)."""
         self.state, self.recorder, self.dispatcher = state, recorder, dispatcher
+        self.hooks = list(hooks or [])
         device = state.device if state.backend == "nccl" else "cpu"
         self._flags = torch.zeros(2, dtype=torch.int64, device=device)
 
@@ -30,8 +34,11 @@ class StepSync:
             if entry is not None:
                 self.recorder.finish(entry)
             busy, num_tokens = bool(self._flags[0].item()), int(self._flags[1].item())
-        if busy and self.dispatcher is not None:
-            self.dispatcher.begin_step(num_tokens)
+        if busy:
+            for hook in self.hooks:
+                hook()
+            if self.dispatcher is not None:
+                self.dispatcher.begin_step(num_tokens)
         return busy
 
 

@@ -138,3 +138,12 @@ def test_random_weights_are_reproducible():
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
     assert a.model.layers[0].self_attn.q_a_proj.weight.std() == pytest.approx(TINY.init_std, rel=0.1)
+
+
+def test_save_checkpoint_round_trip(tmp_path):
+    from moe_pd.model.loader import save_checkpoint
+
+    model = build_model(TINY)
+    save_checkpoint(model, tmp_path / "ckpt")
+    again = load(tmp_path / "ckpt")
+    torch.testing.assert_close(forward_logits(again, PROMPTS)[0], forward_logits(model, PROMPTS)[0], rtol=0, atol=0)

@@ -80,6 +80,7 @@ class AllToAllDispatcher(Dispatcher):
             raise ConfigError(f"parallel.fp8_dispatch needs model.hidden_size % 128 == 0, got {hidden_size}")
         self.state, self.recorder, self.fp8, self.delay_s = state, recorder, fp8, delay_s
         self.placement = placement
+        self.routing_salt = state.rank
         self.num_local_experts = state.experts_per_rank
         self.group = state.group
 
@@ -98,7 +99,7 @@ class AllToAllDispatcher(Dispatcher):
     def dispatch_start(self, x_TD, topk_ids_TK, topk_weights_TK, layer: int = -1):
         ranks = self.state.ep_size
         tag = f"layer{layer}" if layer >= 0 else ""
-        phys_TK = self.placement.route(topk_ids_TK, layer) if self.placement is not None else topk_ids_TK
+        phys_TK = self.to_physical(topk_ids_TK, layer)
         send_token_S, send_rank_S, local_ids_SK = permute.token_rank_layout(phys_TK, self.num_local_experts, ranks)
         send_counts_R = torch.bincount(send_rank_S, minlength=ranks)
         recv_counts_R = torch.empty_like(send_counts_R)
@@ -106,6 +107,7 @@ class AllToAllDispatcher(Dispatcher):
         dist.all_to_all_single(recv_counts_R, send_counts_R, group=self.group)
         self._done(entry)
         send_split, recv_split = send_counts_R.tolist(), recv_counts_R.tolist()
+        self.record_received(layer, sum(recv_split))
         # Metadata row: K local slot ids then K weights, as fp32 (slot ids are small exact integers).
         meta_SK2 = torch.cat([local_ids_SK.float(), topk_weights_TK[send_token_S].float()], dim=1)
         payload = x_TD[send_token_S]

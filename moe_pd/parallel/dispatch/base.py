@@ -44,6 +44,25 @@ class Dispatcher(ABC):
     """Moves tokens to the ranks that hold their experts and the results back."""
 
     num_local_experts: int
+    placement: Any = None
+    """ExpertPlacement mapping logical ids to physical slots (None: ids are slots)."""
+    load_recorder: Any = None
+    """ExpertLoadRecorder fed with every layer's logical ids (EPLB)."""
+    dynamic_routing: bool = False
+    """Spread each expert's tokens evenly over its replicas within a batch (else a fixed choice)."""
+    routing_salt: int = 0
+
+    def to_physical(self, topk_ids_TK: torch.Tensor, layer: int) -> torch.Tensor:
+        """Records the logical load, then maps logical ids to physical slots (before counts are exchanged)."""
+        if self.load_recorder is not None and layer >= 0:
+            self.load_recorder.record(layer, topk_ids_TK)
+        if self.placement is None:
+            return topk_ids_TK
+        return self.placement.route(topk_ids_TK, layer, self.dynamic_routing, self.routing_salt)
+
+    def record_received(self, layer: int, rows: int) -> None:
+        if self.load_recorder is not None and layer >= 0:
+            self.load_recorder.record_received(layer, rows)
 
     @abstractmethod
     def dispatch_start(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,

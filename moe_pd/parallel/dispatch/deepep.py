@@ -78,6 +78,7 @@ class DeepEPDispatcher(Dispatcher):
         if mode != "normal" and low_latency_buffer is None:
             raise ValueError(f"mode={mode!r} needs a low-latency Buffer")
         self.state, self.hidden, self.placement, self.fp8 = state, hidden_size, placement, fp8
+        self.routing_salt = state.rank
         self.normal, self.low_latency, self.mode = normal_buffer, low_latency_buffer, mode
         self.max_tokens = max_dispatch_tokens_per_rank
         self.num_local_experts = state.experts_per_rank
@@ -88,7 +89,7 @@ class DeepEPDispatcher(Dispatcher):
             self._use_low_latency = max_tokens_any_rank <= self.max_tokens
 
     def dispatch_start(self, x_TD, topk_ids_TK, topk_weights_TK, layer: int = -1):
-        phys_TK = self.placement.route(topk_ids_TK, layer)
+        phys_TK = self.to_physical(topk_ids_TK, layer)
         if self._use_low_latency:
             return self._ll_dispatch_start(x_TD, phys_TK, topk_weights_TK)
         return self._normal_dispatch_start(x_TD, phys_TK, topk_weights_TK)

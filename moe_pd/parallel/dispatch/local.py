@@ -38,6 +38,7 @@ class LocalDispatcher(Dispatcher):
         self.num_local_experts = num_experts
 
     def dispatch_start(self, x_TD, topk_ids_TK, topk_weights_TK, layer: int = -1):
+        topk_ids_TK = self.to_physical(topk_ids_TK, layer)
         order, counts_E, num_valid = group_by_expert(topk_ids_TK, self.num_local_experts)
         slot_N = order[:num_valid]
         handle = LocalHandle(slot_N, topk_weights_TK)

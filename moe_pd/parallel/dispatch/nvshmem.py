@@ -91,6 +91,7 @@ class NvshmemDispatcher(Dispatcher):
                  recorder: FlightRecorder | None = None, top_k: int = 8, capacity: int = 4096,
                  dtype: torch.dtype = torch.bfloat16) -> None:
         self.state, self.placement, self.recorder = state, placement, recorder
+        self.routing_salt = state.rank
         self.num_local_experts = state.experts_per_rank
         self.capacity, self.top_k = capacity, top_k
         self.shmem = _Shmem(state)
@@ -107,7 +108,7 @@ class NvshmemDispatcher(Dispatcher):
         ranks, me = self.state.world_size, self.state.rank
         if x_TD.shape[0] > self.capacity:
             raise RuntimeError(f"{x_TD.shape[0]} tokens exceed the nvshmem buffer capacity {self.capacity}")
-        phys_TK = self.placement.route(topk_ids_TK, layer)
+        phys_TK = self.to_physical(topk_ids_TK, layer)
         send_token_S, send_rank_S, local_ids_SK = permute.token_rank_layout(phys_TK, self.num_local_experts, ranks)
         send_counts_R = torch.bincount(send_rank_S, minlength=ranks)
         meta_SK2 = torch.cat([local_ids_SK.float(), topk_weights_TK[send_token_S].float()], dim=1)

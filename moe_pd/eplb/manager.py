@@ -1,0 +1,187 @@
+"""Runs EPLB inside a serving or generation loop: initial placement, recording, online rebalancing.
+
+Every rank calls `on_step` at the same step (StepSync runs it after the per-step all-reduce). Every
+`rebalance_every` steps the ranks sum their load windows, compute the same new placement (the policy is
+deterministic), and, if the predicted balancedness gain reaches `min_gain`, move only the expert weights
+whose slot changes owner (point-to-point, from a rank that already holds that expert), then switch the
+dispatcher's maps, all before the next forward. Predicted and achieved balancedness, bytes moved and the
+time the switch took are logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from moe_pd.config.eplb import EplbConfig
+from moe_pd.config.model import ModelConfig
+from moe_pd.eplb import rebalance_experts
+from moe_pd.eplb.metrics import balancedness, gpu_loads
+from moe_pd.eplb.recorder import ExpertLoadRecorder, LoadStats, load_stats, save_stats
+from moe_pd.parallel.dispatch.base import Dispatcher
+from moe_pd.parallel.placement import ExpertPlacement
+from moe_pd.parallel.state import ParallelState, default_placement
+
+log = logging.getLogger(__name__)
+
+
+def plan_placement(load_LE: torch.Tensor, eplb: EplbConfig, state: ParallelState,
+                   model: ModelConfig) -> ExpertPlacement:
+    phy2log, _, _ = rebalance_experts(load_LE.float(), state.num_experts, model.n_group, eplb.num_nodes,
+                                      state.ep_size, eplb.policy)
+    return ExpertPlacement.from_phy2log(phy2log, model.n_routed_experts, state.ep_size, model.first_k_dense_replace)
+
+
+def initial_placement(eplb: EplbConfig, state: ParallelState, model: ModelConfig) -> ExpertPlacement:
+    if eplb.init_from is None:
+        return default_placement(state, model)
+    stats = load_stats(eplb.init_from)
+    want = (model.num_moe_layers, model.n_routed_experts)
+    if tuple(stats.expert_load_LE.shape) != want:
+        raise ValueError(f"eplb.init_from={eplb.init_from}: load table {tuple(stats.expert_load_LE.shape)} does not "
+                         f"match this model's (MoE layers, experts) = {want}")
+    placement = plan_placement(stats.expert_load_LE, eplb, state, model)
+    log.info("EPLB: initial placement planned from %s (%s policy)", eplb.init_from, eplb.policy)
+    return placement
+
+
+class EplbManager:
+    def __init__(self, eplb: EplbConfig, state: ParallelState, model_cfg: ModelConfig, model: torch.nn.Module,
+                 dispatcher: Dispatcher, recorder: ExpertLoadRecorder) -> None:
+        self.eplb, self.state, self.model_cfg, self.model = eplb, state, model_cfg, model
+        self.dispatcher, self.recorder = dispatcher, recorder
+        self.steps = 0
+        self.rebalances: list[dict] = []
+        self._experts = {i: layer.mlp.experts for i, layer in enumerate(model.model.layers)
+                         if model_cfg.is_moe_layer(i)}
+
+    def hook(self) -> Callable[[], None]:
+        return self.on_step
+
+    def on_step(self) -> None:
+        self.steps += 1
+        self.recorder.begin_step()
+        every = self.eplb.rebalance_every
+        if every and self.steps % every == 0:
+            self.rebalance()
+
+    # load over the group --------------------------------------------------------------------------------
+    def _group_load(self) -> torch.Tensor:
+        load = self.recorder.window_load().clone()
+        if self.state.world_size > 1:
+            load = load.to(self.state.device) if self.state.backend == "nccl" else load.cpu()
+            dist.all_reduce(load, group=self.state.group)
+        return load.cpu()
+
+    def _group_received(self) -> torch.Tensor:
+        recv = self.recorder.window_received()
+        if self.state.world_size == 1:
+            return recv[None]
+        parts = [torch.zeros_like(recv) for _ in range(self.state.world_size)]
+        dist.all_gather(parts, recv, group=self.state.group)
+        return torch.stack(parts)
+
+    def stats(self) -> LoadStats:
+        meta = {"model": self.model_cfg.architecture, "num_moe_layers": self.model_cfg.num_moe_layers,
+                "first_layer": self.model_cfg.first_k_dense_replace, "num_experts": self.model_cfg.n_routed_experts,
+                "n_group": self.model_cfg.n_group, "hidden_size": self.model_cfg.hidden_size,
+                "moe_intermediate_size": self.model_cfg.moe_intermediate_size, "window_steps": self.eplb.window_steps,
+                "steps_recorded": min(self.steps, self.eplb.window_steps), "ep_size": self.state.ep_size}
+        return LoadStats(self._group_load(), meta, self._group_received())
+
+    def dump(self, path: str) -> None:
+        stats = self.stats()  # collective: every rank calls it
+        if self.state.is_leader:
+            save_stats(path, stats)
+            log.info("EPLB: wrote load statistics to %s", path)
+
+    # rebalancing ------------------------------------------------------------------------------------------
+    def rebalance(self) -> dict:
+        load = self._group_load()
+        received = self._group_received().float()  # [R, L]
+        peak = received.max(0).values
+        achieved = float(torch.where(peak > 0, received.mean(0) / peak.clamp(min=1), 1.0).mean())
+        rank_rows = received.sum(1)  # rows each rank's experts processed over the window
+        old = self.dispatcher.placement
+        new = plan_placement(load, self.eplb, self.state, self.model_cfg)
+        ranks = self.state.ep_size
+        predicted_old = float(balancedness(gpu_loads(load, old.phy2log_LP, old.logcnt_LE, ranks)).mean())
+        predicted_new = float(balancedness(gpu_loads(load, new.phy2log_LP, new.logcnt_LE, ranks)).mean())
+        record = {"step": self.steps, "achieved": achieved, "predicted_old": predicted_old,
+                  "predicted_new": predicted_new, "switched": False, "bytes_moved": 0, "switch_s": 0.0,
+                  "max_rank_rows": int(rank_rows.max()), "mean_rank_rows": float(rank_rows.mean())}
+        log.info("EPLB step %d: window rows per rank max %d, mean %.1f", self.steps, record["max_rank_rows"],
+                 record["mean_rank_rows"])
+        if predicted_new - predicted_old < self.eplb.min_gain:
+            log.info("EPLB step %d: skip (balancedness now %.3f measured, %.3f predicted; new placement %.3f, "
+                     "gain below eplb.min_gain=%g)", self.steps, achieved, predicted_old, predicted_new,
+                     self.eplb.min_gain)
+        else:
+            t0 = time.perf_counter()
+            record["bytes_moved"] = self._move_weights(old, new)
+            self.dispatcher.placement = new
+            record["switch_s"], record["switched"] = time.perf_counter() - t0, True
+            log.info("EPLB step %d: switched placement; balancedness %.3f measured, predicted %.3f -> %.3f; "
+                     "moved %.1f MiB in %.3f s", self.steps, achieved, predicted_old, predicted_new,
+                     record["bytes_moved"] / 2**20, record["switch_s"])
+        self.rebalances.append(record)
+        return record
+
+    def _move_weights(self, old: ExpertPlacement, new: ExpertPlacement) -> int:
+        """Fetches the experts of every changed slot from a rank that holds them now; returns bytes received
+        by this rank. Every rank computes the same plan, so sends and receives pair up in order."""
+        me, ranks, slots = self.state.rank, self.state.ep_size, new.slots_per_rank
+        moved = 0
+        for layer, experts in self._experts.items():
+            row_old = old.phy2log_LP[layer - old.first_layer].tolist()
+            row_new = new.phy2log_LP[layer - new.first_layer].tolist()
+            holders: dict[int, list[int]] = {}
+            for p, e in enumerate(row_old):
+                holders.setdefault(e, []).append(p)
+            plan = []  # (destination slot, source slot), global slot ids
+            for p, e in enumerate(row_new):
+                if row_old[p] != e:
+                    same_rank = [q for q in holders[e] if q // slots == p // slots]
+                    plan.append((p, (same_rank or holders[e])[0]))
+            if not plan:
+                continue
+            ops, incoming = [], []
+            w13, w2 = experts.gate_up_proj, experts.down_proj
+            for dst, src in plan:
+                if src // slots == me and dst // slots != me:
+                    for w in (w13, w2):
+                        ops.append(dist.P2POp(dist.isend, w[src % slots].contiguous(), dst // slots,
+                                              group=self.state.group))
+                if dst // slots == me:
+                    if src // slots == me:
+                        incoming.append((dst % slots, w13[src % slots].clone(), w2[src % slots].clone()))
+                    else:
+                        buf13, buf2 = torch.empty_like(w13[0]), torch.empty_like(w2[0])
+                        ops.append(dist.P2POp(dist.irecv, buf13, src // slots, group=self.state.group))
+                        ops.append(dist.P2POp(dist.irecv, buf2, src // slots, group=self.state.group))
+                        incoming.append((dst % slots, buf13, buf2))
+                        moved += (buf13.numel() + buf2.numel()) * buf13.element_size()
+            if ops and ranks > 1:
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait()
+            with torch.no_grad():
+                for slot, t13, t2 in incoming:
+                    w13[slot].copy_(t13)
+                    w2[slot].copy_(t2)
+            experts.expert_ids = new.rank_experts(me, layer)
+        return moved
+
+
+def make_eplb_manager(eplb: EplbConfig, state: ParallelState, model_cfg: ModelConfig, model: torch.nn.Module,
+                      dispatcher: Dispatcher) -> EplbManager | None:
+    """A recorder attached to the dispatcher and the manager driving it, when eplb.enabled."""
+    if not eplb.enabled:
+        return None
+    recorder = ExpertLoadRecorder(model_cfg.num_moe_layers, model_cfg.n_routed_experts, eplb.window_steps,
+                                  model_cfg.first_k_dense_replace, state.device)
+    dispatcher.load_recorder = recorder
+    return EplbManager(eplb, state, model_cfg, model, dispatcher, recorder)
