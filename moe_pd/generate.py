@@ -35,6 +35,7 @@ from moe_pd.parallel.flight_recorder import FlightRecorder
 from moe_pd.parallel.state import env_world, init_parallel, shutdown
 from moe_pd.parallel.step_sync import StepSync, balance_by_tokens
 from moe_pd.parallel.watchdog import Watchdog, default_store
+from moe_pd.profiling.profiler import RankProfiler
 from moe_pd.runtime import resolve_device, resolve_dtype
 
 log = logging.getLogger("moe_pd.generate")
@@ -113,9 +114,12 @@ def run(cfg: GenerateConfig, run_dir: str | None = None) -> list[dict]:
                  state.experts_per_rank)
         owner = balance_by_tokens([len(p) for p in prompt_ids], state.dp_size)
         mine = [i for i, r in enumerate(owner) if r == state.dp_rank]
+        profiler = RankProfiler(cfg.profile, run_dir or ".", "generate", state.rank)
+        hooks = ([eplb.on_step] if eplb else []) + [profiler.step]
         engine = OfflineEngine(model, cfg.kvcache, cfg.max_batch_size, state.device,
-                               StepSync(state, recorder, dispatcher, hooks=[eplb.on_step] if eplb else []))
-        completions = engine.generate([prompt_ids[i] for i in mine], cfg.sampling, indices=mine)
+                               StepSync(state, recorder, dispatcher, hooks=hooks), cfg.overlap)
+        with profiler:
+            completions = engine.generate([prompt_ids[i] for i in mine], cfg.sampling, indices=mine)
         s = engine.stats
         log.info("prefill %d tokens in %.3f s (%.1f tok/s); decode %d tokens in %.3f s (%.1f tok/s) on rank %d",
                  s.prefill_tokens, s.prefill_s, s.prefill_tokens / max(s.prefill_s, 1e-9),

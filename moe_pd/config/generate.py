@@ -9,6 +9,7 @@ from moe_pd.config.eplb import EplbConfig
 from moe_pd.config.errors import ConfigError, check
 from moe_pd.config.kvcache import KVCacheConfig
 from moe_pd.config.model import ModelConfig
+from moe_pd.config.overlap import OverlapConfig, ProfileConfig
 from moe_pd.config.parallel import ParallelConfig
 from moe_pd.config.runtime import RuntimeConfig
 from moe_pd.config.sampling import SamplingConfig
@@ -28,6 +29,10 @@ class GenerateConfig:
     """Paged latent cache."""
     eplb: EplbConfig = field(default_factory=EplbConfig)
     """Expert load balancing."""
+    overlap: OverlapConfig = field(default_factory=OverlapConfig)
+    """Two-micro-batch overlap of all-to-all and compute."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """Per-rank torch.profiler traces."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     """Device and precision."""
     prompts: list[str] = field(default_factory=list)

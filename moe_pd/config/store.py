@@ -8,6 +8,7 @@ from moe_pd.config.eplb import EplbConfig
 from moe_pd.config.generate import GenerateConfig
 from moe_pd.config.kvcache import KVCacheConfig
 from moe_pd.config.model import ModelConfig
+from moe_pd.config.overlap import OverlapConfig, ProfileConfig
 from moe_pd.config.parallel import ParallelConfig
 from moe_pd.config.runtime import RuntimeConfig
 from moe_pd.config.sampling import SamplingConfig
@@ -20,6 +21,8 @@ SCHEMAS = {
     ("kvcache", "kvcache_schema"): KVCacheConfig,
     ("runtime", "runtime_schema"): RuntimeConfig,
     ("eplb", "eplb_schema"): EplbConfig,
+    ("overlap", "overlap_schema"): OverlapConfig,
+    ("profile", "profile_schema"): ProfileConfig,
 }
 
 

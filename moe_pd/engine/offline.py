@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_pd.config.kvcache import KVCacheConfig
+from moe_pd.config.overlap import OverlapConfig
 from moe_pd.config.sampling import SamplingConfig
 from moe_pd.engine.sampler import SamplingParams, sample
 from moe_pd.kvcache.block_manager import BlockAllocator
 from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
 from moe_pd.model.transformer import DeepseekForCausalLM
+from moe_pd.overlap.micro_batch import split_step
+from moe_pd.overlap.schedule import DECODE, PREFILL, forward_two_micro_batches
 from moe_pd.parallel.step_sync import StepSync
 
 log = logging.getLogger(__name__)
@@ -85,10 +88,12 @@ def check_prompts(prompts: list[list[int]], vocab_size: int, max_context: int) -
 
 class OfflineEngine:
     def __init__(self, model: DeepseekForCausalLM, kv: KVCacheConfig, max_batch_size: int,
-                 device: torch.device | str = "cpu", sync: StepSync | None = None) -> None:
+                 device: torch.device | str = "cpu", sync: StepSync | None = None,
+                 overlap: OverlapConfig | None = None) -> None:
         cfg = model.cfg
         self.model, self.device, self.max_batch_size = model, torch.device(device), max_batch_size
-        self.sync = sync
+        self.sync, self.overlap = sync, overlap
+        self._global = (0, 0)  # (max tokens, max new tokens of one sequence) of any rank this step
         self.max_context = cfg.max_position_embeddings
         self.eos = cfg.eos_token_id
         dtype = next(model.parameters()).dtype
@@ -122,7 +127,8 @@ class OfflineEngine:
         while True:
             admitted = self._admit(waiting, running)
             step_tokens = sum(len(s.prompt_ids) for s in admitted) if admitted else len(running)
-            if not self._sync_step(bool(admitted or running), step_tokens):
+            longest = max((len(s.prompt_ids) for s in admitted), default=1 if running else 0)
+            if not self._sync_step(bool(admitted or running), step_tokens, longest):
                 break
             if admitted:
                 self._prefill(admitted)
@@ -142,9 +148,23 @@ class OfflineEngine:
             for s in sorted(done, key=lambda s: s.index)
         ]
 
-    def _sync_step(self, local_busy: bool, num_tokens: int) -> bool:
+    def _sync_step(self, local_busy: bool, num_tokens: int, max_query_len: int) -> bool:
         """Whether any rank has work this step (every rank then runs one forward)."""
-        return self.sync.step(local_busy, num_tokens) if self.sync else local_busy
+        if self.sync is None:
+            self._global = (num_tokens, max_query_len)
+            return local_busy
+        busy = self.sync.step(local_busy, num_tokens, max_query_len)
+        self._global = (self.sync.max_tokens, self.sync.max_query_len)
+        return busy
+
+    def _forward(self, ids_T: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        """One step's forward, split into two interleaved micro-batches when overlap is on and some rank
+        has enough tokens; every rank makes the same choice from the step's all-reduced maxima."""
+        max_tokens, max_query_len = self._global
+        if self.overlap is None or not self.overlap.enabled or max_tokens < self.overlap.min_tokens:
+            return self.model(ids_T, batch, self.cache)
+        schedule = DECODE if max_query_len <= 1 else PREFILL
+        return forward_two_micro_batches(self.model, split_step(ids_T, batch), self.cache, schedule)
 
     def _admit(self, waiting: list[Sequence], running: list[Sequence]) -> list[Sequence]:
         admitted = []
@@ -164,7 +184,7 @@ class OfflineEngine:
                                      self.cache.block_size, self.device)
         ids_T = torch.tensor([t for n in new_tokens for t in n], dtype=torch.int64, device=self.device)
         with torch.inference_mode():
-            hidden_TD = self.model(ids_T, batch, self.cache)
+            hidden_TD = self._forward(ids_T, batch)
             if not seqs:
                 return []
             last_B = batch.query_starts_B + batch.query_lens_B - 1

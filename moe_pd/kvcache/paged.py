@@ -11,7 +11,7 @@ A sequence's token i lives in page block_table[i // S] at offset i % S.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,12 @@ class AttentionBatch:
     """int64 row of each sequence's first new token in the step's T rows."""
     max_seq_len: int
     max_query_len: int
+    host_tables: list[list[int]] = field(default_factory=list)
+    """The same metadata as plain lists (block tables, cached tokens before the step, new tokens), so a
+    step can be re-cut into micro-batches without reading device tensors back."""
+    host_context_lens: list[int] = field(default_factory=list)
+    host_query_lens: list[int] = field(default_factory=list)
+    block_size: int = 0
 
     @property
     def num_seqs(self) -> int:
@@ -74,6 +80,10 @@ class AttentionBatch:
             query_starts_B=as_long(starts),
             max_seq_len=max(seq_lens, default=0),
             max_query_len=max(query_lens, default=0),
+            host_tables=[list(t) for t in block_tables],
+            host_context_lens=list(context_lens),
+            host_query_lens=list(query_lens),
+            block_size=block_size,
         )
 
 

@@ -58,19 +58,31 @@ class MLA(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, batch: AttentionBatch, cache_PSW: torch.Tensor,
                 mode: str = "auto") -> torch.Tensor:
+        return self.core(self.prepare(x_TD, batch, cache_PSW), batch, cache_PSW, mode)
+
+    def prepare(self, x_TD: torch.Tensor, batch: AttentionBatch, cache_PSW: torch.Tensor):
+        """Projections, rope and the cache write (the decode pipeline's ATTN-0); returns the query heads."""
         if x_TD.shape[0] == 0:
-            return x_TD.new_zeros(0, self.cfg.hidden_size)
+            return None
         q_nope_THN, q_pe_THR, latent_TC, k_pe_TR = self.project(x_TD, batch.positions_T)
         write_latent(cache_PSW, batch.slot_mapping_T, latent_TC, k_pe_TR)
+        return q_nope_THN, q_pe_THR, x_TD.dtype
+
+    def core(self, prepared, batch: AttentionBatch, cache_PSW: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+        """Attention over the cache and the output projection (ATTN-1, without the gate)."""
+        if prepared is None:
+            return cache_PSW.new_zeros(0, self.cfg.hidden_size, dtype=self.o_proj.weight.dtype)
+        q_nope_THN, q_pe_THR, dtype = prepared
         kv_BLW, key_valid_BL = gather_latent(cache_PSW, batch)
-        kv_BLW = kv_BLW.to(x_TD.dtype)
+        kv_BLW = kv_BLW.to(dtype)
+        device = kv_BLW.device
 
         # Pad the step's queries per sequence: [B, Q, ...]; row order of T is sequence-major.
-        q_off_Q = torch.arange(batch.max_query_len, device=x_TD.device)
+        q_off_Q = torch.arange(batch.max_query_len, device=device)
         q_valid_BQ = q_off_Q[None, :] < batch.query_lens_B[:, None]
         q_row_BQ = torch.where(q_valid_BQ, batch.query_starts_B[:, None] + q_off_Q[None, :], 0)
         q_pos_BQ = (batch.seq_lens_B - batch.query_lens_B)[:, None] + q_off_Q[None, :]
-        key_pos_L = torch.arange(batch.max_seq_len, device=x_TD.device)
+        key_pos_L = torch.arange(batch.max_seq_len, device=device)
         allowed_BQL = key_valid_BL[:, None, :] & (key_pos_L[None, None, :] <= q_pos_BQ[:, :, None])
 
         if mode == "auto":

@@ -35,10 +35,24 @@ class MoE(nn.Module):
         self.layer_idx = layer_idx
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        topk_ids_TK, topk_weights_TK = self.gate(x_TD)
-        routed = self.dispatcher.dispatch(x_TD, topk_ids_TK, topk_weights_TK, self.layer_idx)
-        y_ND = self.experts(routed.x_ND, routed.counts_E)
-        out_TD = self.dispatcher.combine(y_ND, routed.handle)
-        if self.shared_experts is not None:
-            out_TD = out_TD + self.shared_experts(x_TD)
-        return out_TD
+        pending = self.dispatch_start(x_TD, *self.gate(x_TD))
+        shared_TD = self.shared(x_TD)
+        return self.output(self.combine_wait(self.experts_and_combine_start(pending)), shared_TD)
+
+    # The same computation in the pieces the overlap schedule interleaves (see DecoderLayer.stages).
+    def dispatch_start(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor):
+        return self.dispatcher.dispatch_start(x_TD, topk_ids_TK, topk_weights_TK, self.layer_idx)
+
+    def shared(self, x_TD: torch.Tensor) -> torch.Tensor | None:
+        return self.shared_experts(x_TD) if self.shared_experts is not None else None
+
+    def experts_and_combine_start(self, pending):
+        routed = self.dispatcher.dispatch_wait(pending)
+        return self.dispatcher.combine_start(self.experts(routed.x_ND, routed.counts_E), routed.handle)
+
+    def combine_wait(self, pending) -> torch.Tensor:
+        return self.dispatcher.combine_wait(pending)
+
+    @staticmethod
+    def output(routed_TD: torch.Tensor, shared_TD: torch.Tensor | None) -> torch.Tensor:
+        return routed_TD if shared_TD is None else routed_TD + shared_TD

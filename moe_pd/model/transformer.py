@@ -9,9 +9,11 @@ tokens to them; nothing here knows about ranks.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from moe_pd.config.model import ModelConfig
 from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
@@ -24,6 +26,25 @@ from moe_pd.parallel.dispatch.base import Dispatcher
 from moe_pd.parallel.dispatch.local import LocalDispatcher
 
 ExpertIds = Sequence[int] | Callable[[int], Sequence[int]]
+
+
+# Stages of a decoder layer, in order. The decode pipeline yields after each of the first five (DeepSeek's
+# five-stage pipeline: ATTN-0 | ATTN-1 | dispatch + SHARED | MLP | combine | output); prefill yields only
+# after SHARED and MLP. Run back to back, they are the plain forward.
+STAGES = ("ATTN-0", "ATTN-1", "SHARED", "MLP", "COMBINE", "OUTPUT")
+
+
+@dataclass
+class StageState:
+    """One micro-batch's activations between stages."""
+
+    hidden_TD: torch.Tensor
+    batch: AttentionBatch
+    cache: PagedLatentCache
+    attn_mode: str = "auto"
+    label: str = ""
+    """Micro-batch label in profiler ranges, e.g. '(1)'; empty for the plain forward."""
+    scratch: dict = field(default_factory=dict)
 
 
 class DecoderLayer(nn.Module):
@@ -39,8 +60,69 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, batch: AttentionBatch, cache: PagedLatentCache,
                 attn_mode: str = "auto") -> torch.Tensor:
-        x_TD = x_TD + self.self_attn(self.input_layernorm(x_TD), batch, cache.layer(self.layer_idx), attn_mode)
-        return x_TD + self.mlp(self.post_attention_layernorm(x_TD))
+        state = StageState(x_TD, batch, cache, attn_mode)
+        for stage in self.stages():
+            stage(state)
+        return state.hidden_TD
+
+    def _range(self, s: StageState, name: str):
+        return record_function(f"L{self.layer_idx} {name}{s.label}")
+
+    def stages(self) -> list[Callable[[StageState], None]]:
+        """The layer as six stage functions over a StageState (names in STAGES)."""
+        moe = self.mlp if isinstance(self.mlp, MoE) else None
+
+        def attn_prepare(s: StageState) -> None:
+            with self._range(s, "ATTN-0"):
+                v = s.scratch
+                v["residual"] = s.hidden_TD
+                v["attn"] = self.self_attn.prepare(self.input_layernorm(s.hidden_TD), s.batch,
+                                                   s.cache.layer(self.layer_idx))
+
+        def attn_core_gate(s: StageState) -> None:
+            with self._range(s, "ATTN-1"):
+                v = s.scratch
+                attn_TD = self.self_attn.core(v.pop("attn"), s.batch, s.cache.layer(self.layer_idx), s.attn_mode)
+                v["residual"] = v["residual"] + attn_TD
+                v["x"] = self.post_attention_layernorm(v["residual"])
+                if moe is not None:
+                    v["route"] = moe.gate(v["x"])
+
+        def dispatch_shared(s: StageState) -> None:
+            v = s.scratch
+            if moe is None:
+                return
+            with self._range(s, "DISPATCH"):
+                v["pending"] = moe.dispatch_start(v["x"], *v.pop("route"))
+            with self._range(s, "SHARED"):
+                v["shared"] = moe.shared(v["x"])
+
+        def experts(s: StageState) -> None:
+            v = s.scratch
+            if moe is None:
+                with self._range(s, "MLP"):
+                    v["mlp_out"] = self.mlp(v.pop("x"))
+                return
+            with self._range(s, "DISPATCH-WAIT"):
+                routed = moe.dispatcher.dispatch_wait(v.pop("pending"))
+            with self._range(s, "MLP"):
+                y_ND = moe.experts(routed.x_ND, routed.counts_E)
+            with self._range(s, "COMBINE"):
+                v["pending"] = moe.dispatcher.combine_start(y_ND, routed.handle)
+
+        def combine(s: StageState) -> None:
+            v = s.scratch
+            if moe is not None:
+                with self._range(s, "COMBINE-WAIT"):
+                    v["mlp_out"] = moe.output(moe.combine_wait(v.pop("pending")), v.pop("shared"))
+
+        def output(s: StageState) -> None:
+            v = s.scratch
+            with self._range(s, "OUTPUT"):
+                s.hidden_TD = v.pop("residual") + v.pop("mlp_out")
+                v.pop("x", None)
+
+        return [attn_prepare, attn_core_gate, dispatch_shared, experts, combine, output]
 
 
 class DeepseekBackbone(nn.Module):

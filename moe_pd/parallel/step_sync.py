@@ -24,16 +24,22 @@ class StepSync:
         self.state, self.recorder, self.dispatcher = state, recorder, dispatcher
         self.hooks = list(hooks or [])
         device = state.device if state.backend == "nccl" else "cpu"
-        self._flags = torch.zeros(2, dtype=torch.int64, device=device)
+        self._flags = torch.zeros(3, dtype=torch.int64, device=device)
+        self.max_tokens = 0
+        """The largest token count of any rank in the last step."""
+        self.max_query_len = 0
+        """The longest run of new tokens of one sequence on any rank (1: every rank decodes)."""
 
-    def step(self, busy: bool, num_tokens: int) -> bool:
+    def step(self, busy: bool, num_tokens: int, max_query_len: int = 1) -> bool:
         if self.state.world_size > 1:
-            self._flags[0], self._flags[1] = int(busy), num_tokens
-            entry = self.recorder.start("step.sync", "", 1, 1, 16) if self.recorder else None
+            self._flags[0], self._flags[1], self._flags[2] = int(busy), num_tokens, max_query_len
+            entry = self.recorder.start("step.sync", "", 1, 1, 24) if self.recorder else None
             dist.all_reduce(self._flags, op=dist.ReduceOp.MAX, group=self.state.group)
             if entry is not None:
                 self.recorder.finish(entry)
-            busy, num_tokens = bool(self._flags[0].item()), int(self._flags[1].item())
+            flags = self._flags.tolist()
+            busy, num_tokens, max_query_len = bool(flags[0]), int(flags[1]), int(flags[2])
+        self.max_tokens, self.max_query_len = num_tokens, max_query_len
         if busy:
             for hook in self.hooks:
                 hook()

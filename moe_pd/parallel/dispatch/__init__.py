@@ -26,7 +26,8 @@ def make_dispatcher(cfg: ParallelConfig, state: ParallelState, hidden_size: int,
     if kind == "all_to_all":
         from moe_pd.parallel.dispatch.all_to_all import AllToAllDispatcher
 
-        return AllToAllDispatcher(state, hidden_size, placement, recorder, fp8=cfg.fp8_dispatch)
+        return AllToAllDispatcher(state, hidden_size, placement, recorder, fp8=cfg.fp8_dispatch,
+                                  delay_s=cfg.comm_delay_ms / 1000, padded_max_tokens=cfg.padded_max_tokens)
     if kind == "deepep":
         from moe_pd.parallel.dispatch.deepep import make_deepep_dispatcher
 

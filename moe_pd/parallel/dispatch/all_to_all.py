@@ -14,6 +14,7 @@ as DeepSeek's dispatch does; combine stays in the activation dtype.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -47,11 +48,32 @@ def unpack_fp8(packed: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.T
     return (q_ND.float().view(n, hidden // 128, 128) * scale_NG[..., None]).view(n, hidden).to(dtype)
 
 
+def pack_rows(x_ND: torch.Tensor, meta_NM: torch.Tensor, fp8: bool) -> torch.Tensor:
+    """One wire row per token: the activation (or its fp8 packing) followed by fp32 metadata."""
+    if fp8:
+        return torch.cat([pack_fp8(x_ND), meta_NM.contiguous().view(torch.uint8)], dim=1)
+    return torch.cat([x_ND, meta_NM.to(x_ND.dtype)], dim=1) if x_ND.dtype == torch.float32 else \
+        torch.cat([x_ND.view(torch.uint8), meta_NM.contiguous().view(torch.uint8)], dim=1)
+
+
+def unpack_rows(rows: torch.Tensor, hidden: int, meta_width: int, dtype: torch.dtype,
+                fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if rows.dtype == torch.float32 and not fp8:
+        return rows[:, :hidden], rows[:, hidden:]
+    meta_bytes = 4 * meta_width
+    body, meta = rows[:, : rows.shape[1] - meta_bytes], rows[:, rows.shape[1] - meta_bytes:]
+    meta_NM = meta.contiguous().view(torch.float32) if rows.shape[0] else rows.new_empty(0, meta_width,
+                                                                                         dtype=torch.float32)
+    if fp8:
+        return unpack_fp8(body, hidden, dtype), meta_NM
+    x = body.contiguous().view(dtype) if rows.shape[0] else rows.new_empty(0, hidden, dtype=dtype)
+    return x, meta_NM
+
+
 @dataclass
 class _Pending:
-    works: list
-    recv_x: torch.Tensor
-    recv_meta: torch.Tensor
+    recv: torch.Tensor
+    meta_width: int
     send_token_S: torch.Tensor
     send_split: list[int]
     recv_split: list[int]
@@ -59,8 +81,11 @@ class _Pending:
     entry: CommEntry | None
     dtype: torch.dtype
     hidden: int
-    ready_at: float
+    completion: "Completion"
     tag: str
+    position_S: torch.Tensor | None = None
+    """Padded exchange: each sent row's place in the fixed-size send buffer."""
+    layer: int = -1
 
 
 @dataclass
@@ -71,14 +96,18 @@ class AllToAllHandle:
     recv_split: list[int]
     num_tokens: int
     tag: str
+    position_S: torch.Tensor | None = None
 
 
 class AllToAllDispatcher(Dispatcher):
     def __init__(self, state: ParallelState, hidden_size: int, placement: ExpertPlacement | None = None,
-                 recorder: FlightRecorder | None = None, fp8: bool = False, delay_s: float = 0.0) -> None:
+                 recorder: FlightRecorder | None = None, fp8: bool = False, delay_s: float = 0.0,
+                 padded_max_tokens: int = 0) -> None:
         if fp8 and hidden_size % 128:
             raise ConfigError(f"parallel.fp8_dispatch needs model.hidden_size % 128 == 0, got {hidden_size}")
         self.state, self.recorder, self.fp8, self.delay_s = state, recorder, fp8, delay_s
+        self.padded_max_tokens = padded_max_tokens
+        self._capacity: int | None = None
         self.placement = placement
         self.routing_salt = state.rank
         self.num_local_experts = state.experts_per_rank
@@ -96,11 +125,21 @@ class AllToAllDispatcher(Dispatcher):
         work = dist.all_to_all_single(recv, send, recv_split, send_split, group=self.group, async_op=True)
         return recv, work
 
+    def begin_step(self, max_tokens_any_rank: int) -> None:
+        """Decode-sized steps (no rank above `padded_max_tokens`) use the padded exchange: every rank sends
+        exactly max-tokens rows to every rank, so no counts round trip (a blocking collective) is needed and
+        dispatch_start returns at once, as DeepEP's low-latency mode does with its fixed-size buffers."""
+        use = 0 < max_tokens_any_rank <= self.padded_max_tokens
+        self._capacity = max_tokens_any_rank if use else None
+
     def dispatch_start(self, x_TD, topk_ids_TK, topk_weights_TK, layer: int = -1):
         ranks = self.state.ep_size
         tag = f"layer{layer}" if layer >= 0 else ""
         phys_TK = self.to_physical(topk_ids_TK, layer)
         send_token_S, send_rank_S, local_ids_SK = permute.token_rank_layout(phys_TK, self.num_local_experts, ranks)
+        meta_SK2 = torch.cat([local_ids_SK.float(), topk_weights_TK[send_token_S].float()], dim=1)
+        if self._capacity is not None:
+            return self._padded_dispatch_start(x_TD, send_token_S, send_rank_S, meta_SK2, layer)
         send_counts_R = torch.bincount(send_rank_S, minlength=ranks)
         recv_counts_R = torch.empty_like(send_counts_R)
         entry = self._record("dispatch.counts", tag, ranks, ranks, 16 * ranks)
@@ -108,25 +147,43 @@ class AllToAllDispatcher(Dispatcher):
         self._done(entry)
         send_split, recv_split = send_counts_R.tolist(), recv_counts_R.tolist()
         self.record_received(layer, sum(recv_split))
-        # Metadata row: K local slot ids then K weights, as fp32 (slot ids are small exact integers).
-        meta_SK2 = torch.cat([local_ids_SK.float(), topk_weights_TK[send_token_S].float()], dim=1)
-        payload = x_TD[send_token_S]
-        if self.fp8:
-            payload = pack_fp8(payload)
+        # Each row carries the token, then K local slot ids and K weights as fp32 (slot ids are small exact
+        # integers): one message per destination.
+        payload = pack_rows(x_TD[send_token_S], meta_SK2, self.fp8)
         entry = self._record("dispatch", tag, len(send_token_S), sum(recv_split),
-                             payload.numel() * payload.element_size() + meta_SK2.numel() * 4)
-        recv_meta, work_meta = self._exchange(meta_SK2, send_split, recv_split)
-        recv_x, work_x = self._exchange(payload, send_split, recv_split)
-        return _Pending([work_meta, work_x], recv_x, recv_meta, send_token_S, send_split, recv_split,
-                        x_TD.shape[0], entry, x_TD.dtype, x_TD.shape[1], time.monotonic() + self.delay_s, tag)
+                             payload.numel() * payload.element_size())
+        recv, work = self._exchange(payload, send_split, recv_split)
+        return _Pending(recv, meta_SK2.shape[1], send_token_S, send_split, recv_split,
+                        x_TD.shape[0], entry, x_TD.dtype, x_TD.shape[1], Completion([work], self.delay_s), tag)
+
+    def _padded_dispatch_start(self, x_TD, send_token_S, send_rank_S, meta_SK2, layer: int):
+        ranks, cap = self.state.ep_size, self._capacity
+        tag = f"layer{layer}" if layer >= 0 else ""
+        counts_R = torch.bincount(send_rank_S, minlength=ranks)
+        starts_R = torch.cumsum(counts_R, 0) - counts_R
+        position_S = send_rank_S * cap + torch.arange(len(send_rank_S), device=x_TD.device) - starts_R[send_rank_S]
+        top_k = meta_SK2.shape[1] // 2
+        meta = torch.cat([meta_SK2.new_full((ranks * cap, top_k), -1.0), meta_SK2.new_zeros(ranks * cap, top_k)], 1)
+        meta[position_S] = meta_SK2
+        rows = x_TD.new_zeros(ranks * cap, x_TD.shape[1])
+        rows[position_S] = x_TD[send_token_S]
+        payload = pack_rows(rows, meta, self.fp8)
+        split = [cap] * ranks
+        entry = self._record("dispatch", tag, len(send_token_S), ranks * cap, payload.numel() * payload.element_size())
+        recv, work = self._exchange(payload, split, split)
+        return _Pending(recv, meta.shape[1], send_token_S, split, split, x_TD.shape[0], entry, x_TD.dtype,
+                        x_TD.shape[1], Completion([work], self.delay_s), tag, position_S, layer)
 
     def dispatch_wait(self, p: _Pending) -> DispatchResult:
-        self._wait(p.works, p.entry, p.ready_at)
-        recv_x = unpack_fp8(p.recv_x, p.hidden, p.dtype) if self.fp8 else p.recv_x
-        top_k = p.recv_meta.shape[1] // 2
-        local_ids_NK = p.recv_meta[:, :top_k].long()
-        x_MD, expansion = permute.expand(recv_x, local_ids_NK, p.recv_meta[:, top_k:], self.num_local_experts)
-        handle = AllToAllHandle(expansion, p.send_token_S, p.send_split, p.recv_split, p.num_tokens, p.tag)
+        self._wait(p.completion, p.entry)
+        recv_x, recv_meta = unpack_rows(p.recv, p.hidden, p.meta_width, p.dtype, self.fp8)
+        top_k = p.meta_width // 2
+        local_ids_NK = recv_meta[:, :top_k].long()
+        x_MD, expansion = permute.expand(recv_x, local_ids_NK, recv_meta[:, top_k:], self.num_local_experts)
+        if p.position_S is not None:  # padded: real rows are those with a local expert
+            self.record_received(p.layer, int((local_ids_NK >= 0).any(dim=1).sum()))
+        handle = AllToAllHandle(expansion, p.send_token_S, p.send_split, p.recv_split, p.num_tokens, p.tag,
+                                p.position_S)
         return DispatchResult(x_MD, expansion.counts_E, handle)
 
     def combine_start(self, y_MD, handle: AllToAllHandle):
@@ -134,20 +191,44 @@ class AllToAllDispatcher(Dispatcher):
         entry = self._record("combine", handle.tag, partial_ND.shape[0], sum(handle.send_split),
                              partial_ND.numel() * partial_ND.element_size())
         back_SD, work = self._exchange(partial_ND, handle.recv_split, handle.send_split)
-        return work, entry, back_SD, handle, time.monotonic() + self.delay_s
+        return Completion([work], self.delay_s), entry, back_SD, handle
 
     def combine_wait(self, pending) -> torch.Tensor:
-        work, entry, back_SD, handle, ready_at = pending
-        self._wait([work], entry, ready_at)
+        completion, entry, back_SD, handle = pending
+        self._wait(completion, entry)
+        if handle.position_S is not None:
+            back_SD = back_SD[handle.position_S]
         out_TD = back_SD.new_zeros(handle.num_tokens, back_SD.shape[1])
         return out_TD.index_add_(0, handle.send_token_S, back_SD)  # rank order: rows are rank-major
 
-    def _wait(self, works: list, entry: CommEntry | None, ready_at: float) -> None:
-        """Waits for the transfer; with `delay_s` (a test knob emulating a slow network) not before
-        `delay_s` after it started, so compute placed between start and wait hides the delay."""
-        remaining = ready_at - time.monotonic()
-        if remaining > 0:
-            time.sleep(remaining)
-        for work in works:
-            work.wait()
+    def _wait(self, completion: "Completion", entry: CommEntry | None) -> None:
+        completion.wait()
         self._done(entry)
+
+
+class Completion:
+    """Async work handles; with `delay_s` > 0 (parallel.comm_delay_ms, a test knob emulating network latency)
+    a watcher thread notes when the transfer really finished, and `wait` returns `delay_s` after that, so
+    compute placed between start and wait hides the added latency exactly as it would a slow link."""
+
+    def __init__(self, works: list, delay_s: float = 0.0) -> None:
+        self.works, self.delay_s = works, delay_s
+        self._done_at = 0.0
+        self._watcher = None
+        if delay_s > 0:
+            self._watcher = threading.Thread(target=self._watch, daemon=True)
+            self._watcher.start()
+
+    def _watch(self) -> None:
+        for work in self.works:
+            work.wait()
+        self._done_at = time.monotonic() + self.delay_s
+
+    def wait(self) -> None:
+        if self._watcher is not None:
+            self._watcher.join()
+            remaining = self._done_at - time.monotonic()
+            if remaining > 0:
+                time.sleep(remaining)
+        for work in self.works:
+            work.wait()
