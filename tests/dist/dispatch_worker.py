@@ -1,0 +1,133 @@
+"""torchrun worker: every dispatcher backend against the local backend and an all-reduce reference MoE.
+
+Each rank draws its own tokens and routing; all ranks share the global expert weights. For each case
+the EP output for this rank's tokens must match (fp32, rtol 1e-5):
+- the local backend holding all experts, on this rank's tokens;
+- the all-reduce MoE: every rank computes its experts over every rank's tokens, then all_reduce.
+Exits 1 with a message on any mismatch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
+from helpers import deepep_double  # noqa: E402
+
+from moe_pd.model.experts import grouped_swiglu
+from moe_pd.parallel.dispatch.all_to_all import AllToAllDispatcher, pack_fp8, unpack_fp8
+from moe_pd.parallel.dispatch.local import LocalDispatcher
+from moe_pd.parallel.dispatch.deepep import DeepEPDispatcher
+from moe_pd.parallel.placement import ExpertPlacement
+from moe_pd.parallel.state import ParallelState
+
+E, K, D, F = 16, 4, 128, 32
+
+
+def make_case(name: str, rank: int, world: int, gen: torch.Generator):
+    tokens = {"uneven": 5 + 3 * rank, "one_expert": 7, "zero_tokens": 0 if rank == world - 1 else 9,
+              "minus_one": 6, "odd_t": 2 * world + 1}[name]
+    x = torch.randn(tokens, D, generator=gen)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(tokens)]) if tokens else \
+        torch.zeros(0, K, dtype=torch.int64)
+    if name == "uneven":  # most tokens pile onto rank 0's experts
+        ids[: tokens // 2] = torch.tensor([0, 1, 2, 3])[:K]
+    if name == "one_expert":
+        ids[:, 0] = 5
+        ids[:, 1:] = -1
+    if name == "minus_one" and tokens:
+        ids[::2, -1] = -1
+        ids[1, :] = -1
+    w = torch.rand(tokens, K, generator=gen)
+    return x, ids, w
+
+
+def moe(dispatcher, x, ids, w, w13, w2):
+    most = torch.tensor([x.shape[0]])
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)  # every rank must choose the same exchange
+    dispatcher.begin_step(int(most))
+    routed = dispatcher.dispatch(x, ids, w, layer=0)
+    return dispatcher.combine(grouped_swiglu(routed.x_ND, routed.counts_E.tolist(), w13, w2), routed.handle)
+
+
+def all_reduce_reference(x, ids, w, w13, w2, local_experts, world):
+    sizes = [None] * world
+    dist.all_gather_object(sizes, (x, ids, w))
+    parts = []
+    for xs, idss, ws in sizes:
+        out = torch.zeros_like(xs)
+        for e in local_experts:
+            tok, k = (idss == e).nonzero(as_tuple=True)
+            if tok.numel():
+                y = grouped_swiglu(xs[tok], [tok.numel()], w13[e : e + 1], w2[e : e + 1])
+                out.index_add_(0, tok, y * ws[tok, k, None])
+        parts.append(out)
+    for p in parts:
+        dist.all_reduce(p)
+    return parts[dist.get_rank()]
+
+
+def check_hooks_defer_receive(state, placement) -> list[str]:
+    """Low-latency mode: only the send phase runs in *_start; the receive hook runs in *_wait."""
+    ll = deepep_double.Buffer(dist.group.WORLD, 0, 0, True)
+    ep = DeepEPDispatcher(state, D, placement, None, ll, "low_latency", 16)
+    x, ids, w = make_case("odd_t", state.rank, state.world_size, torch.Generator().manual_seed(5))
+    pending = ep.dispatch_start(x, ids, w, layer=0)
+    after_start = list(ll.calls)
+    routed = ep.dispatch_wait(pending)
+    after_wait = list(ll.calls)
+    combine = ep.combine_start(routed.x_ND, routed.handle)
+    after_combine_start = list(ll.calls)
+    ep.combine_wait(combine)
+    ok = (after_start == ["low_latency_dispatch.send"]
+          and after_wait[-1] == "low_latency_dispatch.recv"
+          and after_combine_start[-1] == "low_latency_combine.send"
+          and ll.calls[-1] == "low_latency_combine.recv")
+    return [] if ok else [f"rank {state.rank}: hooks ran out of order: {ll.calls}"]
+
+
+def main() -> int:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    state = ParallelState(rank, world, rank, world, rank, world, rank, E, torch.device("cpu"), "gloo", dist.group.WORLD)
+    g = torch.Generator().manual_seed(1234)
+    w13, w2 = torch.randn(E, 2 * F, D, generator=g) * 0.1, torch.randn(E, D, F, generator=g) * 0.1
+    mine = list(range(rank * E // world, (rank + 1) * E // world))
+    failures = []
+    placement = ExpertPlacement.contiguous(1, E, 0, world)
+    backends = []
+    for fp8 in (False, True):
+        backends.append((f"all_to_all fp8={fp8}", fp8, AllToAllDispatcher(state, D, placement, fp8=fp8)))
+        backends.append((f"all_to_all padded fp8={fp8}", fp8,
+                         AllToAllDispatcher(state, D, placement, fp8=fp8, padded_max_tokens=1 << 20)))
+        for mode in ("normal", "low_latency"):
+            normal, ll = deepep_double.Buffer(dist.group.WORLD), deepep_double.Buffer(dist.group.WORLD, 0, 0, True)
+            backends.append((f"deepep-double {mode} fp8={fp8}", fp8,
+                             DeepEPDispatcher(state, D, placement, normal, ll, mode, 16, fp8)))
+    for name, fp8, ep in backends:
+        for case in ("uneven", "one_expert", "zero_tokens", "minus_one", "odd_t"):
+            x, ids, w = make_case(case, rank, world, torch.Generator().manual_seed(100 + rank))
+            if fp8:  # the references see what the wire carries
+                x = unpack_fp8(pack_fp8(x), D, x.dtype)
+            got = moe(ep, x, ids, w, w13[mine], w2[mine])
+            local = moe(LocalDispatcher(E), x, ids, w, w13, w2)
+            reduced = all_reduce_reference(x, ids, w, w13, w2, mine, world)
+            for ref_name, ref in (("local", local), ("all-reduce", reduced)):
+                if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-5, atol=1e-6):
+                    err = (got - ref).abs().max().item() if got.shape == ref.shape else got.shape
+                    failures.append(f"rank {rank} {name} case {case}: differs from {ref_name} ({err})")
+    failures += check_hooks_defer_receive(state, placement)
+    dist.barrier()
+    dist.destroy_process_group()
+    if failures:
+        print("\n".join(failures), file=sys.stderr)
+        return 1
+    print(f"rank {rank}: all cases match")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
