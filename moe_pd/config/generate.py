@@ -43,11 +43,14 @@ class GenerateConfig:
     """JSON-lines file; each line {"prompt": str} or {"prompt_ids": [int, ...]}."""
     max_batch_size: int = 64
     """Sequences decoded together in one step."""
+    max_num_batched_tokens: int = 4096
+    """Token budget of one step: decodes first, then prefill chunks (a longer prompt is chunked)."""
     output: Optional[str] = None
     """File for the JSON lines; None writes them to stdout."""
 
     def __post_init__(self) -> None:
         check(self.max_batch_size > 0, "max_batch_size", self.max_batch_size, "must be > 0")
+        check(self.max_num_batched_tokens > 0, "max_num_batched_tokens", self.max_num_batched_tokens, "must be > 0")
         for i, ids in enumerate(self.prompt_ids):
             if not all(isinstance(t, int) for t in ids):
                 raise ConfigError(f"prompt_ids[{i}]: must be a list of integers")

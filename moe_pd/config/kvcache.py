@@ -15,6 +15,8 @@ class KVCacheConfig:
     """Tokens per page."""
     num_blocks: int = 1024
     """Pages in the pool of one rank."""
+    prefix_cache: bool = True
+    """Reuse the pages of a shared prompt prefix (chained hashes over full pages, token-checked)."""
 
     def __post_init__(self) -> None:
         check(self.block_size > 0, "kvcache.block_size", self.block_size, "must be > 0")

@@ -1,8 +1,9 @@
-"""Offline generation on one model instance: continuous batching over the paged latent cache.
+"""Offline generation on one model instance: the engine core's scheduler driving the model.
 
-Each step either prefills newly admitted prompts (all their tokens in one forward) or decodes one token
-for every running sequence. A prompt is admitted when a batch slot is free and the pool can hold its
-whole worst case (prompt + max_new_tokens), so a running sequence never runs out of pages.
+Each step the scheduler (engine/core/scheduler.py) picks decodes and prefill chunks within a token budget,
+with prefix-cache hits skipping computation and preemption (recompute) when pages run out; this runner
+turns the plan into one forward over the paged latent cache and samples where a chunk reached its
+sequence's end.
 
 Under expert parallelism every rank runs one engine on its own prompts (data-parallel attention) and the
 ranks step together through `StepSync`: a rank with nothing left runs empty forwards, which still take
@@ -13,15 +14,17 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from moe_pd.config.kvcache import KVCacheConfig
 from moe_pd.config.overlap import OverlapConfig
 from moe_pd.config.sampling import SamplingConfig
+from moe_pd.engine.core.scheduler import Scheduler, StepPlan
+from moe_pd.engine.core.sequence import Sequence
 from moe_pd.engine.sampler import SamplingParams, sample
-from moe_pd.kvcache.block_manager import BlockAllocator
+from moe_pd.kvcache.block_manager import BlockManager
 from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
 from moe_pd.model.transformer import DeepseekForCausalLM
 from moe_pd.overlap.micro_batch import split_step
@@ -36,25 +39,6 @@ class PromptError(ValueError):
 
 
 @dataclass
-class Sequence:
-    index: int
-    prompt_ids: list[int]
-    max_new_tokens: int
-    params: SamplingParams
-    generator: torch.Generator | None
-    output_ids: list[int] = field(default_factory=list)
-    block_table: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    admitted_at: float = 0.0
-    first_token_at: float = 0.0
-    finished_at: float = 0.0
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-
-@dataclass
 class Completion:
     index: int
     prompt_ids: list[int]
@@ -64,6 +48,9 @@ class Completion:
     """Time from the start of the run to this request's first token."""
     decode_s: float
     """Time from the first to the last token."""
+    cached_tokens: int = 0
+    """Prompt tokens served by the prefix cache."""
+    preemptions: int = 0
 
 
 @dataclass
@@ -72,6 +59,7 @@ class RunStats:
     prefill_s: float = 0.0
     decode_tokens: int = 0
     decode_s: float = 0.0
+    steps: int = 0
 
 
 def check_prompts(prompts: list[list[int]], vocab_size: int, max_context: int) -> None:
@@ -89,20 +77,19 @@ def check_prompts(prompts: list[list[int]], vocab_size: int, max_context: int) -
 class OfflineEngine:
     def __init__(self, model: DeepseekForCausalLM, kv: KVCacheConfig, max_batch_size: int,
                  device: torch.device | str = "cpu", sync: StepSync | None = None,
-                 overlap: OverlapConfig | None = None) -> None:
+                 overlap: OverlapConfig | None = None, max_num_batched_tokens: int = 4096) -> None:
         cfg = model.cfg
         self.model, self.device, self.max_batch_size = model, torch.device(device), max_batch_size
-        self.sync, self.overlap = sync, overlap
-        self._global = (0, 0)  # (max tokens, max new tokens of one sequence) of any rank this step
+        self.sync, self.overlap, self.kv = sync, overlap, kv
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.max_context = cfg.max_position_embeddings
         self.eos = cfg.eos_token_id
         dtype = next(model.parameters()).dtype
         self.cache = PagedLatentCache(cfg.num_hidden_layers, kv.num_blocks, kv.block_size, cfg.kv_lora_rank,
                                       cfg.qk_rope_head_dim, dtype=dtype, device=self.device)
-        self.blocks = BlockAllocator(kv.num_blocks, kv.block_size)
+        self.allocator = BlockManager(kv.num_blocks, kv.block_size, kv.prefix_cache)
         self.stats = RunStats()
-        self.ignore_eos = False
-        self._reserved = 0  # pages promised to admitted sequences (their worst case)
+        self._global = (0, 0)  # (max tokens, max new tokens of one sequence) of any rank this step
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig,
                  indices: list[int] | None = None) -> list[Completion]:
@@ -112,41 +99,50 @@ class OfflineEngine:
         indices = list(range(len(prompts))) if indices is None else indices
         params = SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p)
         base_seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()).item())
-        waiting = [
-            Sequence(i, list(p), min(sampling.max_new_tokens, self.max_context - len(p)), params,
-                     None if params.greedy else torch.Generator().manual_seed(base_seed + i))
-            for i, p in zip(indices, prompts, strict=True)
-        ]
-        for seq in waiting:
-            need = self.blocks.blocks_for(seq.num_tokens + seq.max_new_tokens)
-            if need > self.blocks.num_blocks:
-                raise PromptError(f"prompt {seq.index} needs {need} pages of the cache but kvcache.num_blocks="
-                                  f"{self.blocks.num_blocks}; raise kvcache.num_blocks")
-        self.ignore_eos = sampling.ignore_eos
-        started, running, done = time.perf_counter(), [], []
+        scheduler = Scheduler(self.allocator, self.max_batch_size, self.max_num_batched_tokens, self.max_context)
+        seqs = [Sequence(list(p), sampling.max_new_tokens, request_id=str(i), eos_token_id=self.eos,
+                         ignore_eos=sampling.ignore_eos) for i, p in zip(indices, prompts, strict=True)]
+        generators = {s.request_id: None if params.greedy else torch.Generator().manual_seed(base_seed + int(i))
+                      for s, i in zip(seqs, indices)}
+        for seq in seqs:
+            need = self.allocator.blocks_for(len(seq.prompt_ids) + min(seq.max_new_tokens,
+                                                                       self.max_context - len(seq.prompt_ids)))
+            if need > self.allocator.num_blocks:
+                raise PromptError(f"prompt {seq.request_id} needs {need} pages of the cache but kvcache.num_blocks="
+                                  f"{self.allocator.num_blocks}; raise kvcache.num_blocks")
+            scheduler.add(seq)
+        started = time.perf_counter()
+        first_token: dict[str, float] = {}
+        last_token: dict[str, float] = {}
         while True:
-            admitted = self._admit(waiting, running)
-            step_tokens = sum(len(s.prompt_ids) for s in admitted) if admitted else len(running)
-            longest = max((len(s.prompt_ids) for s in admitted), default=1 if running else 0)
-            if not self._sync_step(bool(admitted or running), step_tokens, longest):
+            plan = scheduler.schedule()
+            longest = max((s.num_new for s in plan.scheduled), default=0)
+            if not self._sync_step(not plan.is_empty, plan.num_tokens, longest):
                 break
-            if admitted:
-                self._prefill(admitted)
-                running.extend(admitted)
-            elif running:
-                self._decode(running)
-            else:
-                self._step([], [])  # idle rank: an empty forward keeps the MoE collectives in step
-            for seq in [s for s in running if s.finish_reason]:
-                running.remove(seq)
-                self._reserved -= self.blocks.blocks_for(len(seq.prompt_ids) + seq.max_new_tokens)
-                self.blocks.free(seq.block_table)
-                done.append(seq)
+            t0 = time.perf_counter()
+            sampled = self._run(plan, params, generators)
+            elapsed, now = time.perf_counter() - t0, time.perf_counter()
+            for rid in sampled:
+                first_token.setdefault(rid, now)
+                last_token[rid] = now
+            self._account(plan, elapsed)
+            scheduler.update(plan, sampled)
         return [
-            Completion(s.index, s.prompt_ids, s.output_ids, s.finish_reason or "length",
-                       s.first_token_at - started, s.finished_at - s.first_token_at)
-            for s in sorted(done, key=lambda s: s.index)
+            Completion(int(s.request_id), s.prompt_ids, s.output_ids, s.finish_reason or "length",
+                       first_token.get(s.request_id, started) - started,
+                       last_token.get(s.request_id, started) - first_token.get(s.request_id, started),
+                       s.num_cached_hit, s.num_preemptions)
+            for s in sorted(scheduler.finished, key=lambda s: int(s.request_id))
         ]
+
+    def _account(self, plan: StepPlan, elapsed: float) -> None:
+        self.stats.steps += 1
+        if any(s.num_new > 1 or not s.samples for s in plan.scheduled):
+            self.stats.prefill_tokens += plan.num_tokens
+            self.stats.prefill_s += elapsed
+        elif plan.scheduled:
+            self.stats.decode_tokens += plan.num_tokens
+            self.stats.decode_s += elapsed
 
     def _sync_step(self, local_busy: bool, num_tokens: int, max_query_len: int) -> bool:
         """Whether any rank has work this step (every rank then runs one forward)."""
@@ -166,54 +162,20 @@ class OfflineEngine:
         schedule = DECODE if max_query_len <= 1 else PREFILL
         return forward_two_micro_batches(self.model, split_step(ids_T, batch), self.cache, schedule)
 
-    def _admit(self, waiting: list[Sequence], running: list[Sequence]) -> list[Sequence]:
-        admitted = []
-        while waiting and len(running) + len(admitted) < self.max_batch_size:
-            need = self.blocks.blocks_for(len(waiting[0].prompt_ids) + waiting[0].max_new_tokens)
-            if self._reserved + need > self.blocks.num_blocks:
-                break
-            self._reserved += need
-            admitted.append(waiting.pop(0))
-        return admitted
-
-    def _step(self, seqs: list[Sequence], new_tokens: list[list[int]]) -> list[int]:
-        ctx = [seq.num_tokens - len(new) for seq, new in zip(seqs, new_tokens)]
-        for seq, c, new in zip(seqs, ctx, new_tokens):
-            self.blocks.grow(seq.block_table, c + len(new))
-        batch = AttentionBatch.build([s.block_table for s in seqs], ctx, [len(n) for n in new_tokens],
-                                     self.cache.block_size, self.device)
-        ids_T = torch.tensor([t for n in new_tokens for t in n], dtype=torch.int64, device=self.device)
+    def _run(self, plan: StepPlan, params: SamplingParams, generators: dict) -> dict[str, int]:
+        """The plan's forward (an empty one on an idle rank) and the sampled tokens by request id."""
+        items = plan.scheduled
+        batch = AttentionBatch.build([s.seq.block_table for s in items], [s.context for s in items],
+                                     [s.num_new for s in items], self.cache.block_size, self.device)
+        ids = [t for s in items for t in s.seq.token_ids[s.context : s.context + s.num_new]]
+        ids_T = torch.tensor(ids, dtype=torch.int64, device=self.device)
         with torch.inference_mode():
             hidden_TD = self._forward(ids_T, batch)
-            if not seqs:
-                return []
-            last_B = batch.query_starts_B + batch.query_lens_B - 1
+            rows = [i for i, s in enumerate(items) if s.samples]
+            if not rows:
+                return {}
+            last_B = (batch.query_starts_B + batch.query_lens_B - 1)[rows]
             logits_BV = self.model.logits(hidden_TD[last_B])
-        return sample(logits_BV, [s.params for s in seqs], [s.generator for s in seqs])
-
-    def _append(self, seqs: list[Sequence], tokens: list[int]) -> None:
-        now = time.perf_counter()
-        for seq, tok in zip(seqs, tokens):
-            if not seq.output_ids:
-                seq.first_token_at = now
-            seq.output_ids.append(tok)
-            if tok == self.eos and not self.ignore_eos:
-                seq.finish_reason = "stop"
-            elif len(seq.output_ids) >= seq.max_new_tokens:
-                seq.finish_reason = "length"
-            if seq.finish_reason:
-                seq.finished_at = now
-
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        t0 = time.perf_counter()
-        tokens = self._step(seqs, [s.prompt_ids for s in seqs])
-        self.stats.prefill_s += time.perf_counter() - t0
-        self.stats.prefill_tokens += sum(len(s.prompt_ids) for s in seqs)
-        self._append(seqs, tokens)
-
-    def _decode(self, seqs: list[Sequence]) -> None:
-        t0 = time.perf_counter()
-        tokens = self._step(seqs, [[s.output_ids[-1]] for s in seqs])
-        self.stats.decode_s += time.perf_counter() - t0
-        self.stats.decode_tokens += len(seqs)
-        self._append(seqs, tokens)
+        chosen = [items[i].seq for i in rows]
+        tokens = sample(logits_BV, [params] * len(chosen), [generators[s.request_id] for s in chosen])
+        return {seq.request_id: tok for seq, tok in zip(chosen, tokens)}

@@ -1,38 +1,140 @@
-"""Page accounting for the paged cache, in plain Python (no torch): a free list and per-sequence tables."""
+"""Page accounting for the paged cache, plain Python (no torch): reference counts and a prefix cache.
+
+A full page is identified by a chained hash: hash((hash of the previous page, the page's tokens)), so a
+page matches only when its whole prefix matches. A hit is confirmed by comparing the tokens, so a hash
+collision can never hand a sequence someone else's latents. Pages nobody references stay cached, in LRU
+order, until a new allocation needs them.
+"""
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
 
 
 class OutOfBlocks(RuntimeError):
     """The pool has fewer free pages than asked for."""
 
 
-class BlockAllocator:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+
+@dataclass
+class Page:
+    ref_count: int = 0
+    hash: int | None = None
+    tokens: tuple[int, ...] | None = None
+
+
+def chain_hash(previous: int | None, tokens: tuple[int, ...]) -> int:
+    return hash((previous, tokens))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_cache: bool = True) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be > 0")
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self.num_blocks, self.block_size, self.enabled = num_blocks, block_size, enable_prefix_cache
+        self.pages = [Page() for _ in range(num_blocks)]
+        self._free = list(range(num_blocks - 1, -1, -1))  # never used or holding nothing worth keeping
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced but cached, oldest first
+        self._by_hash: dict[int, int] = {}
 
+    # accounting ----------------------------------------------------------------------------------------
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages an allocation can take now (free or evictable)."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise OutOfBlocks(f"need {count} pages, {len(self._free)} of {self.num_blocks} free")
-        return [self._free.pop() for _ in range(count)]
+    def _take(self) -> int:
+        if self._free:
+            page = self._free.pop()
+        elif self._evictable:
+            page, _ = self._evictable.popitem(last=False)
+            old = self.pages[page]
+            if old.hash is not None and self._by_hash.get(old.hash) == page:
+                del self._by_hash[old.hash]
+        else:
+            raise OutOfBlocks(f"no free pages ({self.num_blocks} in use)")
+        self.pages[page] = Page(ref_count=1)
+        return page
+
+    def _ref(self, page: int) -> None:
+        if self.pages[page].ref_count == 0:
+            self._evictable.pop(page, None)
+        self.pages[page].ref_count += 1
+
+    # sequences ------------------------------------------------------------------------------------------
+    def match_prefix(self, token_ids: list[int]) -> list[int]:
+        """Cached pages holding the longest run of full leading blocks of `token_ids` (not referenced yet)."""
+        if not self.enabled:
+            return []
+        pages, previous = [], None
+        for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
+            tokens = tuple(token_ids[start : start + self.block_size])
+            h = chain_hash(previous, tokens)
+            page = self._by_hash.get(h)
+            if page is None or self.pages[page].tokens != tokens:
+                break
+            pages.append(page)
+            previous = h
+        return pages
+
+    def admit(self, token_ids: list[int], need_tokens: int) -> tuple[list[int], int]:
+        """Pages for a new sequence: reuses its cached prefix (at most up to one token before the end, so
+        there is always a token to compute), then allocates the rest up to `need_tokens`.
+        Returns (block table, tokens served by the cache). All or nothing: raises OutOfBlocks."""
+        hits = self.match_prefix(token_ids)
+        max_hit_blocks = (len(token_ids) - 1) // self.block_size
+        hits = hits[:max_hit_blocks]
+        extra = self.blocks_for(need_tokens) - len(hits)
+        reclaimable = sum(1 for p in hits if self.pages[p].ref_count == 0)
+        if extra > self.num_free - reclaimable:
+            raise OutOfBlocks(f"need {extra} new pages, {self.num_free - reclaimable} free")
+        for page in hits:
+            self._ref(page)
+        table = hits + [self._take() for _ in range(max(extra, 0))]
+        return table, len(hits) * self.block_size
+
+    def can_grow(self, table: list[int], num_tokens: int) -> bool:
+        return self.blocks_for(num_tokens) - len(table) <= self.num_free
 
     def grow(self, table: list[int], num_tokens: int) -> None:
-        """Appends pages to `table` until it can hold `num_tokens` tokens."""
         missing = self.blocks_for(num_tokens) - len(table)
-        if missing > 0:
-            table.extend(self.allocate(missing))
+        if missing > self.num_free:
+            raise OutOfBlocks(f"need {missing} pages, {self.num_free} free")
+        table.extend(self._take() for _ in range(max(missing, 0)))
+
+    def commit(self, table: list[int], token_ids: list[int], num_computed: int) -> None:
+        """Registers the full pages among the first `num_computed` tokens in the prefix cache."""
+        if not self.enabled:
+            return
+        previous = None
+        for i in range(num_computed // self.block_size):
+            tokens = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
+            h = chain_hash(previous, tokens)
+            page = self.pages[table[i]]
+            if page.hash is None:
+                page.hash, page.tokens = h, tokens
+                self._by_hash.setdefault(h, table[i])
+            previous = h
 
     def free(self, table: list[int]) -> None:
-        self._free.extend(reversed(table))
+        """Drops the sequence's references; cached pages become evictable (LRU), others free."""
+        for page_id in reversed(table):
+            page = self.pages[page_id]
+            page.ref_count -= 1
+            if page.ref_count < 0:
+                raise RuntimeError(f"page {page_id} freed more often than referenced")
+            if page.ref_count == 0:
+                if page.hash is not None and self._by_hash.get(page.hash) == page_id:
+                    self._evictable[page_id] = None
+                else:
+                    self.pages[page_id] = Page()
+                    self._free.append(page_id)
         table.clear()

@@ -1,0 +1,73 @@
+"""Request and sequence state, plain Python."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    """Queued, or preempted and waiting to recompute."""
+    RUNNING = "running"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    request_id: str = field(default_factory=lambda: f"seq-{next(_ids)}")
+    eos_token_id: int | None = None
+    ignore_eos: bool = False
+    arrival: int = field(default_factory=lambda: next(_ids))
+    """Arrival order; the scheduler preempts the latest arrival first."""
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    """Tokens whose latents are in the cache (prefix-cache hits count)."""
+    num_cached_hit: int = 0
+    """Prompt tokens served from the prefix cache at the last admission."""
+    num_preemptions: int = 0
+    finish_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ValueError(f"request {self.request_id}: empty prompt")
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"request {self.request_id}: max_new_tokens must be > 0")
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens still to run through the model before the next token can be sampled."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_uncomputed > 1
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (Status.FINISHED, Status.ABORTED)
+
+    def append_token(self, token: int) -> None:
+        """Records a sampled token and finishes the sequence on EOS or length."""
+        self.output_ids.append(token)
+        if token == self.eos_token_id and not self.ignore_eos:
+            self.status, self.finish_reason = Status.FINISHED, "stop"
+        elif len(self.output_ids) >= self.max_new_tokens:
+            self.status, self.finish_reason = Status.FINISHED, "length"
