@@ -1,0 +1,162 @@
+"""One model instance serving requests step by step: add, step, abort. The offline generator and the
+serving workers both drive this.
+
+Every step the core scheduler plans decodes and prefill chunks; the runner executes the plan as one
+forward over the paged latent cache (two interleaved micro-batches when overlap is on) and samples where a
+chunk reached its sequence's end, each request with its own sampling parameters and generator. Under
+expert parallelism every rank runs its own engine on its own requests and the ranks step together
+(`StepSync`): an idle rank runs empty forwards so every MoE all-to-all stays paired.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from moe_pd.config.kvcache import KVCacheConfig
+from moe_pd.config.overlap import OverlapConfig
+from moe_pd.engine.core.scheduler import Scheduler, StepPlan
+from moe_pd.engine.core.sequence import Sequence
+from moe_pd.engine.sampler import SamplingParams, sample
+from moe_pd.kvcache.block_manager import BlockManager
+from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
+from moe_pd.model.transformer import DeepseekForCausalLM
+from moe_pd.overlap.micro_batch import split_step
+from moe_pd.overlap.schedule import DECODE, PREFILL, forward_two_micro_batches
+from moe_pd.parallel.step_sync import StepSync
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+
+
+@dataclass
+class StepStats:
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    steps: int = 0
+
+
+class LLMEngine:
+    def __init__(self, model: DeepseekForCausalLM, kv: KVCacheConfig, max_num_seqs: int,
+                 max_num_batched_tokens: int, device: torch.device | str = "cpu", sync: StepSync | None = None,
+                 overlap: OverlapConfig | None = None) -> None:
+        cfg = model.cfg
+        self.model, self.device, self.sync, self.overlap = model, torch.device(device), sync, overlap
+        self.max_context, self.eos = cfg.max_position_embeddings, cfg.eos_token_id
+        dtype = next(model.parameters()).dtype
+        self.cache = PagedLatentCache(cfg.num_hidden_layers, kv.num_blocks, kv.block_size, cfg.kv_lora_rank,
+                                      cfg.qk_rope_head_dim, dtype=dtype, device=self.device)
+        self.allocator = BlockManager(kv.num_blocks, kv.block_size, kv.prefix_cache)
+        self.scheduler = Scheduler(self.allocator, max_num_seqs, max_num_batched_tokens, self.max_context)
+        self.params: dict[str, SamplingParams] = {}
+        self.generators: dict[str, torch.Generator | None] = {}
+        self.stats = StepStats()
+        self._global = (0, 0)
+
+    # requests ---------------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], max_new_tokens: int,
+                    params: SamplingParams = SamplingParams(), seed: int | None = None,
+                    ignore_eos: bool = False) -> Sequence:
+        """Queues a request; raises ValueError for one that can never run (empty, too long, bad ids)."""
+        vocab = self.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"request {request_id}: token ids outside [0, {vocab})")
+        seq = Sequence(list(prompt_ids), max_new_tokens, request_id=request_id, eos_token_id=self.eos,
+                       ignore_eos=ignore_eos)
+        if len(prompt_ids) >= self.max_context:
+            raise ValueError(f"request {request_id}: prompt of {len(prompt_ids)} tokens does not fit the context "
+                             f"of {self.max_context}")
+        need = self.allocator.blocks_for(min(len(prompt_ids) + max_new_tokens, self.max_context))
+        if need > self.allocator.num_blocks:
+            raise ValueError(f"request {request_id} needs {need} KV pages, the cache has {self.allocator.num_blocks}")
+        self.scheduler.add(seq)
+        self.params[request_id] = params
+        self.generators[request_id] = None if params.greedy else torch.Generator().manual_seed(
+            seed if seed is not None else int(torch.randint(2**62, ()).item()))
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        """Drops the request and frees its pages; False when it is unknown or already finished."""
+        seq = self.scheduler.abort(request_id)
+        self._forget(request_id)
+        return seq is not None
+
+    def _forget(self, request_id: str) -> None:
+        self.params.pop(request_id, None)
+        self.generators.pop(request_id, None)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # steps ------------------------------------------------------------------------------------------------
+    def step(self) -> tuple[bool, list[RequestOutput]]:
+        """Runs one step (an empty one when only other ranks have work). Returns (any rank had work,
+        outputs of this rank's requests that got a token or finished)."""
+        plan = self.scheduler.schedule()
+        outputs = [RequestOutput(s.request_id, [], True, s.finish_reason) for s in plan.rejected]
+        longest = max((s.num_new for s in plan.scheduled), default=0)
+        if not self._sync_step(not plan.is_empty, plan.num_tokens, longest):
+            return False, outputs
+        t0 = time.perf_counter()
+        sampled = self._run(plan)
+        self._account(plan, time.perf_counter() - t0)
+        finished = {s.request_id for s in self.scheduler.update(plan, sampled)}
+        for rid, token in sampled.items():
+            seq = next(s.seq for s in plan.scheduled if s.seq.request_id == rid)
+            outputs.append(RequestOutput(rid, [token], rid in finished, seq.finish_reason))
+            if rid in finished:
+                self._forget(rid)
+        return True, outputs
+
+    def _account(self, plan: StepPlan, elapsed: float) -> None:
+        self.stats.steps += 1
+        if any(s.num_new > 1 or not s.samples for s in plan.scheduled):
+            self.stats.prefill_tokens += plan.num_tokens
+            self.stats.prefill_s += elapsed
+        elif plan.scheduled:
+            self.stats.decode_tokens += plan.num_tokens
+            self.stats.decode_s += elapsed
+
+    def _sync_step(self, local_busy: bool, num_tokens: int, max_query_len: int) -> bool:
+        if self.sync is None:
+            self._global = (num_tokens, max_query_len)
+            return local_busy
+        busy = self.sync.step(local_busy, num_tokens, max_query_len)
+        self._global = (self.sync.max_tokens, self.sync.max_query_len)
+        return busy
+
+    def _forward(self, ids_T: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        """Two interleaved micro-batches when overlap is on and some rank has enough tokens; every rank
+        makes the same choice from the step's all-reduced maxima."""
+        max_tokens, max_query_len = self._global
+        if self.overlap is None or not self.overlap.enabled or max_tokens < self.overlap.min_tokens:
+            return self.model(ids_T, batch, self.cache)
+        schedule = DECODE if max_query_len <= 1 else PREFILL
+        return forward_two_micro_batches(self.model, split_step(ids_T, batch), self.cache, schedule)
+
+    def _run(self, plan: StepPlan) -> dict[str, int]:
+        items = plan.scheduled
+        batch = AttentionBatch.build([s.seq.block_table for s in items], [s.context for s in items],
+                                     [s.num_new for s in items], self.cache.block_size, self.device)
+        ids = [t for s in items for t in s.seq.token_ids[s.context : s.context + s.num_new]]
+        ids_T = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        with torch.inference_mode():
+            hidden_TD = self._forward(ids_T, batch)
+            rows = [i for i, s in enumerate(items) if s.samples]
+            if not rows:
+                return {}
+            last_B = (batch.query_starts_B + batch.query_lens_B - 1)[rows]
+            logits_BV = self.model.logits(hidden_TD[last_B])
+        chosen = [items[i].seq.request_id for i in rows]
+        tokens = sample(logits_BV, [self.params[r] for r in chosen], [self.generators[r] for r in chosen])
+        return dict(zip(chosen, tokens))
