@@ -12,9 +12,11 @@ from moe_pd.config.overlap import OverlapConfig, ProfileConfig
 from moe_pd.config.parallel import ParallelConfig
 from moe_pd.config.runtime import RuntimeConfig
 from moe_pd.config.sampling import SamplingConfig
+from moe_pd.config.serve import ServeConfig
 
 SCHEMAS = {
     ("", "generate_schema"): GenerateConfig,
+    ("", "serve_schema"): ServeConfig,
     ("model", "model_schema"): ModelConfig,
     ("parallel", "parallel_schema"): ParallelConfig,
     ("sampling", "sampling_schema"): SamplingConfig,

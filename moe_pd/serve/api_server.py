@@ -1,0 +1,183 @@
+"""OpenAI-compatible HTTP API over one engine (colocated mode: prefill and decode in the same instance).
+
+    python -m moe_pd.serve.api_server serve.port=8000          # tiny model on CPU
+    curl localhost:8000/v1/completions -d '{"prompt": "Hello", "max_tokens": 8}'
+
+Endpoints: POST /v1/completions and /v1/chat/completions (streaming over SSE with "stream": true),
+GET /v1/models, /health, /metrics (Prometheus). Prompts are text or token ids; "return_token_ids": true
+adds the generated ids to each choice as `token_ids`. Bad requests get HTTP 4xx with an OpenAI-style error
+body; a client that disconnects has its request aborted and its pages freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+import uuid
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from moe_pd.engine.tokenizer import Tokenizer
+from moe_pd.serve.engine_loop import EngineLoop, Stream
+from moe_pd.serve.protocol import APIError, GenerationRequest, parse_request
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.ttft = Histogram("moe_pd_time_to_first_token_seconds", "Time to first token", registry=self.registry,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.tpot = Histogram("moe_pd_time_per_output_token_seconds", "Time per output token after the first",
+                              registry=self.registry, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+        self.requests = Counter("moe_pd_requests", "Finished requests by outcome", ["outcome"], registry=self.registry)
+        self.tokens = Counter("moe_pd_generated_tokens", "Generated tokens", registry=self.registry)
+        self.running = Gauge("moe_pd_running_requests", "Requests being generated", registry=self.registry)
+        self.waiting = Gauge("moe_pd_waiting_requests", "Requests queued", registry=self.registry)
+        self.kv_usage = Gauge("moe_pd_kv_cache_usage", "Fraction of KV pages in use", registry=self.registry)
+
+
+def build_app(loop: EngineLoop, tokenizer: Tokenizer | None, model_name: str, max_tokens_limit: int) -> web.Application:
+    metrics = Metrics()
+    app = web.Application()
+
+    def error(exc: APIError) -> web.Response:
+        return web.json_response(exc.body(), status=exc.status)
+
+    async def read(request: web.Request, chat: bool) -> GenerationRequest:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise APIError("the request body is not valid JSON") from None
+        parsed = parse_request(body, chat, [model_name], max_tokens_limit)
+        if parsed.prompt_ids is None:
+            if tokenizer is None:
+                raise APIError("this model has no tokenizer: send 'prompt' as a list of token ids", param="prompt")
+            parsed.prompt_ids = tokenizer.encode(parsed.prompt_text)
+        return parsed
+
+    async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            req = await read(request, chat)
+        except APIError as exc:
+            return error(exc)
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:16]}"
+        stream = Stream(request_id, asyncio.get_running_loop())
+        loop.submit(stream, req.prompt_ids, req.max_tokens, req.params, req.seed, req.ignore_eos)
+        created = int(time.time())
+        response = None
+        ids: list[int] = []
+        first_at = None
+        reason = None
+        try:
+            while True:
+                item = await stream.tokens.get()
+                if isinstance(item, ValueError):
+                    metrics.requests.labels("rejected").inc()
+                    return error(APIError(str(item)))
+                if isinstance(item, Exception):
+                    metrics.requests.labels("failed").inc()
+                    if response is None:
+                        return error(APIError(str(item), status=500, kind="server_error"))
+                    break
+                new, finished, reason = item
+                if new and first_at is None:
+                    first_at = time.monotonic()
+                    metrics.ttft.observe(first_at - stream.submitted)
+                ids += new
+                metrics.tokens.inc(len(new))
+                if req.stream:
+                    if response is None:
+                        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                               "Cache-Control": "no-cache"})
+                        await response.prepare(request)
+                    chunk = _chunk(request_id, created, model_name, chat, new, tokenizer, reason if finished else None,
+                                   req.return_token_ids)
+                    await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                if finished:
+                    break
+        except (asyncio.CancelledError, ConnectionResetError):
+            loop.abort(request_id)  # the client went away: free its pages
+            metrics.requests.labels("aborted").inc()
+            raise
+        if first_at is not None and len(ids) > 1:
+            metrics.tpot.observe((time.monotonic() - first_at) / (len(ids) - 1))
+        metrics.requests.labels(reason or "unknown").inc()
+        if req.stream:
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        return web.json_response(_final(request_id, created, model_name, chat, ids, tokenizer, reason,
+                                        req.return_token_ids, len(req.prompt_ids)))
+
+    async def completions(request):
+        return await generate(request, chat=False)
+
+    async def chat_completions(request):
+        return await generate(request, chat=True)
+
+    async def models(_):
+        return web.json_response({"object": "list", "data": [{"id": model_name, "object": "model",
+                                                              "owned_by": "moe_pd"}]})
+
+    async def health(_):
+        return web.json_response({"status": "ok", "running": loop.num_running, "waiting": loop.num_waiting,
+                                  "engine_steps": loop.steps})
+
+    async def prometheus(_):
+        alloc = loop.engine.allocator
+        metrics.running.set(loop.num_running)
+        metrics.waiting.set(loop.num_waiting)
+        metrics.kv_usage.set(alloc.num_used / alloc.num_blocks)
+        return web.Response(body=generate_latest(metrics.registry), content_type="text/plain")
+
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", prometheus)
+    return app
+
+
+def _text(tokenizer: Tokenizer | None, ids: list[int]) -> str:
+    return tokenizer.decode(ids) if tokenizer else ""
+
+
+def _chunk(request_id, created, model, chat, ids, tokenizer, reason, with_ids) -> dict:
+    if chat:
+        choice = {"index": 0, "delta": {"content": _text(tokenizer, ids)}, "finish_reason": reason}
+    else:
+        choice = {"index": 0, "text": _text(tokenizer, ids), "finish_reason": reason}
+    if with_ids:
+        choice["token_ids"] = ids
+    return {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": model, "choices": [choice]}
+
+
+def _final(request_id, created, model, chat, ids, tokenizer, reason, with_ids, prompt_tokens) -> dict:
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": _text(tokenizer, ids)},
+                  "finish_reason": reason}
+    else:
+        choice = {"index": 0, "text": _text(tokenizer, ids), "finish_reason": reason}
+    if with_ids:
+        choice["token_ids"] = ids
+    return {"id": request_id, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "choices": [choice],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(ids),
+                      "total_tokens": prompt_tokens + len(ids)}}
+
+
+def main() -> None:
+    from moe_pd.serve.cli import run_server
+
+    sys.exit(run_server())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The engine in a background thread; HTTP handlers talk to it through thread-safe calls.
+
+Handlers `submit` a request and read its tokens from an asyncio queue; the loop thread adds and aborts
+requests between steps (the engine is only ever touched by this thread) and pushes each step's outputs to
+the right queues with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from moe_pd.engine.llm_engine import LLMEngine
+from moe_pd.engine.sampler import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stream:
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    tokens: asyncio.Queue = field(default_factory=asyncio.Queue)
+    """Items: (token ids, finished, finish reason) or an Exception."""
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, Stream] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="moe_pd-engine", daemon=True)
+        self.steps = 0
+
+    def start(self) -> "EngineLoop":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._commands.put(None)
+        self._thread.join(timeout=10)
+
+    def submit(self, stream: Stream, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
+               seed: int | None, ignore_eos: bool) -> None:
+        self._commands.put(("add", stream, prompt_ids, max_tokens, params, seed, ignore_eos))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    @property
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting)
+
+    def _push(self, stream: Stream, item) -> None:
+        stream.loop.call_soon_threadsafe(stream.tokens.put_nowait, item)
+
+    def _apply(self, command) -> None:
+        if command[0] == "add":
+            _, stream, prompt_ids, max_tokens, params, seed, ignore_eos = command
+            try:
+                self.engine.add_request(stream.request_id, prompt_ids, max_tokens, params, seed, ignore_eos)
+                self._streams[stream.request_id] = stream
+            except ValueError as exc:
+                self._push(stream, exc)
+        elif command[0] == "abort":
+            self.engine.abort(command[1])
+            self._streams.pop(command[1], None)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            block = not self.engine.has_work
+            try:
+                command = self._commands.get(timeout=0.05) if block else self._commands.get_nowait()
+            except queue.Empty:
+                command = None
+            while command is not None:
+                self._apply(command)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            if self._stop.is_set() or not self.engine.has_work:
+                continue
+            try:
+                _, outputs = self.engine.step()
+            except Exception as exc:  # the engine failed: fail every request instead of hanging them
+                log.exception("engine step failed")
+                for stream in self._streams.values():
+                    self._push(stream, RuntimeError(f"engine failure: {exc}"))
+                self._streams.clear()
+                continue
+            self.steps += 1
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue
+                self._push(stream, (out.new_token_ids, out.finished, out.finish_reason))
+                if out.finished:
+                    del self._streams[out.request_id]

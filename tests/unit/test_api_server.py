@@ -1,0 +1,170 @@
+"""The OpenAI-compatible server (colocated mode) over HTTP on localhost."""
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from helpers.tiny import TINY
+from moe_pd.config.kvcache import KVCacheConfig
+from moe_pd.config.sampling import SamplingConfig
+from moe_pd.config.serve import ServeConfig
+from moe_pd.engine.offline import OfflineEngine
+from moe_pd.model.loader import build_model
+from moe_pd.serve.cli import make_server
+
+PROMPT_IDS = [256, *b"Hello server"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """(base URL, engine loop), served from a background event loop thread for the whole module."""
+    import threading
+
+    app, engine_loop = make_server(ServeConfig(model=TINY, kvcache=KVCacheConfig(block_size=4, num_blocks=256),
+                                               served_model_name="tiny", max_tokens_limit=64))
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    state = {}
+
+    async def start():
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        state["runner"] = runner
+        state["url"] = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        ready.set()
+
+    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
+    thread.start()
+    assert ready.wait(30)
+    yield state["url"], engine_loop
+    asyncio.run_coroutine_threadsafe(state["runner"].cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    engine_loop.stop()
+
+
+def call(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+async def post(url, path, body, raw=None):
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url + path, data=raw if raw is not None else json.dumps(body)) as r:
+            return r.status, await r.json()
+
+
+async def stream(url, path, body):
+    chunks = []
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url + path, json=body) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+            async for line in r.content:
+                line = line.decode().strip()
+                if line.startswith("data: "):
+                    chunks.append(line[6:])
+    assert chunks[-1] == "[DONE]"
+    return [json.loads(c) for c in chunks[:-1]]
+
+
+def offline(prompt, n):
+    model = build_model(TINY)
+    return OfflineEngine(model, KVCacheConfig(block_size=4, num_blocks=256), 4).generate(
+        [prompt], SamplingConfig(max_new_tokens=n, ignore_eos=True))[0].output_ids
+
+
+def test_greedy_completion_matches_offline_generation(server):
+    url, _ = server
+    status, body = call(post(url, "/v1/completions", {"model": "tiny", "prompt": PROMPT_IDS, "max_tokens": 8,
+                                                      "temperature": 0, "ignore_eos": True,
+                                                      "return_token_ids": True}))
+    assert status == 200 and body["object"] == "text_completion"
+    choice = body["choices"][0]
+    assert choice["token_ids"] == offline(PROMPT_IDS, 8) and choice["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": len(PROMPT_IDS), "completion_tokens": 8,
+                             "total_tokens": len(PROMPT_IDS) + 8}
+
+
+def test_streaming_chat_gives_the_same_tokens_as_non_streaming(server):
+    url, _ = server
+    req = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0,
+           "return_token_ids": True, "ignore_eos": True}
+    chunks = call(stream(url, "/v1/chat/completions", {**req, "stream": True}))
+    status, whole = call(post(url, "/v1/chat/completions", req))
+    assert status == 200 and whole["object"] == "chat.completion"
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == whole["choices"][0]["token_ids"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and len(chunks) == 6
+
+
+@pytest.mark.parametrize("path, body, raw, status, message", [
+    ("/v1/completions", None, b"{not json", 400, "not valid JSON"),
+    ("/v1/completions", {"prompt": ""}, None, 400, "'prompt' is empty"),
+    ("/v1/completions", {"prompt": []}, None, 400, "'prompt' is empty"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, None, 400, "'max_tokens'=0 is out of range"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 10_000}, None, 400, "'max_tokens'=10000 is out of range"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, None, 404, "model 'gpt-4' does not exist"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, None, 400, "out of range"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, None, 400, "'temperature' must be a number"),
+    ("/v1/completions", {"prompt": [1] * 2000}, None, 400, "does not fit the context"),
+    ("/v1/completions", {"prompt": [256, 100000]}, None, 400, "token ids outside"),
+    ("/v1/chat/completions", {"messages": []}, None, 400, "'messages' must be a non-empty list"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, None, 400, "needs a 'role'"),
+])
+def test_bad_requests_get_openai_errors(server, path, body, raw, status, message):
+    url, _ = server
+    got_status, got = call(post(url, path, body, raw))
+    assert got_status == status
+    assert message in got["error"]["message"] and got["error"]["type"]
+
+
+def test_models_health_metrics(server):
+    url, _ = server
+
+    async def get(path):
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url + path) as r:
+                return r.status, await r.text()
+
+    status, text = call(get("/v1/models"))
+    assert status == 200 and json.loads(text)["data"][0]["id"] == "tiny"
+    status, text = call(get("/health"))
+    assert status == 200 and json.loads(text)["status"] == "ok"
+    call(post(url, "/v1/completions", {"prompt": PROMPT_IDS, "max_tokens": 3}))
+    status, text = call(get("/metrics"))
+    for name in ("moe_pd_time_to_first_token_seconds", "moe_pd_time_per_output_token_seconds",
+                 "moe_pd_requests_total", "moe_pd_kv_cache_usage", "moe_pd_waiting_requests"):
+        assert name in text
+
+
+def test_client_disconnect_aborts_and_frees_pages(server):
+    url, engine_loop = server
+
+    async def walk_away():
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url + "/v1/completions", json={"prompt": PROMPT_IDS, "max_tokens": 60,
+                                                             "ignore_eos": True, "stream": True}) as r:
+                await r.content.readline()  # the first chunk has arrived, then the client leaves
+        for _ in range(200):
+            if engine_loop.num_running == 0 and engine_loop.engine.allocator.num_used == 0:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    assert call(walk_away())
+
+
+def test_concurrent_streaming_requests_complete(server):
+    url, engine_loop = server
+
+    async def many():
+        return await asyncio.gather(*[stream(url, "/v1/completions", {
+            "prompt": [256, i, i + 1], "max_tokens": 5 + i % 3, "stream": True, "ignore_eos": True,
+            "return_token_ids": True}) for i in range(16)])
+
+    results = call(many())
+    for i, chunks in enumerate(results):
+        assert sum(len(c["choices"][0]["token_ids"]) for c in chunks) == 5 + i % 3
+    assert engine_loop.engine.allocator.num_used == 0
