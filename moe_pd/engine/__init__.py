@@ -1,1 +1,1 @@
-"""Request execution: tokenizer, sampler, offline generation (the serving engine builds on these)."""
+"""Request execution: the torch-free core (scheduler, sequences), LLMEngine, tokenizers, sampler, offline generation."""

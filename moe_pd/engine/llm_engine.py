@@ -48,7 +48,7 @@ class StepStats:
 class LLMEngine:
     def __init__(self, model: DeepseekForCausalLM, kv: KVCacheConfig, max_num_seqs: int,
                  max_num_batched_tokens: int, device: torch.device | str = "cpu", sync: StepSync | None = None,
-                 overlap: OverlapConfig | None = None) -> None:
+                 overlap: OverlapConfig | None = None, hold_finished_pages: bool = False) -> None:
         cfg = model.cfg
         self.model, self.device, self.sync, self.overlap = model, torch.device(device), sync, overlap
         self.max_context, self.eos = cfg.max_position_embeddings, cfg.eos_token_id
@@ -56,7 +56,8 @@ class LLMEngine:
         self.cache = PagedLatentCache(cfg.num_hidden_layers, kv.num_blocks, kv.block_size, cfg.kv_lora_rank,
                                       cfg.qk_rope_head_dim, dtype=dtype, device=self.device)
         self.allocator = BlockManager(kv.num_blocks, kv.block_size, kv.prefix_cache)
-        self.scheduler = Scheduler(self.allocator, max_num_seqs, max_num_batched_tokens, self.max_context)
+        self.scheduler = Scheduler(self.allocator, max_num_seqs, max_num_batched_tokens, self.max_context,
+                                   hold_finished_pages)
         self.params: dict[str, SamplingParams] = {}
         self.generators: dict[str, torch.Generator | None] = {}
         self.stats = StepStats()
@@ -83,6 +84,35 @@ class LLMEngine:
         self.generators[request_id] = None if params.greedy else torch.Generator().manual_seed(
             seed if seed is not None else int(torch.randint(2**62, ()).item()))
         return seq
+
+    def add_prefilled(self, request_id: str, prompt_ids: list[int], max_new_tokens: int,
+                      params: SamplingParams = SamplingParams(), seed: int | None = None,
+                      ignore_eos: bool = False) -> tuple[Sequence, list[int]]:
+        """Decode side of disaggregation: reserves pages for a prompt prefilled elsewhere. Returns the
+        sequence and the pages its prompt's latents must be written to; `activate_prefilled` starts it."""
+        seq = Sequence(list(prompt_ids), max_new_tokens, request_id=request_id, eos_token_id=self.eos,
+                       ignore_eos=ignore_eos)
+        pages = self.scheduler.reserve_prefilled(seq)
+        self.params[request_id] = params
+        self.generators[request_id] = None if params.greedy else torch.Generator().manual_seed(
+            seed if seed is not None else int(torch.randint(2**62, ()).item()))
+        return seq, pages
+
+    def activate_prefilled(self, request_id: str, first_token: int) -> Sequence:
+        """The prompt's latents arrived: record prefill's first token and start decoding (or finish now if
+        that token already ends the request)."""
+        seq = self.scheduler.activate(request_id)
+        seq.append_token(first_token)
+        if seq.finished:
+            self.scheduler.running.remove(seq)
+            self.allocator.free(seq.block_table)
+            self.scheduler.finished.append(seq)
+            self._forget(request_id)
+        return seq
+
+    def drop_prefilled(self, request_id: str, reason: str) -> None:
+        self.scheduler.drop_receiving(request_id, reason)
+        self._forget(request_id)
 
     def abort(self, request_id: str) -> bool:
         """Drops the request and frees its pages; False when it is unknown or already finished."""

@@ -48,14 +48,18 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, allocator: BlockManager, max_num_seqs: int, token_budget: int,
-                 max_context: int) -> None:
+                 max_context: int, hold_finished_pages: bool = False) -> None:
+        """`hold_finished_pages`: a finished sequence keeps its pages until `release` (a prefill instance
+        holds them until its KV has been shipped to decode)."""
         if max_num_seqs <= 0 or token_budget <= 0:
             raise ValueError("max_num_seqs and token_budget must be > 0")
         self.allocator, self.max_num_seqs, self.token_budget = allocator, max_num_seqs, token_budget
-        self.max_context = max_context
+        self.max_context, self.hold_finished_pages = max_context, hold_finished_pages
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.finished: list[Sequence] = []
+        self.receiving: dict[str, Sequence] = {}
+        """Decode side: sequences whose pages are reserved while their prefilled KV is in transit."""
 
     # requests ---------------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -80,7 +84,7 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.receiving)
 
     # planning ---------------------------------------------------------------------------------------------
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
@@ -149,7 +153,39 @@ class Scheduler:
                     seq.status, seq.finish_reason = Status.FINISHED, "length"
             if seq.finished:
                 self.running.remove(seq)
-                self.allocator.free(seq.block_table)
+                if not self.hold_finished_pages:
+                    self.allocator.free(seq.block_table)
                 self.finished.append(seq)
                 done.append(seq)
         return done
+
+    def release(self, seq: Sequence) -> None:
+        """Frees the pages a finished sequence kept (hold_finished_pages)."""
+        self.allocator.free(seq.block_table)
+
+    # decode side of disaggregation ---------------------------------------------------------------------------
+    def reserve_prefilled(self, seq: Sequence) -> list[int]:
+        """Reserves pages for a sequence whose prompt was prefilled elsewhere (its first token is already in
+        `output_ids`); it waits in `receiving` until `activate`. Raises OutOfBlocks when they do not fit."""
+        computed = len(seq.prompt_ids)
+        table: list[int] = []
+        self.allocator.grow(table, computed + 1)
+        seq.block_table, seq.num_computed, seq.status = table, computed, Status.WAITING
+        self.receiving[seq.request_id] = seq
+        return table[: -(-computed // self.allocator.block_size)]
+
+    def activate(self, request_id: str) -> Sequence:
+        """The KV arrived: the sequence joins the running batch and decodes from its first token."""
+        seq = self.receiving.pop(request_id)
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        return seq
+
+    def drop_receiving(self, request_id: str, reason: str) -> Sequence | None:
+        """The transfer failed or timed out: free the reserved pages and end the sequence."""
+        seq = self.receiving.pop(request_id, None)
+        if seq is not None:
+            self.allocator.free(seq.block_table)
+            seq.status, seq.finish_reason = Status.FINISHED, reason
+            self.finished.append(seq)
+        return seq

@@ -1,0 +1,117 @@
+"""Prefill/decode disaggregation on top of LLMEngine and the KV transfer.
+
+PrefillWorker: runs each request's prompt (chunked, prefix-cached), samples the first token, ships the
+prompt's latents to the decode rank chosen for it, and frees its pages once the decode rank answered (or
+the transfer failed). DecodeWorker: reserves pages before the transfer starts, starts decoding from the
+first token when the latents land, and frees the reservation if they never come. Both are driven by
+`step()`; the serving services (one per torchrun job) and the tests run them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moe_pd.engine.llm_engine import LLMEngine, RequestOutput
+from moe_pd.engine.sampler import SamplingParams
+from moe_pd.kvcache.transfer.base import Transfer, TransferState
+from moe_pd.kvcache.transfer.zmq_transport import KVReceiver, KVSender
+
+
+@dataclass
+class PrefillResult:
+    request_id: str
+    first_token: int
+    state: TransferState
+    detail: str = ""
+
+
+class PrefillWorker:
+    def __init__(self, engine: LLMEngine, sender: KVSender, timeout_s: float = 30.0) -> None:
+        if not engine.scheduler.hold_finished_pages:
+            raise ValueError("a prefill engine must hold finished pages until their KV is shipped")
+        self.engine, self.sender, self.timeout_s = engine, sender, timeout_s
+        self.destinations: dict[str, str] = {}
+        self.first_tokens: dict[str, int] = {}
+        self._shipping: dict[str, object] = {}
+
+    def submit(self, request_id: str, prompt_ids: list[int], decode_address: str,
+               params: SamplingParams = SamplingParams(), seed: int | None = None) -> None:
+        self.engine.add_request(request_id, prompt_ids, 1, params, seed, ignore_eos=True)
+        self.destinations[request_id] = decode_address
+
+    def cancel(self, request_id: str) -> None:
+        """An aborted request is dropped wherever it is and never reaches decode."""
+        self.sender.cancel(request_id)
+        self.engine.abort(request_id)
+        seq = self._shipping.pop(request_id, None)
+        if seq is not None:
+            self.engine.scheduler.release(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return self.engine.has_work or bool(self._shipping)
+
+    def step(self) -> list[PrefillResult]:
+        results = []
+        if self.engine.has_work:
+            _, outputs = self.engine.step()
+            for out in outputs:
+                if out.finished and out.new_token_ids:
+                    self._ship(out)
+        for transfer in self.sender.poll(timeout_ms=0):
+            results.append(self._settle(transfer))
+        return results
+
+    def _ship(self, out: RequestOutput) -> None:
+        seq = next(s for s in self.engine.scheduler.finished if s.request_id == out.request_id)
+        n_pages = -(-len(seq.prompt_ids) // self.engine.allocator.block_size)
+        self.first_tokens[out.request_id] = out.new_token_ids[0]
+        transfer = self.sender.send(out.request_id, self.destinations[out.request_id], self.engine.cache.kv_LPSW,
+                                    seq.block_table[:n_pages], len(seq.prompt_ids), out.new_token_ids[0],
+                                    self.timeout_s)
+        self._shipping[out.request_id] = seq
+        if transfer.state.final:  # cancelled before it left
+            self.engine.scheduler.release(seq)
+            del self._shipping[out.request_id]
+
+    def _settle(self, transfer: Transfer) -> PrefillResult:
+        seq = self._shipping.pop(transfer.request_id, None)
+        if seq is not None:
+            self.engine.scheduler.release(seq)
+        return PrefillResult(transfer.request_id, self.first_tokens.pop(transfer.request_id, -1), transfer.state,
+                             transfer.detail)
+
+
+class DecodeWorker:
+    def __init__(self, engine: LLMEngine, receiver: KVReceiver | None = None, timeout_s: float = 30.0) -> None:
+        self.engine, self.timeout_s = engine, timeout_s
+        self.receiver = receiver or KVReceiver(engine.cache.kv_LPSW)
+
+    @property
+    def address(self) -> str:
+        return self.receiver.address
+
+    def reserve(self, request_id: str, prompt_ids: list[int], max_new_tokens: int,
+                params: SamplingParams = SamplingParams(), seed: int | None = None, ignore_eos: bool = False) -> None:
+        """Pages for the prompt's latents, reserved before prefill ships them (raises OutOfBlocks if full)."""
+        _, pages = self.engine.add_prefilled(request_id, prompt_ids, max_new_tokens, params, seed, ignore_eos)
+        self.receiver.expect(request_id, pages, self.timeout_s)
+
+    @property
+    def has_work(self) -> bool:
+        return self.engine.has_work
+
+    def step(self) -> list[RequestOutput]:
+        outputs = []
+        for transfer in self.receiver.poll(timeout_ms=0):
+            if transfer.state is TransferState.DONE:
+                seq = self.engine.activate_prefilled(transfer.request_id, transfer.first_token)
+                outputs.append(RequestOutput(seq.request_id, [transfer.first_token], seq.finished,
+                                             seq.finish_reason))
+            else:
+                self.engine.drop_prefilled(transfer.request_id, f"error: KV transfer {transfer.state.value}: "
+                                                                f"{transfer.detail}")
+                outputs.append(RequestOutput(transfer.request_id, [], True, f"error: {transfer.detail}"))
+        if self.engine.scheduler.running or self.engine.scheduler.waiting:
+            outputs += self.engine.step()[1]
+        return outputs

@@ -1,0 +1,109 @@
+"""Prefill/decode disaggregation in one process: prefill ships KV over ZeroMQ, decode continues from it."""
+
+import time
+
+import pytest
+
+from helpers.tiny import TINY
+from moe_pd.config.kvcache import KVCacheConfig
+from moe_pd.engine.disagg import DecodeWorker, PrefillWorker
+from moe_pd.engine.llm_engine import LLMEngine
+from moe_pd.kvcache.transfer.base import TransferState
+from moe_pd.kvcache.transfer.zmq_transport import KVSender
+from moe_pd.model.loader import build_model
+
+PROMPTS = {"a": [256, *b"Disaggregated"], "b": [256, *b"prefill then decode, with a longer prompt"], "c": [256, 7]}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(TINY)
+
+
+def engines(model, prefill_blocks=64, decode_blocks=64):
+    prefill = LLMEngine(model, KVCacheConfig(block_size=4, num_blocks=prefill_blocks), 8, 16,
+                        hold_finished_pages=True)
+    decode = LLMEngine(model, KVCacheConfig(block_size=4, num_blocks=decode_blocks), 8, 64)
+    return PrefillWorker(prefill, KVSender("prefill"), timeout_s=5), DecodeWorker(decode, timeout_s=5)
+
+
+def drive(prefill, decode, seconds=30):
+    streams, reasons, results = {}, {}, []
+    deadline = time.monotonic() + seconds
+    while (prefill.has_work or decode.has_work) and time.monotonic() < deadline:
+        results += prefill.step()
+        for out in decode.step():
+            streams.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+        time.sleep(0.001)
+    return streams, reasons, results
+
+
+def colocated(model, n):
+    engine = LLMEngine(model, KVCacheConfig(block_size=4, num_blocks=64), 8, 64)
+    for rid, prompt in PROMPTS.items():
+        engine.add_request(rid, prompt, n, ignore_eos=True)
+    out = {}
+    while engine.has_work:
+        for o in engine.step()[1]:
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+    return out
+
+
+def test_pd_tokens_equal_colocated_and_pages_return(model):
+    prefill, decode = engines(model)
+    try:
+        for rid, prompt in PROMPTS.items():
+            decode.reserve(rid, prompt, 8, ignore_eos=True)  # pages before the transfer starts
+            prefill.submit(rid, prompt, decode.address)
+        streams, reasons, results = drive(prefill, decode)
+        assert streams == colocated(model, 8)
+        assert set(reasons.values()) == {"length"}
+        assert {r.request_id: r.state for r in results} == {rid: TransferState.DONE for rid in PROMPTS}
+        assert prefill.engine.allocator.num_used == 0 and decode.engine.allocator.num_used == 0
+    finally:
+        prefill.sender.close()
+        decode.receiver.close()
+
+
+def test_transfer_timeout_frees_the_decode_reservation(model):
+    _, decode = engines(model)
+    decode.timeout_s = 0.05
+    try:
+        decode.reserve("lost", PROMPTS["a"], 8)
+        time.sleep(0.1)
+        outputs = decode.step()
+        assert outputs[0].finished and outputs[0].finish_reason.startswith("error")
+        assert decode.engine.allocator.num_used == 0 and not decode.has_work
+    finally:
+        decode.receiver.close()
+
+
+def test_request_aborted_in_prefill_never_reaches_decode(model):
+    prefill, decode = engines(model)
+    decode.timeout_s = 0.3
+    try:
+        decode.reserve("gone", PROMPTS["b"], 8)
+        prefill.submit("gone", PROMPTS["b"], decode.address)
+        prefill.step()  # a first prefill chunk ran
+        prefill.cancel("gone")
+        streams, reasons, results = drive(prefill, decode, seconds=5)
+        assert streams.get("gone", []) == [] and reasons["gone"].startswith("error")  # timed out, never filled
+        assert results == [] and prefill.engine.allocator.num_used == 0
+        assert decode.engine.allocator.num_used == 0
+    finally:
+        prefill.sender.close()
+        decode.receiver.close()
+
+
+def test_decode_without_a_reservation_rejects_the_kv(model):
+    prefill, decode = engines(model)
+    try:
+        prefill.submit("stray", PROMPTS["c"], decode.address)
+        _, _, results = drive(prefill, decode)
+        assert [r.state for r in results] == [TransferState.REJECTED]
+        assert prefill.engine.allocator.num_used == 0
+    finally:
+        prefill.sender.close()
+        decode.receiver.close()
