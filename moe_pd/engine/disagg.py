@@ -9,7 +9,10 @@ first token when the latents land, and frees the reservation if they never come.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
+
+import torch
 
 from moe_pd.engine.llm_engine import LLMEngine, RequestOutput
 from moe_pd.engine.sampler import SamplingParams
@@ -66,9 +69,10 @@ class PrefillWorker:
         seq = next(s for s in self.engine.scheduler.finished if s.request_id == out.request_id)
         n_pages = -(-len(seq.prompt_ids) // self.engine.allocator.block_size)
         self.first_tokens[out.request_id] = out.new_token_ids[0]
+        rng = base64.b64encode(out.rng_state.numpy().tobytes()).decode() if out.rng_state is not None else ""
         transfer = self.sender.send(out.request_id, self.destinations[out.request_id], self.engine.cache.kv_LPSW,
                                     seq.block_table[:n_pages], len(seq.prompt_ids), out.new_token_ids[0],
-                                    self.timeout_s)
+                                    self.timeout_s, rng)
         self._shipping[out.request_id] = seq
         if transfer.state.final:  # cancelled before it left
             self.engine.scheduler.release(seq)
@@ -105,7 +109,10 @@ class DecodeWorker:
         outputs = []
         for transfer in self.receiver.poll(timeout_ms=0):
             if transfer.state is TransferState.DONE:
-                seq = self.engine.activate_prefilled(transfer.request_id, transfer.first_token)
+                rng = None
+                if transfer.rng_state:
+                    rng = torch.frombuffer(bytearray(base64.b64decode(transfer.rng_state)), dtype=torch.uint8)
+                seq = self.engine.activate_prefilled(transfer.request_id, transfer.first_token, rng)
                 outputs.append(RequestOutput(seq.request_id, [transfer.first_token], seq.finished,
                                              seq.finish_reason))
             else:

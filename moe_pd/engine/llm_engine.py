@@ -34,6 +34,9 @@ class RequestOutput:
     new_token_ids: list[int]
     finished: bool
     finish_reason: str | None = None
+    rng_state: torch.Tensor | None = None
+    """A finished sampled request's generator state (a prefill instance hands it to decode, so sampled
+    tokens match the colocated engine's)."""
 
 
 @dataclass
@@ -98,9 +101,11 @@ class LLMEngine:
             seed if seed is not None else int(torch.randint(2**62, ()).item()))
         return seq, pages
 
-    def activate_prefilled(self, request_id: str, first_token: int) -> Sequence:
+    def activate_prefilled(self, request_id: str, first_token: int, rng_state: torch.Tensor | None = None) -> Sequence:
         """The prompt's latents arrived: record prefill's first token and start decoding (or finish now if
-        that token already ends the request)."""
+        that token already ends the request). `rng_state` continues prefill's sampling generator."""
+        if rng_state is not None and self.generators.get(request_id) is not None:
+            self.generators[request_id].set_state(rng_state)
         seq = self.scheduler.activate(request_id)
         seq.append_token(first_token)
         if seq.finished:
@@ -143,7 +148,9 @@ class LLMEngine:
         finished = {s.request_id for s in self.scheduler.update(plan, sampled)}
         for rid, token in sampled.items():
             seq = next(s.seq for s in plan.scheduled if s.seq.request_id == rid)
-            outputs.append(RequestOutput(rid, [token], rid in finished, seq.finish_reason))
+            gen = self.generators.get(rid)
+            state = gen.get_state() if gen is not None and rid in finished else None
+            outputs.append(RequestOutput(rid, [token], rid in finished, seq.finish_reason, state))
             if rid in finished:
                 self._forget(rid)
         return True, outputs

@@ -28,6 +28,24 @@ from moe_pd.serve.protocol import APIError, GenerationRequest, parse_request
 log = logging.getLogger(__name__)
 
 
+class IncrementalText:
+    """Streams text as tokens arrive without splitting characters: a token that ends inside a multi-byte
+    character (the decoded text ends in U+FFFD) is held back until the character is complete."""
+
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
+
+    def add(self, ids: list[int], final: bool) -> str:
+        if self.tokenizer is None:
+            return ""
+        self.ids += ids
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") and not final:
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -74,6 +92,7 @@ def build_app(loop: EngineLoop, tokenizer: Tokenizer | None, model_name: str, ma
         ids: list[int] = []
         first_at = None
         reason = None
+        text = IncrementalText(tokenizer)
         try:
             while True:
                 item = await stream.tokens.get()
@@ -96,8 +115,8 @@ def build_app(loop: EngineLoop, tokenizer: Tokenizer | None, model_name: str, ma
                         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                                "Cache-Control": "no-cache"})
                         await response.prepare(request)
-                    chunk = _chunk(request_id, created, model_name, chat, new, tokenizer, reason if finished else None,
-                                   req.return_token_ids)
+                    chunk = _chunk(request_id, created, model_name, chat, new, text.add(new, finished),
+                                   reason if finished else None, req.return_token_ids)
                     await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 if finished:
                     break
@@ -148,11 +167,11 @@ def _text(tokenizer: Tokenizer | None, ids: list[int]) -> str:
     return tokenizer.decode(ids) if tokenizer else ""
 
 
-def _chunk(request_id, created, model, chat, ids, tokenizer, reason, with_ids) -> dict:
+def _chunk(request_id, created, model, chat, ids, text, reason, with_ids) -> dict:
     if chat:
-        choice = {"index": 0, "delta": {"content": _text(tokenizer, ids)}, "finish_reason": reason}
+        choice = {"index": 0, "delta": {"content": text}, "finish_reason": reason}
     else:
-        choice = {"index": 0, "text": _text(tokenizer, ids), "finish_reason": reason}
+        choice = {"index": 0, "text": text, "finish_reason": reason}
     if with_ids:
         choice["token_ids"] = ids
     return {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,

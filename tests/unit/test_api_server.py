@@ -168,3 +168,13 @@ def test_concurrent_streaming_requests_complete(server):
     for i, chunks in enumerate(results):
         assert sum(len(c["choices"][0]["token_ids"]) for c in chunks) == 5 + i % 3
     assert engine_loop.engine.allocator.num_used == 0
+
+
+def test_streamed_text_never_splits_a_character():
+    from moe_pd.engine.tokenizer import ByteTokenizer
+    from moe_pd.serve.api_server import IncrementalText
+
+    text = IncrementalText(ByteTokenizer(256))
+    pieces = [text.add([b], final=False) for b in "né✓".encode()]
+    assert "".join(pieces) == "né✓" and "\ufffd" not in "".join(pieces)
+    assert pieces[1] == "" and pieces[2] == "é"  # the first byte of é is held back

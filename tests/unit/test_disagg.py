@@ -107,3 +107,24 @@ def test_decode_without_a_reservation_rejects_the_kv(model):
     finally:
         prefill.sender.close()
         decode.receiver.close()
+
+
+def test_sampled_tokens_continue_prefills_generator(model):
+    """Prefill hands its sampling generator's state to decode, so sampled PD tokens equal colocated ones."""
+    from moe_pd.engine.sampler import SamplingParams
+
+    params = SamplingParams(temperature=0.9, top_p=0.95)
+    engine = LLMEngine(model, KVCacheConfig(block_size=4, num_blocks=64), 8, 64)
+    engine.add_request("s", PROMPTS["b"], 8, params, seed=11, ignore_eos=True)
+    expected = []
+    while engine.has_work:
+        expected += [t for o in engine.step()[1] for t in o.new_token_ids]
+    prefill, decode = engines(model)
+    try:
+        decode.reserve("s", PROMPTS["b"], 8, params, seed=11, ignore_eos=True)
+        prefill.submit("s", PROMPTS["b"], decode.address, params, seed=11)
+        streams, _, _ = drive(prefill, decode)
+        assert streams["s"] == expected
+    finally:
+        prefill.sender.close()
+        decode.receiver.close()

@@ -47,6 +47,8 @@ class KVHeader:
     first_token: int = -1
     """The token prefill sampled; decode continues from it."""
     sender: str = ""
+    rng_state: str = ""
+    """Base64 of the request's sampling generator state after the first token ('' for greedy)."""
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -72,6 +74,8 @@ class Transfer:
     """Receiver side: the token prefill sampled, from the header."""
     num_tokens: int = 0
     """Receiver side: tokens whose latents arrived."""
+    rng_state: str = ""
+    """Receiver side: the header's generator state."""
 
     def finish(self, state: TransferState, detail: str = "") -> None:
         if not self.state.final:

@@ -64,7 +64,7 @@ class KVReceiver:
             if entry is not None:
                 transfer = entry[0]
                 transfer.nbytes, transfer.first_token = len(payload.buffer), header.first_token
-                transfer.num_tokens = header.num_tokens
+                transfer.num_tokens, transfer.rng_state = header.num_tokens, header.rng_state
                 transfer.finish(state, detail)
                 done.append(transfer)
         now = time.monotonic()
@@ -119,14 +119,14 @@ class KVSender:
             transfer.finish(TransferState.CANCELLED, "aborted")
 
     def send(self, request_id: str, address: str, kv_LPSW: torch.Tensor, pages: list[int], num_tokens: int,
-             first_token: int, timeout_s: float) -> Transfer:
+             first_token: int, timeout_s: float, rng_state: str = "") -> Transfer:
         transfer = Transfer(request_id, time.monotonic() + timeout_s)
         if request_id in self._cancelled:
             transfer.finish(TransferState.CANCELLED, "aborted before the transfer")
             return transfer
         data = kv_LPSW[:, pages].contiguous().cpu()  # host staging for GPU caches
         header = KVHeader(request_id, data.shape[0], data.shape[1], data.shape[2], data.shape[3],
-                          dtype_name(data.dtype), num_tokens, first_token, self.name)
+                          dtype_name(data.dtype), num_tokens, first_token, self.name, rng_state)
         raw = data.view(torch.uint8).numpy() if data.dtype == torch.bfloat16 else data.numpy()
         self._socket(address).send_multipart([header.encode(), raw], copy=False)
         transfer.nbytes = data.numel() * data.element_size()
