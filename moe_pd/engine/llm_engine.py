@@ -79,14 +79,21 @@ class LLMEngine:
         if len(prompt_ids) >= self.max_context:
             raise ValueError(f"request {request_id}: prompt of {len(prompt_ids)} tokens does not fit the context "
                              f"of {self.max_context}")
-        need = self.allocator.blocks_for(min(len(prompt_ids) + max_new_tokens, self.max_context))
+        need = self.pages_needed(len(prompt_ids), max_new_tokens)
         if need > self.allocator.num_blocks:
             raise ValueError(f"request {request_id} needs {need} KV pages, the cache has {self.allocator.num_blocks}")
         self.scheduler.add(seq)
+        self._register(request_id, params, seed)
+        return seq
+
+    def pages_needed(self, prompt_len: int, max_new_tokens: int) -> int:
+        """KV pages a request holds at its longest (prompt plus output, capped at the context)."""
+        return self.allocator.blocks_for(min(prompt_len + max_new_tokens, self.max_context))
+
+    def _register(self, request_id: str, params: SamplingParams, seed: int | None) -> None:
         self.params[request_id] = params
         self.generators[request_id] = None if params.greedy else torch.Generator().manual_seed(
             seed if seed is not None else int(torch.randint(2**62, ()).item()))
-        return seq
 
     def add_prefilled(self, request_id: str, prompt_ids: list[int], max_new_tokens: int,
                       params: SamplingParams = SamplingParams(), seed: int | None = None,
@@ -96,9 +103,7 @@ class LLMEngine:
         seq = Sequence(list(prompt_ids), max_new_tokens, request_id=request_id, eos_token_id=self.eos,
                        ignore_eos=ignore_eos)
         pages = self.scheduler.reserve_prefilled(seq)
-        self.params[request_id] = params
-        self.generators[request_id] = None if params.greedy else torch.Generator().manual_seed(
-            seed if seed is not None else int(torch.randint(2**62, ()).item()))
+        self._register(request_id, params, seed)
         return seq, pages
 
     def activate_prefilled(self, request_id: str, first_token: int, rng_state: torch.Tensor | None = None) -> Sequence:
@@ -106,12 +111,8 @@ class LLMEngine:
         that token already ends the request). `rng_state` continues prefill's sampling generator."""
         if rng_state is not None and self.generators.get(request_id) is not None:
             self.generators[request_id].set_state(rng_state)
-        seq = self.scheduler.activate(request_id)
-        seq.append_token(first_token)
+        seq = self.scheduler.activate(request_id, first_token)
         if seq.finished:
-            self.scheduler.running.remove(seq)
-            self.allocator.free(seq.block_table)
-            self.scheduler.finished.append(seq)
             self._forget(request_id)
         return seq
 
@@ -145,13 +146,15 @@ class LLMEngine:
         t0 = time.perf_counter()
         sampled = self._run(plan)
         self._account(plan, time.perf_counter() - t0)
-        finished = {s.request_id for s in self.scheduler.update(plan, sampled)}
-        for rid, token in sampled.items():
-            seq = next(s.seq for s in plan.scheduled if s.seq.request_id == rid)
+        self.scheduler.update(plan, sampled)
+        for item in plan.scheduled:
+            seq, rid = item.seq, item.seq.request_id
+            if rid not in sampled:
+                continue
             gen = self.generators.get(rid)
-            state = gen.get_state() if gen is not None and rid in finished else None
-            outputs.append(RequestOutput(rid, [token], rid in finished, seq.finish_reason, state))
-            if rid in finished:
+            state = gen.get_state() if gen is not None and seq.finished else None
+            outputs.append(RequestOutput(rid, [sampled[rid]], seq.finished, seq.finish_reason, state))
+            if seq.finished:
                 self._forget(rid)
         return True, outputs
 

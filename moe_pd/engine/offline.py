@@ -79,12 +79,12 @@ class OfflineEngine:
         indices = list(range(len(prompts))) if indices is None else indices
         params = SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p)
         base_seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()).item())
-        pages = self.engine.allocator
-        for i, prompt in zip(indices, prompts, strict=True):
-            need = pages.blocks_for(min(len(prompt) + sampling.max_new_tokens, self.max_context))
-            if need > pages.num_blocks:
+        num_blocks = self.engine.allocator.num_blocks
+        for i, prompt in zip(indices, prompts, strict=True):  # every prompt is checked before any runs
+            need = self.engine.pages_needed(len(prompt), sampling.max_new_tokens)
+            if need > num_blocks:
                 raise PromptError(f"prompt {i} needs {need} pages of the cache but kvcache.num_blocks="
-                                  f"{pages.num_blocks}; raise kvcache.num_blocks")
+                                  f"{num_blocks}; raise kvcache.num_blocks")
         seqs = {str(i): self.engine.add_request(str(i), prompt, sampling.max_new_tokens, params, base_seed + i,
                                                 sampling.ignore_eos)
                 for i, prompt in zip(indices, prompts, strict=True)}

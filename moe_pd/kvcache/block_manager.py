@@ -16,7 +16,6 @@ class OutOfBlocks(RuntimeError):
     """The pool has fewer free pages than asked for."""
 
 
-
 @dataclass
 class Page:
     ref_count: int = 0
@@ -85,13 +84,17 @@ class BlockManager:
             previous = h
         return pages
 
-    def admit(self, token_ids: list[int], need_tokens: int) -> tuple[list[int], int]:
-        """Pages for a new sequence: reuses its cached prefix (at most up to one token before the end, so
-        there is always a token to compute), then allocates the rest up to `need_tokens`.
+    def cached_prefix(self, token_ids: list[int]) -> list[int]:
+        """The cached pages a new sequence may reuse: its matched prefix, stopping at least one token
+        before the end so there is always a token to compute."""
+        return self.match_prefix(token_ids)[: (len(token_ids) - 1) // self.block_size]
+
+    def admit(self, token_ids: list[int], need_tokens: int, hits: list[int] | None = None) -> tuple[list[int], int]:
+        """Pages for a new sequence: reuses its cached prefix (`hits`, from `cached_prefix`, looked up when
+        not given), then allocates the rest up to `need_tokens`.
         Returns (block table, tokens served by the cache). All or nothing: raises OutOfBlocks."""
-        hits = self.match_prefix(token_ids)
-        max_hit_blocks = (len(token_ids) - 1) // self.block_size
-        hits = hits[:max_hit_blocks]
+        if hits is None:
+            hits = self.cached_prefix(token_ids)
         extra = self.blocks_for(need_tokens) - len(hits)
         reclaimable = sum(1 for p in hits if self.pages[p].ref_count == 0)
         if extra > self.num_free - reclaimable:
@@ -116,13 +119,12 @@ class BlockManager:
             return
         previous = None
         for i in range(num_computed // self.block_size):
-            tokens = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
-            h = chain_hash(previous, tokens)
             page = self.pages[table[i]]
-            if page.hash is None:
-                page.hash, page.tokens = h, tokens
-                self._by_hash.setdefault(h, table[i])
-            previous = h
+            if page.hash is None:  # pages registered before keep their hash: only new full pages are hashed
+                tokens = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
+                page.hash, page.tokens = chain_hash(previous, tokens), tokens
+                self._by_hash.setdefault(page.hash, table[i])
+            previous = page.hash
 
     def free(self, table: list[int]) -> None:
         """Drops the sequence's references; cached pages become evictable (LRU), others free."""

@@ -116,11 +116,11 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             tokens = seq.token_ids
-            hit = min(len(self.allocator.match_prefix(tokens)), (len(tokens) - 1) // self.allocator.block_size)
-            hit_tokens = hit * self.allocator.block_size
+            hits = self.allocator.cached_prefix(tokens)
+            hit_tokens = len(hits) * self.allocator.block_size
             num_new = min(len(tokens) - hit_tokens, budget)
             try:
-                table, hit_tokens = self.allocator.admit(tokens, hit_tokens + num_new)
+                table, hit_tokens = self.allocator.admit(tokens, hit_tokens + num_new, hits)
             except OutOfBlocks:
                 if self.running or plan.scheduled or self.allocator.num_used:
                     break  # wait for pages to come back
@@ -148,16 +148,21 @@ class Scheduler:
             seq.num_computed = item.context + item.num_new
             self.allocator.commit(seq.block_table, seq.token_ids, seq.num_computed)
             if item.samples:
-                seq.append_token(sampled[seq.request_id])
-                if seq.num_tokens >= self.max_context and not seq.finished:
-                    seq.status, seq.finish_reason = Status.FINISHED, "length"
+                self._append(seq, sampled[seq.request_id])
             if seq.finished:
-                self.running.remove(seq)
-                if not self.hold_finished_pages:
-                    self.allocator.free(seq.block_table)
-                self.finished.append(seq)
                 done.append(seq)
         return done
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        """Records a running sequence's next token; a sequence that finishes leaves the batch."""
+        seq.append_token(token)
+        if seq.num_tokens >= self.max_context and not seq.finished:
+            seq.status, seq.finish_reason = Status.FINISHED, "length"
+        if seq.finished:
+            self.running.remove(seq)
+            if not self.hold_finished_pages:
+                self.allocator.free(seq.block_table)
+            self.finished.append(seq)
 
     def release(self, seq: Sequence) -> None:
         """Frees the pages a finished sequence kept (hold_finished_pages)."""
@@ -174,11 +179,13 @@ class Scheduler:
         self.receiving[seq.request_id] = seq
         return table[: -(-computed // self.allocator.block_size)]
 
-    def activate(self, request_id: str) -> Sequence:
-        """The KV arrived: the sequence joins the running batch and decodes from its first token."""
+    def activate(self, request_id: str, first_token: int) -> Sequence:
+        """The KV arrived: the sequence joins the running batch with prefill's first token and decodes
+        from it (or finishes at once if that token ends it)."""
         seq = self.receiving.pop(request_id)
         seq.status = Status.RUNNING
         self.running.append(seq)
+        self._append(seq, first_token)
         return seq
 
     def drop_receiving(self, request_id: str, reason: str) -> Sequence | None:
