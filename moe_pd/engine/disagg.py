@@ -101,6 +101,11 @@ class DecodeWorker:
         _, pages = self.engine.add_prefilled(request_id, prompt_ids, max_new_tokens, params, seed, ignore_eos)
         self.receiver.expect(request_id, pages, self.timeout_s)
 
+    def abort(self, request_id: str) -> None:
+        """Frees the request's pages, reserved or decoding; KV that still arrives for it is rejected."""
+        self.receiver.cancel(request_id)
+        self.engine.abort(request_id)
+
     @property
     def has_work(self) -> bool:
         return self.engine.has_work

@@ -128,3 +128,18 @@ def test_sampled_tokens_continue_prefills_generator(model):
     finally:
         prefill.sender.close()
         decode.receiver.close()
+
+
+def test_decode_abort_before_the_kv_arrives_frees_pages_and_rejects_the_kv(model):
+    prefill, decode = engines(model)
+    try:
+        decode.reserve("late", PROMPTS["a"], 8)
+        decode.abort("late")
+        assert decode.engine.allocator.num_used == 0 and not decode.has_work
+        prefill.submit("late", PROMPTS["a"], decode.address)
+        _, _, results = drive(prefill, decode)
+        assert [r.state for r in results] == [TransferState.REJECTED]
+        assert prefill.engine.allocator.num_used == 0 and decode.engine.allocator.num_used == 0
+    finally:
+        prefill.sender.close()
+        decode.receiver.close()

@@ -216,3 +216,12 @@ def test_engine_core_imports_no_torch():
             "assert 'torch' not in sys.modules, 'the engine core imported torch'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_abort_while_receiving_frees_the_reservation():
+    alloc = BlockManager(num_blocks=16, block_size=4)
+    sched = Scheduler(alloc, max_num_seqs=2, token_budget=64, max_context=1000)
+    sched.reserve_prefilled(Sequence(list(range(10)), 5, request_id="in-transit"))
+    assert alloc.num_used == 3 and sched.has_work
+    assert sched.abort("in-transit").status is Status.ABORTED
+    assert alloc.num_used == 0 and not sched.has_work

@@ -71,7 +71,9 @@ class Scheduler:
         self.waiting.append(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
-        """Removes the request wherever it is and releases its pages."""
+        """Removes the request wherever it is (running, queued, or receiving its KV) and releases its pages."""
+        if request_id in self.receiving:
+            return self.drop_receiving(request_id, "abort", Status.ABORTED)
         for queue in (self.running, self.waiting):
             for seq in list(queue):
                 if seq.request_id == request_id:
@@ -188,11 +190,11 @@ class Scheduler:
         self._append(seq, first_token)
         return seq
 
-    def drop_receiving(self, request_id: str, reason: str) -> Sequence | None:
-        """The transfer failed or timed out: free the reserved pages and end the sequence."""
+    def drop_receiving(self, request_id: str, reason: str, status: Status = Status.FINISHED) -> Sequence | None:
+        """The transfer failed, timed out or the request was aborted: free the reserved pages and end it."""
         seq = self.receiving.pop(request_id, None)
         if seq is not None:
             self.allocator.free(seq.block_table)
-            seq.status, seq.finish_reason = Status.FINISHED, reason
+            seq.status, seq.finish_reason = status, reason
             self.finished.append(seq)
         return seq
