@@ -48,3 +48,11 @@ def quantize_act_1x128(x_TD: torch.Tensor, group: int = 128) -> tuple[torch.Tens
     scale = g.abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX
     q = (g / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.view(t, d), scale
+
+
+def dequantize_act_1x128(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of quantize_act_1x128 over any leading dims: (e4m3 [..., D], fp32 [..., D/128]) -> [..., D]."""
+    shape = q.shape
+    groups = scales.shape[-1]
+    blocks = q.float().reshape(*shape[:-1], groups, shape[-1] // groups)
+    return (blocks * scales.float()[..., None]).reshape(shape).to(dtype)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from moe_pd.config.errors import ConfigError
-from moe_pd.model.fp8 import FP8_DTYPE, quantize_act_1x128
+from moe_pd.model.fp8 import FP8_DTYPE, dequantize_act_1x128, quantize_act_1x128
 from moe_pd.parallel.dispatch import permute
 from moe_pd.parallel.dispatch.base import Dispatcher, DispatchResult
 from moe_pd.parallel.flight_recorder import CommEntry, FlightRecorder
@@ -45,7 +45,7 @@ def unpack_fp8(packed: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.T
         return packed.new_empty(0, hidden, dtype=dtype)
     q_ND = packed[:, :hidden].contiguous().view(FP8_DTYPE)
     scale_NG = packed[:, hidden:].contiguous().view(torch.float32)
-    return (q_ND.float().view(n, hidden // 128, 128) * scale_NG[..., None]).view(n, hidden).to(dtype)
+    return dequantize_act_1x128(q_ND, scale_NG, dtype)
 
 
 def pack_rows(x_ND: torch.Tensor, meta_NM: torch.Tensor, fp8: bool) -> torch.Tensor:
@@ -137,7 +137,7 @@ class AllToAllDispatcher(Dispatcher):
         tag = f"layer{layer}" if layer >= 0 else ""
         phys_TK = self.to_physical(topk_ids_TK, layer)
         send_token_S, send_rank_S, local_ids_SK = permute.token_rank_layout(phys_TK, self.num_local_experts, ranks)
-        meta_SK2 = torch.cat([local_ids_SK.float(), topk_weights_TK[send_token_S].float()], dim=1)
+        meta_SK2 = permute.row_metadata(local_ids_SK, topk_weights_TK[send_token_S])
         if self._capacity is not None:
             return self._padded_dispatch_start(x_TD, send_token_S, send_rank_S, meta_SK2, layer)
         send_counts_R = torch.bincount(send_rank_S, minlength=ranks)
@@ -177,9 +177,8 @@ class AllToAllDispatcher(Dispatcher):
     def dispatch_wait(self, p: _Pending) -> DispatchResult:
         self._wait(p.completion, p.entry)
         recv_x, recv_meta = unpack_rows(p.recv, p.hidden, p.meta_width, p.dtype, self.fp8)
-        top_k = p.meta_width // 2
-        local_ids_NK = recv_meta[:, :top_k].long()
-        x_MD, expansion = permute.expand(recv_x, local_ids_NK, recv_meta[:, top_k:], self.num_local_experts)
+        local_ids_NK, weights_NK = permute.split_row_metadata(recv_meta)
+        x_MD, expansion = permute.expand(recv_x, local_ids_NK, weights_NK, self.num_local_experts)
         if p.position_S is not None:  # padded: real rows are those with a local expert
             self.record_received(p.layer, int((local_ids_NK >= 0).any(dim=1).sum()))
         handle = AllToAllHandle(expansion, p.send_token_S, p.send_split, p.recv_split, p.num_tokens, p.tag,

@@ -23,20 +23,13 @@ from typing import Any
 
 import torch
 
+from moe_pd.model.fp8 import dequantize_act_1x128, quantize_act_1x128
 from moe_pd.parallel.dispatch import permute
 from moe_pd.parallel.dispatch.base import Dispatcher, DispatchResult
 from moe_pd.parallel.placement import ExpertPlacement
 from moe_pd.parallel.state import ParallelState
 
 MODES = ("normal", "low_latency", "auto")
-
-
-def dequant_fp8_blocks(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(e4m3 [..., D], fp32 scales [..., D/128]) -> [..., D] in `dtype`."""
-    shape = q.shape
-    groups = scales.shape[-1]
-    blocks = q.float().reshape(*shape[:-1], groups, shape[-1] // groups)
-    return (blocks * scales.float()[..., None]).reshape(shape).to(dtype)
 
 
 def masked_to_grouped(recv_ECD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -122,8 +115,6 @@ class DeepEPDispatcher(Dispatcher):
             phys_TK, self.placement.num_slots)
         x_in = x_TD
         if self.fp8:  # normal kernels take an already-cast (e4m3, 1x128 scales) pair
-            from moe_pd.model.fp8 import quantize_act_1x128
-
             x_in = quantize_act_1x128(x_TD) if x_TD.shape[0] else (
                 x_TD.to(torch.float8_e4m3fn), x_TD.new_zeros(0, x_TD.shape[1] // 128))
         recv_x, recv_ids, recv_weights, _, handle, event = self.normal.dispatch(
@@ -136,7 +127,7 @@ class DeepEPDispatcher(Dispatcher):
         _, recv_x, recv_ids, recv_weights, handle, event, dtype = pending
         event.current_stream_wait()
         if isinstance(recv_x, tuple):
-            recv_x = dequant_fp8_blocks(recv_x[0], recv_x[1], dtype)
+            recv_x = dequantize_act_1x128(recv_x[0], recv_x[1], dtype)
         x_MD, expansion = permute.expand(recv_x, recv_ids.long(), recv_weights, self.num_local_experts)
         return DispatchResult(x_MD, expansion.counts_E, _NormalHandle(handle, expansion))
 
@@ -152,7 +143,7 @@ class DeepEPDispatcher(Dispatcher):
     def _ll_dispatch_wait(self, pending) -> DispatchResult:
         _, recv, counts_E, handle, hook, phys_TK, weights_TK, dtype = pending
         hook()
-        recv_ECD = dequant_fp8_blocks(recv[0], recv[1], dtype) if isinstance(recv, tuple) else recv
+        recv_ECD = dequantize_act_1x128(recv[0], recv[1], dtype) if isinstance(recv, tuple) else recv
         counts_E = counts_E.long()
         x_MD = masked_to_grouped(recv_ECD, counts_E)
         return DispatchResult(x_MD, counts_E, _LowLatencyHandle(handle, phys_TK, weights_TK, counts_E,

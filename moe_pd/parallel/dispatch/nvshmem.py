@@ -111,7 +111,7 @@ class NvshmemDispatcher(Dispatcher):
         phys_TK = self.to_physical(topk_ids_TK, layer)
         send_token_S, send_rank_S, local_ids_SK = permute.token_rank_layout(phys_TK, self.num_local_experts, ranks)
         send_counts_R = torch.bincount(send_rank_S, minlength=ranks)
-        meta_SK2 = torch.cat([local_ids_SK.float(), topk_weights_TK[send_token_S].float()], dim=1)
+        meta_SK2 = permute.row_metadata(local_ids_SK, topk_weights_TK[send_token_S])
         payload = x_TD[send_token_S].to(self.recv_x.dtype)
         for r, start, count in zip(range(ranks), (torch.cumsum(send_counts_R, 0) - send_counts_R).tolist(),
                                    send_counts_R.tolist()):
@@ -126,8 +126,7 @@ class NvshmemDispatcher(Dispatcher):
         recv_counts = self.counts_R.tolist()
         rows = torch.cat([self._region(self.recv_x, r, n) for r, n in enumerate(recv_counts)]).to(dtype)
         meta = torch.cat([self._region(self.recv_meta, r, n) for r, n in enumerate(recv_counts)])
-        x_MD, expansion = permute.expand(rows, meta[:, : self.top_k].long(), meta[:, self.top_k :],
-                                         self.num_local_experts)
+        x_MD, expansion = permute.expand(rows, *permute.split_row_metadata(meta), self.num_local_experts)
         return DispatchResult(x_MD, expansion.counts_E,
                               NvshmemHandle(expansion, send_token_S, send_counts, recv_counts, num_tokens))
 

@@ -53,3 +53,15 @@ def token_rank_layout(phys_ids_TK: torch.Tensor, slots_per_rank: int, num_ranks:
     dest_SK = dest_TK[send_token_S]
     local_ids_SK = torch.where(dest_SK == send_rank_S[:, None], phys_ids_TK[send_token_S] % slots_per_rank, -1)
     return send_token_S, send_rank_S, local_ids_SK
+
+
+def row_metadata(local_ids_SK: torch.Tensor, weights_SK: torch.Tensor) -> torch.Tensor:
+    """What travels with each token row: its K local slot ids then its K weights, as fp32 [S, 2K] (slot
+    ids are small exact integers)."""
+    return torch.cat([local_ids_SK.float(), weights_SK.float()], dim=1)
+
+
+def split_row_metadata(meta_N2K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of row_metadata: (local slot ids int64 [N, K], weights [N, K])."""
+    top_k = meta_N2K.shape[1] // 2
+    return meta_N2K[:, :top_k].long(), meta_N2K[:, top_k:]
