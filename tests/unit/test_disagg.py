@@ -27,6 +27,14 @@ def engines(model, prefill_blocks=64, decode_blocks=64):
     return PrefillWorker(prefill, KVSender("prefill"), timeout_s=5), DecodeWorker(decode, timeout_s=5)
 
 
+@pytest.fixture
+def workers(model):
+    prefill, decode = engines(model)
+    yield prefill, decode
+    prefill.sender.close()
+    decode.receiver.close()
+
+
 def drive(prefill, decode, seconds=30):
     streams, reasons, results = {}, {}, []
     deadline = time.monotonic() + seconds
@@ -51,65 +59,50 @@ def colocated(model, n):
     return out
 
 
-def test_pd_tokens_equal_colocated_and_pages_return(model):
-    prefill, decode = engines(model)
-    try:
-        for rid, prompt in PROMPTS.items():
-            decode.reserve(rid, prompt, 8, ignore_eos=True)  # pages before the transfer starts
-            prefill.submit(rid, prompt, decode.address)
-        streams, reasons, results = drive(prefill, decode)
-        assert streams == colocated(model, 8)
-        assert set(reasons.values()) == {"length"}
-        assert {r.request_id: r.state for r in results} == {rid: TransferState.DONE for rid in PROMPTS}
-        assert prefill.engine.allocator.num_used == 0 and decode.engine.allocator.num_used == 0
-    finally:
-        prefill.sender.close()
-        decode.receiver.close()
+def test_pd_tokens_equal_colocated_and_pages_return(model, workers):
+    prefill, decode = workers
+    for rid, prompt in PROMPTS.items():
+        decode.reserve(rid, prompt, 8, ignore_eos=True)  # pages before the transfer starts
+        prefill.submit(rid, prompt, decode.address)
+    streams, reasons, results = drive(prefill, decode)
+    assert streams == colocated(model, 8)
+    assert set(reasons.values()) == {"length"}
+    assert {r.request_id: r.state for r in results} == {rid: TransferState.DONE for rid in PROMPTS}
+    assert prefill.engine.allocator.num_used == 0 and decode.engine.allocator.num_used == 0
 
 
-def test_transfer_timeout_frees_the_decode_reservation(model):
-    _, decode = engines(model)
+def test_transfer_timeout_frees_the_decode_reservation(workers):
+    _, decode = workers
     decode.timeout_s = 0.05
-    try:
-        decode.reserve("lost", PROMPTS["a"], 8)
-        time.sleep(0.1)
-        outputs = decode.step()
-        assert outputs[0].finished and outputs[0].finish_reason.startswith("error")
-        assert decode.engine.allocator.num_used == 0 and not decode.has_work
-    finally:
-        decode.receiver.close()
+    decode.reserve("lost", PROMPTS["a"], 8)
+    time.sleep(0.1)
+    outputs = decode.step()
+    assert outputs[0].finished and outputs[0].finish_reason.startswith("error")
+    assert decode.engine.allocator.num_used == 0 and not decode.has_work
 
 
-def test_request_aborted_in_prefill_never_reaches_decode(model):
-    prefill, decode = engines(model)
+def test_request_aborted_in_prefill_never_reaches_decode(workers):
+    prefill, decode = workers
     decode.timeout_s = 0.3
-    try:
-        decode.reserve("gone", PROMPTS["b"], 8)
-        prefill.submit("gone", PROMPTS["b"], decode.address)
-        prefill.step()  # a first prefill chunk ran
-        prefill.cancel("gone")
-        streams, reasons, results = drive(prefill, decode, seconds=5)
-        assert streams.get("gone", []) == [] and reasons["gone"].startswith("error")  # timed out, never filled
-        assert results == [] and prefill.engine.allocator.num_used == 0
-        assert decode.engine.allocator.num_used == 0
-    finally:
-        prefill.sender.close()
-        decode.receiver.close()
+    decode.reserve("gone", PROMPTS["b"], 8)
+    prefill.submit("gone", PROMPTS["b"], decode.address)
+    prefill.step()  # a first prefill chunk ran
+    prefill.cancel("gone")
+    streams, reasons, results = drive(prefill, decode, seconds=5)
+    assert streams.get("gone", []) == [] and reasons["gone"].startswith("error")  # timed out, never filled
+    assert results == [] and prefill.engine.allocator.num_used == 0
+    assert decode.engine.allocator.num_used == 0
 
 
-def test_decode_without_a_reservation_rejects_the_kv(model):
-    prefill, decode = engines(model)
-    try:
-        prefill.submit("stray", PROMPTS["c"], decode.address)
-        _, _, results = drive(prefill, decode)
-        assert [r.state for r in results] == [TransferState.REJECTED]
-        assert prefill.engine.allocator.num_used == 0
-    finally:
-        prefill.sender.close()
-        decode.receiver.close()
+def test_decode_without_a_reservation_rejects_the_kv(workers):
+    prefill, decode = workers
+    prefill.submit("stray", PROMPTS["c"], decode.address)
+    _, _, results = drive(prefill, decode)
+    assert [r.state for r in results] == [TransferState.REJECTED]
+    assert prefill.engine.allocator.num_used == 0
 
 
-def test_sampled_tokens_continue_prefills_generator(model):
+def test_sampled_tokens_continue_prefills_generator(model, workers):
     """Prefill hands its sampling generator's state to decode, so sampled PD tokens equal colocated ones."""
     from moe_pd.engine.sampler import SamplingParams
 
@@ -119,27 +112,19 @@ def test_sampled_tokens_continue_prefills_generator(model):
     expected = []
     while engine.has_work:
         expected += [t for o in engine.step()[1] for t in o.new_token_ids]
-    prefill, decode = engines(model)
-    try:
-        decode.reserve("s", PROMPTS["b"], 8, params, seed=11, ignore_eos=True)
-        prefill.submit("s", PROMPTS["b"], decode.address, params, seed=11)
-        streams, _, _ = drive(prefill, decode)
-        assert streams["s"] == expected
-    finally:
-        prefill.sender.close()
-        decode.receiver.close()
+    prefill, decode = workers
+    decode.reserve("s", PROMPTS["b"], 8, params, seed=11, ignore_eos=True)
+    prefill.submit("s", PROMPTS["b"], decode.address, params, seed=11)
+    streams, _, _ = drive(prefill, decode)
+    assert streams["s"] == expected
 
 
-def test_decode_abort_before_the_kv_arrives_frees_pages_and_rejects_the_kv(model):
-    prefill, decode = engines(model)
-    try:
-        decode.reserve("late", PROMPTS["a"], 8)
-        decode.abort("late")
-        assert decode.engine.allocator.num_used == 0 and not decode.has_work
-        prefill.submit("late", PROMPTS["a"], decode.address)
-        _, _, results = drive(prefill, decode)
-        assert [r.state for r in results] == [TransferState.REJECTED]
-        assert prefill.engine.allocator.num_used == 0 and decode.engine.allocator.num_used == 0
-    finally:
-        prefill.sender.close()
-        decode.receiver.close()
+def test_decode_abort_before_the_kv_arrives_frees_pages_and_rejects_the_kv(workers):
+    prefill, decode = workers
+    decode.reserve("late", PROMPTS["a"], 8)
+    decode.abort("late")
+    assert decode.engine.allocator.num_used == 0 and not decode.has_work
+    prefill.submit("late", PROMPTS["a"], decode.address)
+    _, _, results = drive(prefill, decode)
+    assert [r.state for r in results] == [TransferState.REJECTED]
+    assert prefill.engine.allocator.num_used == 0 and decode.engine.allocator.num_used == 0
