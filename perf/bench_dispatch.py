@@ -22,6 +22,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torchrun_launch import torchrun
 
 
 def naive_exchange(x_TD, ids_TK, w_TK, local_experts, world):
@@ -119,9 +120,7 @@ def main() -> None:
           f"{'ours MiB':>10} {'naive MiB':>10}")
     sys.stdout.flush()
     for ranks in args.ranks:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-               __file__, "--worker", *sys.argv[1:]]
-        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.DEVNULL)
+        torchrun(ranks, [__file__, "--worker", *sys.argv[1:]], check=True, stderr=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":

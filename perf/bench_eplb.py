@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from torchrun_launch import torchrun
 
 from moe_pd.eplb.recorder import ExpertLoadRecorder
 from moe_pd.eplb.replay import compare
@@ -77,13 +77,11 @@ def live_rebalance() -> tuple[tuple[int, float], tuple[int, float]] | None:
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(model, Path(tmp) / "skewed")
         prompts = ",".join(str([256, *f"prompt number {i} about load balancing".encode()]) for i in range(16))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m",
-               "moe_pd.generate", "model=path", f"model.path={Path(tmp) / 'skewed'}", f"prompt_ids=[{prompts}]",
+        cmd = ["-m", "moe_pd.generate", "model=path", f"model.path={Path(tmp) / 'skewed'}", f"prompt_ids=[{prompts}]",
                "sampling.max_new_tokens=24", "sampling.ignore_eos=true", "parallel.num_redundant_experts=16",
                "eplb=online", "eplb.rebalance_every=6", "eplb.window_steps=6", "eplb.min_gain=0.01",
                "max_batch_size=4", f"hydra.run.dir={tmp}/run"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1",
-                                                                                     **__import__("os").environ})
+        proc = torchrun(4, cmd, capture_output=True, text=True, timeout=600)
     rows = [(int(a), float(b)) for a, b in re.findall(r"window rows per rank max (\d+), mean ([\d.]+)", proc.stderr)]
     switched = [m.start() for m in re.finditer("switched placement", proc.stderr)]
     if proc.returncode != 0 or len(rows) < 2 or not switched:

@@ -15,16 +15,15 @@ from the same run.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torchrun_launch import torchrun
 
 OVERRIDES = ["model.hidden_size=512", "model.intermediate_size=1024", "model.moe_intermediate_size=256",
              "model.num_attention_heads=8", "model.q_lora_rank=128", "model.kv_lora_rank=64",
@@ -142,9 +141,7 @@ def main() -> None:
           "delay = latency added to each all-to-all (0, 1x and 2x the measured per-stage compute)")
     print(f"{'phase':8} {'delay ms':>9} {'plain ms':>9} {'overlap ms':>11} {'ratio':>8} {'hidden plain':>12} "
           f"{'hidden overlap':>15}", flush=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}",
-           __file__, "--worker", "--iters", str(args.iters)]
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.DEVNULL)
+    torchrun(args.ranks, [__file__, "--worker", "--iters", str(args.iters)], check=True, stderr=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":
