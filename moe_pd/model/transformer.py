@@ -57,6 +57,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = (MoE(cfg, layer_idx, expert_ids, dispatcher) if cfg.is_moe_layer(layer_idx)
                     else DenseMLP(cfg.hidden_size, cfg.intermediate_size))
+        self._stages: list[Callable[[StageState], None]] | None = None
 
     def forward(self, x_TD: torch.Tensor, batch: AttentionBatch, cache: PagedLatentCache,
                 attn_mode: str = "auto") -> torch.Tensor:
@@ -69,7 +70,13 @@ class DecoderLayer(nn.Module):
         return record_function(f"L{self.layer_idx} {name}{s.label}")
 
     def stages(self) -> list[Callable[[StageState], None]]:
-        """The layer as six stage functions over a StageState (names in STAGES)."""
+        """The layer as six stage functions over a StageState (names in STAGES), built once: they hold no
+        per-step state, so every forward reuses them."""
+        if self._stages is None:
+            self._stages = self._build_stages()
+        return self._stages
+
+    def _build_stages(self) -> list[Callable[[StageState], None]]:
         moe = self.mlp if isinstance(self.mlp, MoE) else None
 
         def attn_prepare(s: StageState) -> None:
