@@ -188,7 +188,7 @@ class LLMEngine:
         items = plan.scheduled
         batch = AttentionBatch.build([s.seq.block_table for s in items], [s.context for s in items],
                                      [s.num_new for s in items], self.cache.block_size, self.device)
-        ids = [t for s in items for t in s.seq.token_ids[s.context : s.context + s.num_new]]
+        ids = [t for s in items for t in s.seq.token_slice(s.context, s.context + s.num_new)]
         ids_T = torch.tensor(ids, dtype=torch.int64, device=self.device)
         with torch.inference_mode():
             hidden_TD = self._forward(ids_T, batch)

@@ -225,3 +225,11 @@ def test_abort_while_receiving_frees_the_reservation():
     assert alloc.num_used == 3 and sched.has_work
     assert sched.abort("in-transit").status is Status.ABORTED
     assert alloc.num_used == 0 and not sched.has_work
+
+
+def test_token_slice_equals_slicing_token_ids():
+    seq = Sequence([1, 2, 3, 4], 9)
+    seq.output_ids = [5, 6, 7]
+    for start in range(8):
+        for end in range(start, 8):
+            assert seq.token_slice(start, end) == seq.token_ids[start:end]

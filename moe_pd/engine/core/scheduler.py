@@ -148,7 +148,8 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue
             seq.num_computed = item.context + item.num_new
-            self.allocator.commit(seq.block_table, seq.token_ids, seq.num_computed)
+            if seq.num_computed // self.allocator.block_size > item.context // self.allocator.block_size:
+                self.allocator.commit(seq.block_table, seq.token_ids, seq.num_computed)  # a page filled up
             if item.samples:
                 self._append(seq, sampled[seq.request_id])
             if seq.finished:
