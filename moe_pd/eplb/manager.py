@@ -103,8 +103,7 @@ class EplbManager:
     def rebalance(self) -> dict:
         load = self._group_load()
         received = self._group_received().float()  # [R, L]
-        peak = received.max(0).values
-        achieved = float(torch.where(peak > 0, received.mean(0) / peak.clamp(min=1), 1.0).mean())
+        achieved = float(balancedness(received.t()).mean())  # measured: rows each rank received, per layer
         rank_rows = received.sum(1)  # rows each rank's experts processed over the window
         old = self.dispatcher.placement
         new = plan_placement(load, self.eplb, self.state, self.model_cfg)
