@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import hydra
@@ -25,16 +24,14 @@ from moe_pd.config.errors import ConfigError
 from moe_pd.config.generate import GenerateConfig
 from moe_pd.config.hf import resolve_model_config
 from moe_pd.config.store import register_configs
+from moe_pd.engine.instance import build_instance_model, start_watchdog
 from moe_pd.engine.offline import OfflineEngine, PromptError, check_prompts
 from moe_pd.engine.tokenizer import Tokenizer, load_tokenizer
-from moe_pd.eplb.manager import initial_placement, make_eplb_manager
 from moe_pd.log import setup_logging
-from moe_pd.model.loader import CheckpointError, build_model
-from moe_pd.parallel.dispatch import make_dispatcher
+from moe_pd.model.loader import CheckpointError
 from moe_pd.parallel.flight_recorder import FlightRecorder
 from moe_pd.parallel.state import env_world, init_parallel, shutdown
 from moe_pd.parallel.step_sync import StepSync, balance_by_tokens
-from moe_pd.parallel.watchdog import Watchdog, default_store
 from moe_pd.profiling.profiler import RankProfiler
 from moe_pd.runtime import resolve_device, resolve_dtype
 
@@ -95,23 +92,10 @@ def run(cfg: GenerateConfig, run_dir: str | None = None) -> list[dict]:
     check_prompts(prompt_ids, model_cfg.vocab_size, model_cfg.max_position_embeddings)
     state = init_parallel(cfg.parallel, model_cfg, device)
     recorder = FlightRecorder(cfg.parallel.flight_recorder_size)
-    watchdog = None
-    if state.world_size > 1 and cfg.parallel.collective_timeout_s > 0:
-        dump_dir = Path(run_dir) / "flight_recorder" if run_dir else None
-        watchdog = Watchdog(recorder, state.rank, state.world_size, cfg.parallel.collective_timeout_s,
-                            default_store(), dump_dir).start()
+    watchdog = start_watchdog(cfg.parallel, state, recorder, run_dir)
     try:
-        t0 = time.perf_counter()
-        placement = initial_placement(cfg.eplb, state, model_cfg)
-        dispatcher = make_dispatcher(cfg.parallel, state, model_cfg.hidden_size, placement, recorder,
-                                     model_cfg.num_experts_per_tok, dtype)
-        dispatcher.dynamic_routing = cfg.eplb.routing == "dynamic"
-        model = build_model(model_cfg, device=state.device, dtype=dtype, dispatcher=dispatcher,
-                            expert_ids=lambda layer: placement.rank_experts(state.ep_rank, layer))
-        eplb = make_eplb_manager(cfg.eplb, state, model_cfg, model, dispatcher)
-        log.info("model %s (%s) ready in %.1f s; EP %d, %d expert slots per rank", model_cfg.architecture,
-                 model_cfg.path or "random weights", time.perf_counter() - t0, state.ep_size,
-                 state.experts_per_rank)
+        built = build_instance_model(model_cfg, cfg.parallel, cfg.eplb, state, dtype, recorder)
+        model, dispatcher, eplb = built.model, built.dispatcher, built.eplb
         owner = balance_by_tokens([len(p) for p in prompt_ids], state.dp_size)
         mine = [i for i, r in enumerate(owner) if r == state.dp_rank]
         profiler = RankProfiler(cfg.profile, run_dir or ".", "generate", state.rank)

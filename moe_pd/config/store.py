@@ -12,11 +12,13 @@ from moe_pd.config.overlap import OverlapConfig, ProfileConfig
 from moe_pd.config.parallel import ParallelConfig
 from moe_pd.config.runtime import RuntimeConfig
 from moe_pd.config.sampling import SamplingConfig
-from moe_pd.config.serve import ServeConfig
+from moe_pd.config.serve import RouterConfig, ServeConfig, ServiceConfig
 
 SCHEMAS = {
     ("", "generate_schema"): GenerateConfig,
     ("", "serve_schema"): ServeConfig,
+    ("", "service_schema"): ServiceConfig,
+    ("", "router_schema"): RouterConfig,
     ("model", "model_schema"): ModelConfig,
     ("parallel", "parallel_schema"): ParallelConfig,
     ("sampling", "sampling_schema"): SamplingConfig,

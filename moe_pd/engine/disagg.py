@@ -26,13 +26,17 @@ class PrefillResult:
     first_token: int
     state: TransferState
     detail: str = ""
+    nbytes: int = 0
+    latency_s: float = 0.0
 
 
 class PrefillWorker:
-    def __init__(self, engine: LLMEngine, sender: KVSender, timeout_s: float = 30.0) -> None:
+    def __init__(self, engine: LLMEngine, sender: KVSender, timeout_s: float = 30.0, drop_transfers: int = 0) -> None:
+        """`drop_transfers`: fault injection for tests; the first N transfers are never sent (so they time out)."""
         if not engine.scheduler.hold_finished_pages:
             raise ValueError("a prefill engine must hold finished pages until their KV is shipped")
         self.engine, self.sender, self.timeout_s = engine, sender, timeout_s
+        self.drop_transfers = drop_transfers
         self.destinations: dict[str, str] = {}
         self.first_tokens: dict[str, int] = {}
         self._shipping: dict[str, object] = {}
@@ -46,6 +50,8 @@ class PrefillWorker:
         """An aborted request is dropped wherever it is and never reaches decode."""
         self.sender.cancel(request_id)
         self.engine.abort(request_id)
+        self.destinations.pop(request_id, None)
+        self.first_tokens.pop(request_id, None)
         seq = self._shipping.pop(request_id, None)
         if seq is not None:
             self.engine.scheduler.release(seq)
@@ -54,25 +60,33 @@ class PrefillWorker:
     def has_work(self) -> bool:
         return self.engine.has_work or bool(self._shipping)
 
-    def step(self) -> list[PrefillResult]:
+    def step(self, run_engine: bool | None = None) -> list[PrefillResult]:
+        """Ships what finished prefill and settles answered transfers. `run_engine`: whether to run an
+        engine step (under expert parallelism every rank must, when any rank has work); None: when this
+        worker has work."""
         results = []
-        if self.engine.has_work:
+        if self.engine.has_work if run_engine is None else run_engine:
             _, outputs = self.engine.step()
             for out in outputs:
                 if out.finished and out.new_token_ids:
                     self._ship(out)
+                elif out.finished:  # the scheduler refused it (it can never fit this instance's cache)
+                    self.destinations.pop(out.request_id, None)
+                    results.append(PrefillResult(out.request_id, -1, TransferState.REJECTED, out.finish_reason or ""))
         for transfer in self.sender.poll(timeout_ms=0):
             results.append(self._settle(transfer))
         return results
 
     def _ship(self, out: RequestOutput) -> None:
-        seq = next(s for s in self.engine.scheduler.finished if s.request_id == out.request_id)
+        seq = self.engine.held.pop(out.request_id)
         n_pages = -(-len(seq.prompt_ids) // self.engine.allocator.block_size)
         self.first_tokens[out.request_id] = out.new_token_ids[0]
         rng = base64.b64encode(out.rng_state.numpy().tobytes()).decode() if out.rng_state is not None else ""
-        transfer = self.sender.send(out.request_id, self.destinations[out.request_id], self.engine.cache.kv_LPSW,
+        drop = self.drop_transfers > 0
+        self.drop_transfers -= drop
+        transfer = self.sender.send(out.request_id, self.destinations.pop(out.request_id), self.engine.cache.kv_LPSW,
                                     seq.block_table[:n_pages], len(seq.prompt_ids), out.new_token_ids[0],
-                                    self.timeout_s, rng)
+                                    self.timeout_s, rng, drop=drop)
         self._shipping[out.request_id] = seq
         if transfer.state.final:  # cancelled before it left
             self.engine.scheduler.release(seq)
@@ -83,7 +97,7 @@ class PrefillWorker:
         if seq is not None:
             self.engine.scheduler.release(seq)
         return PrefillResult(transfer.request_id, self.first_tokens.pop(transfer.request_id, -1), transfer.state,
-                             transfer.detail)
+                             transfer.detail, transfer.nbytes, transfer.latency_s or 0.0)
 
 
 class DecodeWorker:
@@ -110,7 +124,9 @@ class DecodeWorker:
     def has_work(self) -> bool:
         return self.engine.has_work
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, run_engine: bool | None = None) -> list[RequestOutput]:
+        """Starts requests whose KV arrived (or fails those whose transfer did not) and decodes one step.
+        `run_engine` as in PrefillWorker.step."""
         outputs = []
         for transfer in self.receiver.poll(timeout_ms=0):
             if transfer.state is TransferState.DONE:
@@ -121,9 +137,9 @@ class DecodeWorker:
                 outputs.append(RequestOutput(seq.request_id, [transfer.first_token], seq.finished,
                                              seq.finish_reason))
             else:
-                self.engine.drop_prefilled(transfer.request_id, f"error: KV transfer {transfer.state.value}: "
-                                                                f"{transfer.detail}")
-                outputs.append(RequestOutput(transfer.request_id, [], True, f"error: {transfer.detail}"))
-        if self.engine.scheduler.running or self.engine.scheduler.waiting:
+                reason = f"error: KV transfer {transfer.state.value}: {transfer.detail}"
+                self.engine.drop_prefilled(transfer.request_id, reason)
+                outputs.append(RequestOutput(transfer.request_id, [], True, reason))
+        if self.engine.scheduler.running or self.engine.scheduler.waiting if run_engine is None else run_engine:
             outputs += self.engine.step()[1]
         return outputs

@@ -64,6 +64,8 @@ class LLMEngine:
         self.params: dict[str, SamplingParams] = {}
         self.generators: dict[str, torch.Generator | None] = {}
         self.stats = StepStats()
+        self.held: dict[str, Sequence] = {}
+        """hold_finished_pages: finished sequences whose pages are kept until `release` (prefill ships them)."""
         self._global = (0, 0)
 
     # requests ---------------------------------------------------------------------------------------------
@@ -142,6 +144,7 @@ class LLMEngine:
         outputs = [RequestOutput(s.request_id, [], True, s.finish_reason) for s in plan.rejected]
         longest = max((s.num_new for s in plan.scheduled), default=0)
         if not self._sync_step(not plan.is_empty, plan.num_tokens, longest):
+            self._drain_finished()
             return False, outputs
         t0 = time.perf_counter()
         sampled = self._run(plan)
@@ -156,7 +159,19 @@ class LLMEngine:
             outputs.append(RequestOutput(rid, [sampled[rid]], seq.finished, seq.finish_reason, state))
             if seq.finished:
                 self._forget(rid)
+        self._drain_finished()
         return True, outputs
+
+    def _drain_finished(self) -> None:
+        for seq in self.scheduler.take_finished():
+            if self.scheduler.hold_finished_pages and seq.output_ids and seq.finish_reason in ("stop", "length"):
+                self.held[seq.request_id] = seq
+
+    def release(self, request_id: str) -> None:
+        """Frees the pages a finished request held (hold_finished_pages)."""
+        seq = self.held.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.release(seq)
 
     def _account(self, plan: StepPlan, elapsed: float) -> None:
         self.stats.steps += 1

@@ -19,11 +19,12 @@ import time
 import uuid
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 
 from moe_pd.engine.tokenizer import Tokenizer
-from moe_pd.serve.engine_loop import EngineLoop, Stream
-from moe_pd.serve.protocol import APIError, GenerationRequest, parse_request
+from moe_pd.serve.engine_loop import Backend, Stream
+from moe_pd.serve.metrics import Metrics
+from moe_pd.serve.protocol import APIError, GenerationRequest, check_prompt, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +47,10 @@ class IncrementalText:
         return delta
 
 
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.ttft = Histogram("moe_pd_time_to_first_token_seconds", "Time to first token", registry=self.registry,
-                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.tpot = Histogram("moe_pd_time_per_output_token_seconds", "Time per output token after the first",
-                              registry=self.registry, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
-        self.requests = Counter("moe_pd_requests", "Finished requests by outcome", ["outcome"], registry=self.registry)
-        self.tokens = Counter("moe_pd_generated_tokens", "Generated tokens", registry=self.registry)
-        self.running = Gauge("moe_pd_running_requests", "Requests being generated", registry=self.registry)
-        self.waiting = Gauge("moe_pd_waiting_requests", "Requests queued", registry=self.registry)
-        self.kv_usage = Gauge("moe_pd_kv_cache_usage", "Fraction of KV pages in use", registry=self.registry)
-
-
-def build_app(loop: EngineLoop, tokenizer: Tokenizer | None, model_name: str, max_tokens_limit: int) -> web.Application:
-    metrics = Metrics()
+def build_app(backend: Backend, tokenizer: Tokenizer | None, model_name: str, max_tokens_limit: int,
+              vocab_size: int, max_context: int, metrics: Metrics | None = None) -> web.Application:
+    """The HTTP app over a backend: an engine in this process (EngineLoop) or a PD cluster (router)."""
+    metrics = metrics or Metrics()
     app = web.Application()
 
     def error(exc: APIError) -> web.Response:
@@ -77,6 +66,7 @@ def build_app(loop: EngineLoop, tokenizer: Tokenizer | None, model_name: str, ma
             if tokenizer is None:
                 raise APIError("this model has no tokenizer: send 'prompt' as a list of token ids", param="prompt")
             parsed.prompt_ids = tokenizer.encode(parsed.prompt_text)
+        check_prompt(parsed.prompt_ids, vocab_size, max_context)
         return parsed
 
     async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
@@ -86,7 +76,7 @@ def build_app(loop: EngineLoop, tokenizer: Tokenizer | None, model_name: str, ma
             return error(exc)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:16]}"
         stream = Stream(request_id, asyncio.get_running_loop())
-        loop.submit(stream, req.prompt_ids, req.max_tokens, req.params, req.seed, req.ignore_eos)
+        backend.submit(stream, req)
         created = int(time.time())
         response = None
         ids: list[int] = []
@@ -96,14 +86,16 @@ def build_app(loop: EngineLoop, tokenizer: Tokenizer | None, model_name: str, ma
         try:
             while True:
                 item = await stream.tokens.get()
-                if isinstance(item, ValueError):
-                    metrics.requests.labels("rejected").inc()
-                    return error(APIError(str(item)))
                 if isinstance(item, Exception):
-                    metrics.requests.labels("failed").inc()
+                    failure = item if isinstance(item, APIError) else (
+                        APIError(str(item)) if isinstance(item, ValueError) else
+                        APIError(str(item), status=500, kind="server_error"))
+                    metrics.requests.labels("rejected" if failure.status < 500 else "failed").inc()
                     if response is None:
-                        return error(APIError(str(item), status=500, kind="server_error"))
-                    break
+                        return error(failure)
+                    await response.write(f"data: {json.dumps(failure.body())}\n\n".encode())
+                    await response.write_eof()
+                    return response
                 new, finished, reason = item
                 if new and first_at is None:
                     first_at = time.monotonic()
@@ -121,7 +113,7 @@ def build_app(loop: EngineLoop, tokenizer: Tokenizer | None, model_name: str, ma
                 if finished:
                     break
         except (asyncio.CancelledError, ConnectionResetError):
-            loop.abort(request_id)  # the client went away: free its pages
+            backend.abort(request_id)  # the client went away: free its pages everywhere
             metrics.requests.labels("aborted").inc()
             raise
         if first_at is not None and len(ids) > 1:
@@ -145,14 +137,11 @@ def build_app(loop: EngineLoop, tokenizer: Tokenizer | None, model_name: str, ma
                                                               "owned_by": "moe_pd"}]})
 
     async def health(_):
-        return web.json_response({"status": "ok", "running": loop.num_running, "waiting": loop.num_waiting,
-                                  "engine_steps": loop.steps})
+        ok, body = backend.health()
+        return web.json_response(body, status=200 if ok else 503)
 
     async def prometheus(_):
-        alloc = loop.engine.allocator
-        metrics.running.set(loop.num_running)
-        metrics.waiting.set(loop.num_waiting)
-        metrics.kv_usage.set(alloc.num_used / alloc.num_blocks)
+        backend.refresh(metrics)
         return web.Response(body=generate_latest(metrics.registry), content_type="text/plain")
 
     app.router.add_post("/v1/completions", completions)

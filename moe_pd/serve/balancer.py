@@ -8,7 +8,10 @@ and the router sends a prompt to the prefill instance that already caches its lo
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+
+from moe_pd.kvcache.block_manager import chain_hash
 
 
 @dataclass
@@ -39,24 +42,34 @@ def attention_work(prompt_len: int, cached_len: int) -> float:
     return new * cached_len + new * (new + 1) / 2
 
 
-def assign_prefill(requests: list[tuple[str, int, int]], ranks: list[PrefillRankLoad],
+def assign_prefill(requests: list[tuple[str, int, int | dict[int, int]]], ranks: list[PrefillRankLoad],
                    attention_weight: float = 1.0) -> dict[str, int]:
-    """(request id, prompt length, cached length) -> the DP rank to prefill it on. Largest work first,
-    each onto the rank where it ends up least loaded, by uncached tokens plus weighted attention work
-    normalised to tokens; ties go to the lowest rank. Updates `ranks` in place."""
+    """(request id, prompt length, cached length) -> the DP rank to prefill it on. The cached length is one
+    number, or per rank ({rank: cached tokens}, as a PrefixIndex gives it). Largest work first, each onto
+    the rank where it ends up least loaded, by uncached tokens plus weighted attention work normalised to
+    tokens; ties go to the lowest rank. Updates `ranks` in place."""
     if not ranks:
         raise ValueError("no prefill ranks")
+
+    def cached_on(cached: int | dict[int, int], rank: int) -> int:
+        return cached.get(rank, 0) if isinstance(cached, dict) else cached
+
+    def least_cached(r: tuple[str, int, int | dict[int, int]]) -> int:
+        return r[1] - max((cached_on(r[2], x.rank) for x in ranks), default=0)
+
     out = {}
-    for rid, length, cached in sorted(requests, key=lambda r: (-(r[1] - r[2]), r[0])):
-        new, work = length - cached, attention_work(length, cached)
+    for rid, length, cached in sorted(requests, key=lambda r: (-least_cached(r), r[0])):
+        scale = max(length, 1)  # attention pairs / prompt length ~ tokens
 
         def cost(r: PrefillRankLoad) -> tuple[float, int]:
-            scale = max(length, 1)  # attention pairs / prompt length ~ tokens
-            return (r.queued_tokens + new + attention_weight * (r.attention_work + work) / scale, r.rank)
+            hit = cached_on(cached, r.rank)
+            return (r.queued_tokens + length - hit
+                    + attention_weight * (r.attention_work + attention_work(length, hit)) / scale, r.rank)
 
         best = min(ranks, key=cost)
-        best.queued_tokens += new
-        best.attention_work += work
+        hit = cached_on(cached, best.rank)
+        best.queued_tokens += length - hit
+        best.attention_work += attention_work(length, hit)
         out[rid] = best.rank
     return out
 
@@ -77,3 +90,42 @@ def pick_prefill_instance(cached_prefix: dict[str, int], queued_tokens: dict[str
     if not queued_tokens:
         raise ValueError("no prefill instances")
     return min(queued_tokens, key=lambda i: (-cached_prefix.get(i, 0), queued_tokens[i], i))
+
+
+class PrefixIndex:
+    """Which owner (instance or rank) probably caches a prompt's prefix: the chained hashes of the full
+    pages of the prompts sent to each owner, LRU-bounded. An estimate (the owner may have evicted a page);
+    its only use is routing, so a miss costs a recompute, never a wrong answer."""
+
+    def __init__(self, block_size: int, capacity: int = 100_000) -> None:
+        self.block_size, self.capacity = block_size, capacity
+        self._pages: OrderedDict[tuple[str | int, int], None] = OrderedDict()
+
+    def _hashes(self, token_ids: list[int]) -> list[int]:
+        out, previous = [], None
+        for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
+            previous = chain_hash(previous, tuple(token_ids[start:start + self.block_size]))
+            out.append(previous)
+        return out
+
+    def match(self, token_ids: list[int], owners: list) -> dict:
+        """owner -> tokens of `token_ids` it probably caches (whole pages)."""
+        hashes = self._hashes(token_ids)
+        out = {}
+        for owner in owners:
+            n = 0
+            while n < len(hashes) and (owner, hashes[n]) in self._pages:
+                n += 1
+            out[owner] = n * self.block_size
+        return out
+
+    def insert(self, owner, token_ids: list[int]) -> None:
+        for h in self._hashes(token_ids):
+            self._pages[(owner, h)] = None
+            self._pages.move_to_end((owner, h))
+        while len(self._pages) > self.capacity:
+            self._pages.popitem(last=False)
+
+    def forget(self, owner) -> None:
+        for key in [k for k in self._pages if k[0] == owner]:
+            del self._pages[key]

@@ -33,7 +33,8 @@ def make_server(cfg: ServeConfig) -> tuple[web.Application, EngineLoop]:
     model = build_model(model_cfg, device=device, dtype=dtype)
     engine = LLMEngine(model, cfg.kvcache, cfg.max_num_seqs, cfg.max_num_batched_tokens, device, overlap=cfg.overlap)
     loop = EngineLoop(engine).start()
-    return build_app(loop, load_tokenizer(model_cfg), cfg.served_model_name, cfg.max_tokens_limit), loop
+    return build_app(loop, load_tokenizer(model_cfg), cfg.served_model_name, cfg.max_tokens_limit,
+                     model_cfg.vocab_size, model_cfg.max_position_embeddings), loop
 
 
 async def serve(cfg: ServeConfig) -> None:

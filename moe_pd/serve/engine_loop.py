@@ -1,4 +1,5 @@
-"""The engine in a background thread; HTTP handlers talk to it through thread-safe calls.
+"""The backend contract of the HTTP app, and its one-process backend: the engine in a background thread,
+which HTTP handlers talk to through thread-safe calls.
 
 Handlers `submit` a request and read its tokens from an asyncio queue; the loop thread adds and aborts
 requests between steps (the engine is only ever touched by this thread) and pushes each step's outputs to
@@ -13,9 +14,13 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from moe_pd.engine.llm_engine import LLMEngine
-from moe_pd.engine.sampler import SamplingParams
+
+if TYPE_CHECKING:
+    from moe_pd.serve.metrics import Metrics
+    from moe_pd.serve.protocol import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +32,22 @@ class Stream:
     tokens: asyncio.Queue = field(default_factory=asyncio.Queue)
     """Items: (token ids, finished, finish reason) or an Exception."""
     submitted: float = field(default_factory=time.monotonic)
+
+
+class Backend(Protocol):
+    """What the HTTP app needs from whatever generates: an engine here, or a PD cluster behind a router."""
+
+    def submit(self, stream: Stream, request: "GenerationRequest") -> None:
+        """Starts the request; its tokens (or an Exception) arrive on `stream.tokens`."""
+
+    def abort(self, request_id: str) -> None:
+        """Drops the request wherever it is and frees its pages."""
+
+    def health(self) -> tuple[bool, dict]:
+        """(able to serve, a JSON body describing the instances)."""
+
+    def refresh(self, metrics: "Metrics") -> None:
+        """Updates the instance gauges before a scrape."""
 
 
 class EngineLoop:
@@ -47,9 +68,9 @@ class EngineLoop:
         self._commands.put(None)
         self._thread.join(timeout=10)
 
-    def submit(self, stream: Stream, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
-               seed: int | None, ignore_eos: bool) -> None:
-        self._commands.put(("add", stream, prompt_ids, max_tokens, params, seed, ignore_eos))
+    def submit(self, stream: Stream, request: "GenerationRequest") -> None:
+        self._commands.put(("add", stream, request.prompt_ids, request.max_tokens, request.params, request.seed,
+                            request.ignore_eos))
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -61,6 +82,19 @@ class EngineLoop:
     @property
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting)
+
+    def health(self) -> tuple[bool, dict]:
+        alloc = self.engine.allocator
+        ranks = [{"rank": 0, "running": self.num_running, "waiting": self.num_waiting, "kv_used": alloc.num_used,
+                  "kv_total": alloc.num_blocks}]
+        return self._thread.is_alive(), {"status": "ok" if self._thread.is_alive() else "down",
+                                         "engine_steps": self.steps,
+                                         "instances": [{"name": "local", "role": "colocated", "up": True,
+                                                        "ranks": ranks}]}
+
+    def refresh(self, metrics: "Metrics") -> None:
+        _, body = self.health()
+        metrics.instance("local", "colocated", True, body["instances"][0]["ranks"])
 
     def _push(self, stream: Stream, item) -> None:
         stream.loop.call_soon_threadsafe(stream.tokens.put_nowait, item)

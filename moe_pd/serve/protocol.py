@@ -86,3 +86,13 @@ def parse_request(body: object, chat: bool, served_models: list[str], max_tokens
     return GenerationRequest(prompt_ids, text, max_tokens, SamplingParams(temperature, top_k, top_p), seed,
                              bool(body.get("stream", False)), bool(body.get("return_token_ids", False)),
                              bool(body.get("ignore_eos", False)), chat)
+
+
+def check_prompt(prompt_ids: list[int], vocab_size: int, max_context: int) -> None:
+    """A prompt the model can take: ids in the vocabulary, room left in the context to generate."""
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise APIError(f"'prompt' has token ids outside [0, {vocab_size}): {bad[:5]}", param="prompt")
+    if len(prompt_ids) >= max_context:
+        raise APIError(f"the prompt of {len(prompt_ids)} tokens does not fit the context of {max_context} tokens",
+                       param="prompt")

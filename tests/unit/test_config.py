@@ -145,3 +145,34 @@ def test_yaml_lists_schema_then_deltas():
         if file.name.endswith(".yaml"):
             data = OmegaConf.load(str(file))
             assert data.defaults == ["model_schema"], file.name
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("generate", []),
+    ("serve", []),
+    ("prefill", []),
+    ("decode", ["advertise_host=10.0.0.2", "kv_host=0.0.0.0"]),
+    ("colocated", ["parallel.num_redundant_experts=2"]),
+    ("router", ["prefill=[tcp://h:1]", "decode=[tcp://h:2]"]),
+    ("router", ["colocated=[tcp://h:1]"]),
+])
+def test_every_command_config_composes(name, overrides):
+    with initialize_config_module("moe_pd.conf", version_base=None):
+        cfg = to_config(compose(name, overrides=overrides))
+    if name in ("prefill", "decode", "colocated"):
+        assert cfg.role == name
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], "give either colocated instances or prefill and decode"),
+    (["prefill=[tcp://h:1]"], "PD mode needs at least one prefill and one decode"),
+    (["colocated=[tcp://h:1]", "decode=[tcp://h:2]"], "give either colocated"),
+])
+def test_router_needs_a_consistent_set_of_instances(overrides, message):
+    with initialize_config_module("moe_pd.conf", version_base=None), pytest.raises(ConfigError, match=message):
+        to_config(compose("router", overrides=overrides))
+
+
+def test_service_role_is_checked():
+    with initialize_config_module("moe_pd.conf", version_base=None), pytest.raises(ConfigError, match="role"):
+        to_config(compose("prefill", overrides=["role=both"]))

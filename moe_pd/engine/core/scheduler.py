@@ -58,6 +58,11 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.finished: list[Sequence] = []
+        """Sequences that ended since the owner last called `take_finished` (a server must drain it)."""
+        self.cached_tokens = 0
+        """Prompt tokens served from the prefix cache so far."""
+        self.aborted = 0
+        """Requests aborted so far (a client went away, or the router gave up on them)."""
         self.receiving: dict[str, Sequence] = {}
         """Decode side: sequences whose pages are reserved while their prefilled KV is in transit."""
 
@@ -73,6 +78,7 @@ class Scheduler:
     def abort(self, request_id: str) -> Sequence | None:
         """Removes the request wherever it is (running, queued, or receiving its KV) and releases its pages."""
         if request_id in self.receiving:
+            self.aborted += 1
             return self.drop_receiving(request_id, "abort", Status.ABORTED)
         for queue in (self.running, self.waiting):
             for seq in list(queue):
@@ -81,12 +87,18 @@ class Scheduler:
                     self.allocator.free(seq.block_table)
                     seq.status, seq.finish_reason = Status.ABORTED, "abort"
                     self.finished.append(seq)
+                    self.aborted += 1
                     return seq
         return None
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.receiving)
+
+    def take_finished(self) -> list[Sequence]:
+        """The sequences that ended since the last call; the scheduler forgets them."""
+        out, self.finished = self.finished, []
+        return out
 
     # planning ---------------------------------------------------------------------------------------------
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
@@ -133,6 +145,7 @@ class Scheduler:
                 continue
             self.waiting.popleft()
             seq.block_table, seq.num_computed, seq.num_cached_hit = table, hit_tokens, hit_tokens
+            self.cached_tokens += hit_tokens
             seq.status = Status.RUNNING
             self.running.append(seq)
             plan.scheduled.append(Scheduled(seq, hit_tokens, num_new))

@@ -119,7 +119,8 @@ class KVSender:
             transfer.finish(TransferState.CANCELLED, "aborted")
 
     def send(self, request_id: str, address: str, kv_LPSW: torch.Tensor, pages: list[int], num_tokens: int,
-             first_token: int, timeout_s: float, rng_state: str = "") -> Transfer:
+             first_token: int, timeout_s: float, rng_state: str = "", drop: bool = False) -> Transfer:
+        """Sends the pages' latents; `drop` (fault injection) skips the send so the transfer times out."""
         transfer = Transfer(request_id, time.monotonic() + timeout_s)
         if request_id in self._cancelled:
             transfer.finish(TransferState.CANCELLED, "aborted before the transfer")
@@ -128,7 +129,10 @@ class KVSender:
         header = KVHeader(request_id, data.shape[0], data.shape[1], data.shape[2], data.shape[3],
                           dtype_name(data.dtype), num_tokens, first_token, self.name, rng_state)
         raw = data.view(torch.uint8).numpy() if data.dtype == torch.bfloat16 else data.numpy()
-        self._socket(address).send_multipart([header.encode(), raw], copy=False)
+        if drop:
+            log.warning("fault injection: KV transfer of %s dropped", request_id)
+        else:
+            self._socket(address).send_multipart([header.encode(), raw], copy=False)
         transfer.nbytes = data.numel() * data.element_size()
         self.in_flight[request_id] = transfer
         return transfer

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The whole PD cluster on this machine (tiny model, CPU, gloo): a prefill instance (2 ranks), a decode
+# instance (4 ranks, EP 4) and the router. Prints the router's URL once every instance is up, then runs
+# until Ctrl-C / SIGTERM, which stops all three cleanly. Logs: $RUN_DIR/{prefill,decode,router}.log.
+#
+# Arguments are Hydra overrides. model.* / model=... go to every component (e.g. model.path=/ckpt);
+# other plain overrides go to both instances (e.g. kvcache.num_blocks=512); prefill:KEY=V, decode:KEY=V and
+# router:KEY=V go to one. Environment (all optional):
+#   ROUTER_PORT=8000 PREFILL_PORT=9100 DECODE_PORT=9200   (two clusters on one host need different ones)
+#   PREFILL_RANKS=2 DECODE_RANKS=4
+#   MODE=pd | colocated   (colocated: one instance of COLOCATED_RANKS=4 ranks does both phases: the baseline)
+#   RUN_DIR=runs/local/<date>   PYTHON=.venv/bin/python   READY_TIMEOUT=300 (seconds)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+MODE="${MODE:-pd}"
+ROUTER_PORT="${ROUTER_PORT:-8000}"; PREFILL_PORT="${PREFILL_PORT:-9100}"; DECODE_PORT="${DECODE_PORT:-9200}"
+RUN_DIR="${RUN_DIR:-runs/local/$(date +%Y-%m-%d_%H-%M-%S)}"
+mkdir -p "$RUN_DIR"
+
+COMMON=() PREFILL=() DECODE=() ROUTER=()
+for arg in "$@"; do
+    case "$arg" in
+        prefill:*) PREFILL+=("${arg#prefill:}") ;;
+        decode:*) DECODE+=("${arg#decode:}") ;;
+        router:*) ROUTER+=("${arg#router:}") ;;
+        model=*|model.*|+model.*) COMMON+=("$arg"); ROUTER+=("$arg") ;;
+        *) COMMON+=("$arg") ;;
+    esac
+done
+
+PIDS=()
+stop() {  # the ranks first (each stops at its next control exchange), then torchrun and the router
+    trap - INT TERM EXIT
+    for pid in "${PIDS[@]}"; do pkill -TERM -P "$pid" 2>/dev/null || true; done
+    sleep 1
+    [ "${#PIDS[@]}" -gt 0 ] && kill -TERM "${PIDS[@]}" 2>/dev/null || true
+    wait 2>/dev/null || true
+}
+trap stop EXIT
+trap 'exit 130' INT TERM
+
+instance() {  # role ranks port log overrides...
+    local role="$1" ranks="$2" port="$3" name="$4"; shift 4
+    NPROC_PER_NODE="$ranks" RUN_DIR="$RUN_DIR/$name" PYTHON="$PYTHON" \
+        bash launch/_instance.sh "$role" port="$port" "$@" >"$RUN_DIR/$name.log" 2>&1 &
+    PIDS+=($!)
+}
+
+if [ "$MODE" = "colocated" ]; then
+    instance colocated "${COLOCATED_RANKS:-4}" "$PREFILL_PORT" colocated "${COMMON[@]}" "${PREFILL[@]}"
+    ROUTE=("colocated=[tcp://127.0.0.1:$PREFILL_PORT]")
+else
+    instance prefill "${PREFILL_RANKS:-2}" "$PREFILL_PORT" prefill "${COMMON[@]}" "${PREFILL[@]}"
+    instance decode "${DECODE_RANKS:-4}" "$DECODE_PORT" decode "${COMMON[@]}" "${DECODE[@]}"
+    ROUTE=("prefill=[tcp://127.0.0.1:$PREFILL_PORT]" "decode=[tcp://127.0.0.1:$DECODE_PORT]")
+fi
+"$PYTHON" -m moe_pd.serve.router "hydra.run.dir=$RUN_DIR/router" port="$ROUTER_PORT" "${ROUTE[@]}" \
+    "${ROUTER[@]}" >"$RUN_DIR/router.log" 2>&1 &
+PIDS+=($!)
+
+URL="http://127.0.0.1:$ROUTER_PORT"
+if ! "$PYTHON" - "$URL" "${READY_TIMEOUT:-300}" "${PIDS[@]}" <<'PY'
+import json, os, sys, time, urllib.request
+url, timeout, pids = sys.argv[1], float(sys.argv[2]), [int(p) for p in sys.argv[3:]]
+deadline = time.time() + timeout
+while time.time() < deadline:
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            sys.exit(f"a component exited during start-up (pid {pid})")
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            if json.load(r)["status"] == "ok":
+                sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(0.5)
+sys.exit(f"the cluster was not up after {timeout:.0f} s")
+PY
+then
+    echo "start-up failed; the last lines of each log:" >&2
+    for log in "$RUN_DIR"/*.log; do echo "== $log" >&2; tail -n 20 "$log" >&2; done
+    exit 1
+fi
+echo "moe_pd $MODE cluster ready: $URL/v1 (logs in $RUN_DIR)"
+wait -n "${PIDS[@]}" || true
+echo "a component exited; stopping the cluster (logs in $RUN_DIR)" >&2
+exit 1

@@ -1,0 +1,58 @@
+"""What every rank of an instance builds before it serves: the EP model with its dispatcher and load
+balancer, and the watchdog over its collectives. `moe_pd.generate` and the serving instances share it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moe_pd.config.eplb import EplbConfig
+from moe_pd.config.model import ModelConfig
+from moe_pd.config.parallel import ParallelConfig
+from moe_pd.eplb.manager import initial_placement, make_eplb_manager
+from moe_pd.model.loader import build_model
+from moe_pd.model.transformer import DeepseekForCausalLM
+from moe_pd.parallel.dispatch import make_dispatcher
+from moe_pd.parallel.flight_recorder import FlightRecorder
+from moe_pd.parallel.state import ParallelState
+from moe_pd.parallel.watchdog import Watchdog, default_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InstanceModel:
+    model: DeepseekForCausalLM
+    dispatcher: object
+    eplb: object | None
+    """The online EPLB manager (None when eplb is disabled)."""
+
+
+def build_instance_model(model_cfg: ModelConfig, parallel: ParallelConfig, eplb: EplbConfig, state: ParallelState,
+                         dtype: torch.dtype, recorder: FlightRecorder) -> InstanceModel:
+    """This rank's share of the model: its expert slots (by the initial placement) behind the dispatcher."""
+    t0 = time.perf_counter()
+    placement = initial_placement(eplb, state, model_cfg)
+    dispatcher = make_dispatcher(parallel, state, model_cfg.hidden_size, placement, recorder,
+                                 model_cfg.num_experts_per_tok, dtype)
+    dispatcher.dynamic_routing = eplb.routing == "dynamic"
+    model = build_model(model_cfg, device=state.device, dtype=dtype, dispatcher=dispatcher,
+                        expert_ids=lambda layer: placement.rank_experts(state.ep_rank, layer))
+    manager = make_eplb_manager(eplb, state, model_cfg, model, dispatcher)
+    log.info("model %s (%s) ready in %.1f s; EP %d, %d expert slots per rank", model_cfg.architecture,
+             model_cfg.path or "random weights", time.perf_counter() - t0, state.ep_size, state.experts_per_rank)
+    return InstanceModel(model, dispatcher, manager)
+
+
+def start_watchdog(parallel: ParallelConfig, state: ParallelState, recorder: FlightRecorder,
+                   run_dir: str | None) -> Watchdog | None:
+    """A watchdog that names the slowest rank when a collective hangs (multi-rank jobs only)."""
+    if state.world_size == 1 or parallel.collective_timeout_s <= 0:
+        return None
+    dump_dir = Path(run_dir) / "flight_recorder" if run_dir else None
+    return Watchdog(recorder, state.rank, state.world_size, parallel.collective_timeout_s, default_store(),
+                    dump_dir).start()

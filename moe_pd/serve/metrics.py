@@ -1,0 +1,47 @@
+"""Prometheus metrics of the HTTP front (the one-process server or the PD router), one registry per app.
+
+Request metrics (TTFT, TPOT, outcomes, tokens) are observed by the HTTP handlers; instance gauges (queue
+lengths, KV usage) are refreshed from the backend at each scrape, labelled by instance; KV-transfer
+metrics come from the prefill instances' reports."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.ttft = Histogram("moe_pd_time_to_first_token_seconds", "Time to first token", registry=r,
+                              buckets=_LATENCY)
+        self.tpot = Histogram("moe_pd_time_per_output_token_seconds", "Time per output token after the first",
+                              registry=r, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+        self.requests = Counter("moe_pd_requests", "Finished requests by outcome", ["outcome"], registry=r)
+        self.tokens = Counter("moe_pd_generated_tokens", "Generated tokens", registry=r)
+        labels = ["instance", "role"]
+        self.up = Gauge("moe_pd_instance_up", "1 while the instance answers its heartbeats", labels, registry=r)
+        self.running = Gauge("moe_pd_running_requests", "Requests being generated (or receiving KV)", labels,
+                             registry=r)
+        self.waiting = Gauge("moe_pd_waiting_requests", "Requests queued", labels, registry=r)
+        self.kv_usage = Gauge("moe_pd_kv_cache_usage", "Fraction of KV pages in use", labels, registry=r)
+        self.kv_pages = Gauge("moe_pd_kv_pages_used", "KV pages in use (all ranks)", labels, registry=r)
+        self.transfer_bytes = Counter("moe_pd_kv_transfer_bytes", "KV bytes shipped from prefill to decode",
+                                      registry=r)
+        self.transfer_seconds = Histogram("moe_pd_kv_transfer_seconds", "KV transfer time, send to answer",
+                                          registry=r, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                                               0.1, 0.25, 0.5, 1, 5, 30))
+        self.transfers = Counter("moe_pd_kv_transfers", "KV transfers by final state", ["state"], registry=r)
+        self.retries = Counter("moe_pd_retries", "Requests re-run on another decode rank after a failed transfer",
+                               registry=r)
+
+    def instance(self, name: str, role: str, up: bool, ranks: list[dict]) -> None:
+        """One instance's gauges from its latest status (ranks: RankLoad dicts)."""
+        used = sum(x["kv_used"] for x in ranks)
+        total = sum(x["kv_total"] for x in ranks)
+        self.up.labels(name, role).set(int(up))
+        self.running.labels(name, role).set(sum(x["running"] for x in ranks))
+        self.waiting.labels(name, role).set(sum(x["waiting"] for x in ranks))
+        self.kv_pages.labels(name, role).set(used)
+        self.kv_usage.labels(name, role).set(used / total if total else 0.0)

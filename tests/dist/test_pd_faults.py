@@ -1,0 +1,80 @@
+"""Faults in a PD cluster: a KV transfer that never arrives, and a decode rank killed mid-run. The router
+stays up, requests get an answer (re-run or a clear error), and no KV page is left behind."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from helpers.cluster import Cluster, complete, run, stream
+from helpers.tiny import TINY
+from moe_pd.config.kvcache import KVCacheConfig
+from moe_pd.config.sampling import SamplingConfig
+from moe_pd.engine.offline import OfflineEngine
+from moe_pd.model.loader import build_model
+
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(600)]
+
+BOS = 256
+PROMPT = [BOS, *b"A transfer that fails is retried once"]
+QUIET = ["kvcache.block_size=16", "kvcache.num_blocks=256", "runtime.log_level=WARNING"]
+
+
+def expected(prompt, n):
+    engine = OfflineEngine(build_model(TINY), KVCacheConfig(block_size=16, num_blocks=64), 1)
+    return engine.generate([prompt], SamplingConfig(max_new_tokens=n, ignore_eos=True))[0].output_ids
+
+
+def greedy(prompt, n):
+    return {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+
+
+def test_a_dropped_kv_transfer_times_out_frees_its_pages_and_is_rerun_once(tmp_path):
+    cluster = Cluster.local(tmp_path, *QUIET, "kv_timeout_s=2", "prefill:fault_drop_kv_transfers=1",
+                            PREFILL_RANKS="1", DECODE_RANKS="2")
+    try:
+        status, answer = run(complete(cluster.url, greedy(PROMPT, 8)))
+        assert status == 200, answer
+        assert answer["choices"][0]["token_ids"] == expected(PROMPT, 8)
+        metrics = cluster.metrics()
+        assert metrics["moe_pd_retries_total"] == 1
+        assert metrics['moe_pd_kv_transfers_total{state="done"}'] == 1  # the re-run's
+        assert set(cluster.wait_idle().values()) == {0}  # the dropped one's pages are free on both sides
+    finally:
+        cluster.stop()
+
+
+def test_a_killed_decode_rank_fails_its_requests_and_the_router_carries_on(tmp_path):
+    cluster = Cluster(tmp_path)
+    try:
+        prefill = cluster.instance("prefill", 1, *QUIET)
+        doomed = cluster.instance("decode", 2, *QUIET)
+        spare = cluster.instance("decode", 1, *QUIET, "kvcache.num_blocks=64")  # fewer free pages: picked second
+        cluster.router(f"prefill=[{prefill}]", f"decode=[{doomed},{spare}]", "heartbeat_timeout_s=3",
+                       "log_level=WARNING")
+        victim = next(i for i in cluster.health()[1]["instances"] if i["name"] == doomed)["ranks"][1]["pid"]
+
+        async def long_request_then_kill():
+            import asyncio
+
+            task = asyncio.create_task(stream(cluster.url, greedy([BOS, 7, 7, 7], 1000)))
+            await asyncio.sleep(1.0)  # decoding on the doomed instance by now
+            os.kill(victim, signal.SIGKILL)
+            return await task
+
+        started = time.monotonic()
+        events = run(long_request_then_kill(), timeout=60)
+        assert "error" in events[-1] and "went down" in events[-1]["error"]["message"], events[-1]
+        assert time.monotonic() - started < 30
+
+        status, body = cluster.health()
+        assert status == 200 and body["status"] == "degraded"
+        assert {i["name"]: i["up"] for i in body["instances"]} == {prefill: True, doomed: False, spare: True}
+
+        status, answer = run(complete(cluster.url, greedy(PROMPT, 6)))  # served by the spare instance
+        assert status == 200 and answer["choices"][0]["token_ids"] == expected(PROMPT, 6)
+        assert cluster.wait_idle() == {prefill: 0, spare: 0}
+        assert cluster.metrics()['moe_pd_instance_up{instance="%s",role="decode"}' % doomed] == 0
+    finally:
+        cluster.stop()

@@ -1,0 +1,171 @@
+"""PD clusters on localhost for tests: launch/local.sh, or instances and a router started one by one.
+
+Every port is a fresh free one, so clusters never collide; stopping sends SIGTERM to the ranks first and
+then to the launchers, and kills whatever is left after a grace period."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+
+
+class Cluster:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.procs: list[subprocess.Popen] = []
+        self.url = ""
+
+    # starting -------------------------------------------------------------------------------------------
+    @classmethod
+    def local(cls, run_dir: Path, *overrides: str, mode: str = "pd", **env: str) -> "Cluster":
+        """launch/local.sh, as a user runs it."""
+        cluster = cls(run_dir)
+        port = free_port()
+        full_env = {**_env(), "MODE": mode, "ROUTER_PORT": str(port), "PREFILL_PORT": str(free_port()),
+                    "DECODE_PORT": str(free_port()), "RUN_DIR": str(run_dir), "READY_TIMEOUT": "150", **env}
+        log = open(run_dir / "local.out", "w")
+        cluster.procs.append(subprocess.Popen(["bash", str(ROOT / "launch/local.sh"), *overrides], cwd=ROOT,
+                                              env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+        cluster.url = f"http://127.0.0.1:{port}"
+        cluster.wait_ready()
+        return cluster
+
+    def instance(self, role: str, ranks: int, *overrides: str) -> str:
+        """One instance through launch/_instance.sh; returns its control address."""
+        port = free_port()
+        name = f"{role}-{port}"
+        env = {**_env(), "NPROC_PER_NODE": str(ranks), "RUN_DIR": str(self.run_dir / name)}
+        log = open(self.run_dir / f"{name}.log", "w")
+        self.procs.append(subprocess.Popen(["bash", str(ROOT / "launch/_instance.sh"), role, f"port={port}",
+                                            "runtime.log_level=WARNING", *overrides], cwd=ROOT, env=env,
+                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        return f"tcp://127.0.0.1:{port}"
+
+    def router(self, *overrides: str) -> None:
+        port = free_port()
+        log = open(self.run_dir / "router.log", "w")
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "moe_pd.serve.router", f"hydra.run.dir={self.run_dir / 'router'}", f"port={port}",
+             *overrides], cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        self.url = f"http://127.0.0.1:{port}"
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 150) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"a cluster process exited during start-up; logs:\n{self.logs()}")
+            try:
+                if self.health()[1]["status"] == "ok":
+                    return
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"the cluster was not up after {timeout} s; logs:\n{self.logs()}")
+
+    # looking ----------------------------------------------------------------------------------------------
+    def health(self) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, json.load(e)
+
+    def metrics(self) -> dict[str, float]:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as r:
+            lines = r.read().decode().splitlines()
+        return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines if line and not line.startswith("#"))}
+
+    def pages_used(self) -> dict[str, int]:
+        """instance -> KV pages in use, summed over its ranks (as its latest heartbeat says)."""
+        return {i["name"]: sum(r["kv_used"] for r in i["ranks"]) for i in self.health()[1]["instances"] if i["up"]}
+
+    def wait_idle(self, timeout: float = 30, settle: float = 1.5) -> dict[str, int]:
+        """Waits until every live instance has held no pages and no requests for `settle` seconds (longer
+        than a heartbeat, so a stale status cannot pass); returns the last page counts."""
+        deadline = time.monotonic() + timeout
+        idle_since = None
+        while time.monotonic() < deadline:
+            body = self.health()[1]
+            ranks = [r for i in body["instances"] if i["up"] for r in i["ranks"]]
+            busy = sum(r["kv_used"] + r["running"] + r["waiting"] + r["in_transfer"] for r in ranks)
+            idle_since = (idle_since or time.monotonic()) if busy == 0 else None
+            if idle_since is not None and time.monotonic() - idle_since >= settle:
+                break
+            time.sleep(0.1)
+        return self.pages_used()
+
+    def wait_metric(self, name: str, at_least: float, timeout: float = 30) -> float:
+        deadline = time.monotonic() + timeout
+        while (value := self.metrics().get(name, 0.0)) < at_least and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return value
+
+    def logs(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.run_dir.glob("*.log"))
+                         if p.is_file()) + "\n".join(p.read_text()[-2000:] for p in self.run_dir.glob("local.out"))
+
+    # stopping ---------------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                if "launch/local.sh" in " ".join(map(str, proc.args)):
+                    proc.send_signal(signal.SIGTERM)  # its trap stops the ranks first, then the launchers
+                else:
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+# clients -------------------------------------------------------------------------------------------------
+async def complete(url: str, body: dict, path: str = "/v1/completions") -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url + path, json=body) as r:
+            return r.status, await r.json()
+
+
+async def stream(url: str, body: dict, path: str = "/v1/completions") -> list[dict]:
+    """The SSE events of a streaming request (an error event included), without the final [DONE]."""
+    out = []
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url + path, json={**body, "stream": True}) as r:
+            assert r.status == 200, await r.text()
+            async for line in r.content:
+                line = line.decode().strip()
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    out.append(json.loads(line[6:]))
+    return out
+
+
+def run(coro, timeout: float = 120):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
