@@ -74,7 +74,7 @@ def build_app(backend: Backend, tokenizer: Tokenizer | None, model_name: str, ma
             req = await read(request, chat)
         except APIError as exc:
             return error(exc)
-        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:16]}"
+        request_id = _request_id(request, chat)
         stream = Stream(request_id, asyncio.get_running_loop())
         backend.submit(stream, req)
         created = int(time.time())
@@ -105,6 +105,7 @@ def build_app(backend: Backend, tokenizer: Tokenizer | None, model_name: str, ma
                 if req.stream:
                     if response is None:
                         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                               "X-Request-Id": request_id,
                                                                "Cache-Control": "no-cache"})
                         await response.prepare(request)
                     chunk = _chunk(request_id, created, model_name, chat, new, text.add(new, finished),
@@ -123,8 +124,9 @@ def build_app(backend: Backend, tokenizer: Tokenizer | None, model_name: str, ma
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             return response
-        return web.json_response(_final(request_id, created, model_name, chat, ids, tokenizer, reason,
-                                        req.return_token_ids, len(req.prompt_ids)))
+        body = _final(request_id, created, model_name, chat, ids, tokenizer, reason, req.return_token_ids,
+                      len(req.prompt_ids))
+        return web.json_response(body, headers={"X-Request-Id": request_id})
 
     async def completions(request):
         return await generate(request, chat=False)
@@ -150,6 +152,16 @@ def build_app(backend: Backend, tokenizer: Tokenizer | None, model_name: str, ma
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", prometheus)
     return app
+
+
+def _request_id(request: web.Request, chat: bool) -> str:
+    """A unique id naming the request in the router's and the instances' logs, returned in the response's
+    X-Request-Id header: the client's X-Request-Id (printable, up to 64 characters) plus a unique suffix,
+    or a fresh one."""
+    given = request.headers.get("X-Request-Id", "")
+    if given and len(given) <= 64 and given.isprintable() and " " not in given:
+        return f"{given}.{uuid.uuid4().hex[:8]}"
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:16]}"
 
 
 def _text(tokenizer: Tokenizer | None, ids: list[int]) -> str:

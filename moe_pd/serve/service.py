@@ -250,6 +250,8 @@ class Leader:
             if entry is None:
                 continue  # aborted meanwhile: the router no longer listens
             self._send(entry[0], event)
+            if event["op"] == "error":
+                log.warning("request %s failed on rank %d: %s", event["rid"], entry[1], event["message"])
             if event["op"] in self.FINAL_OPS or (event["op"] == "tokens" and event["finished"]):
                 del self.owner[event["rid"]]
 

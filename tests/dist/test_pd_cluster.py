@@ -2,15 +2,14 @@
 many concurrent streams, OpenAI errors for bad input, and no KV page left behind."""
 
 import asyncio
+import json
 
 import pytest
+from hydra import compose, initialize_config_module
 
 from helpers.cluster import Cluster, complete, run, stream
-from helpers.tiny import TINY
-from moe_pd.config.kvcache import KVCacheConfig
-from moe_pd.config.sampling import SamplingConfig
-from moe_pd.engine.offline import OfflineEngine
-from moe_pd.model.loader import build_model
+from moe_pd.generate import run as generate_offline
+from moe_pd.generate import to_config
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(600)]
 
@@ -43,10 +42,13 @@ def colocated(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def offline():
-    engine = OfflineEngine(build_model(TINY), KVCacheConfig(block_size=16, num_blocks=256), 8)
+    """`moe_pd.generate`'s records for every prompt (one process, the reference)."""
     prompts = [p for group in PROMPTS.values() for p in group]
-    outputs = engine.generate(prompts, SamplingConfig(max_new_tokens=MAX_TOKENS, ignore_eos=True))
-    return {tuple(p): c.output_ids for p, c in zip(prompts, outputs)}
+    overrides = [f"prompt_ids={json.dumps(prompts)}", f"sampling.max_new_tokens={MAX_TOKENS}",
+                 "sampling.ignore_eos=true", "kvcache.block_size=16", "kvcache.num_blocks=256"]
+    with initialize_config_module("moe_pd.conf", version_base=None):
+        records = generate_offline(to_config(compose("generate", overrides=overrides)))
+    return {tuple(r["prompt_ids"]): r["output_ids"] for r in records}
 
 
 def served_tokens(url, prompts, sequential):
@@ -144,3 +146,16 @@ def test_client_disconnect_aborts_on_every_instance(pd):
     assert pd.wait_metric('moe_pd_requests_total{outcome="aborted"}', 1) >= 1
     assert set(pd.wait_idle().values()) == {0}
     assert decode_aborts(pd) == before + 1  # freed by the abort, not by running to its end
+
+
+def test_the_readme_demo_client_runs_against_the_cluster(pd):
+    import subprocess
+    import sys
+
+    from helpers.cluster import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/demo_client.py"), "--url", pd.url, "--max-tokens", "6"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(streaming)" in proc.stdout and "KV transfers:" in proc.stdout, proc.stdout
+    assert proc.stdout.count("(6 tokens, length)") + proc.stdout.count("tokens, stop)") == 2

@@ -178,3 +178,16 @@ def test_streamed_text_never_splits_a_character():
     pieces = [text.add([b], final=False) for b in "né✓".encode()]
     assert "".join(pieces) == "né✓" and "\ufffd" not in "".join(pieces)
     assert pieces[1] == "" and pieces[2] == "é"  # the first byte of é is held back
+
+
+def test_the_client_request_id_names_the_request(server):
+    url, _ = server
+
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url + "/v1/completions", json={"prompt": PROMPT_IDS, "max_tokens": 2},
+                              headers={"X-Request-Id": "trace-42"}) as r:
+                return r.status, r.headers["X-Request-Id"], await r.json()
+
+    status, header, body = call(go())
+    assert status == 200 and header.startswith("trace-42.") and body["id"] == header
