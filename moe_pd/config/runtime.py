@@ -19,8 +19,12 @@ class RuntimeConfig:
     """Activation and weight dtype: float32 (CPU default), bfloat16 or float16."""
     log_level: str = "INFO"
     """Python logging level of rank 0 (other ranks log warnings and errors only)."""
+    kernels: str = "auto"
+    """Hot operations: auto (Triton kernels on CUDA, torch references on CPU), torch, or triton (on CPU
+    only under TRITON_INTERPRET=1, for tests)."""
 
     def __post_init__(self) -> None:
         check_choice("runtime.device", self.device, ("cpu", "cuda", "auto"))
         check_choice("runtime.dtype", self.dtype, DTYPES)
         check_choice("runtime.log_level", self.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+        check_choice("runtime.kernels", self.kernels, ("auto", "torch", "triton"))

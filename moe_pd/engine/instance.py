@@ -15,6 +15,7 @@ from moe_pd.config.model import ModelConfig
 from moe_pd.config.parallel import ParallelConfig
 from moe_pd.eplb.manager import initial_placement, make_eplb_manager
 from moe_pd.model.loader import build_model
+from moe_pd.model.ops import select_ops
 from moe_pd.model.transformer import DeepseekForCausalLM
 from moe_pd.parallel.dispatch import make_dispatcher
 from moe_pd.parallel.flight_recorder import FlightRecorder
@@ -33,18 +34,21 @@ class InstanceModel:
 
 
 def build_instance_model(model_cfg: ModelConfig, parallel: ParallelConfig, eplb: EplbConfig, state: ParallelState,
-                         dtype: torch.dtype, recorder: FlightRecorder) -> InstanceModel:
-    """This rank's share of the model: its expert slots (by the initial placement) behind the dispatcher."""
+                         dtype: torch.dtype, recorder: FlightRecorder, kernels: str = "auto") -> InstanceModel:
+    """This rank's share of the model: its expert slots (by the initial placement) behind the dispatcher,
+    running the kernels `kernels` selects (runtime.kernels)."""
     t0 = time.perf_counter()
     placement = initial_placement(eplb, state, model_cfg)
     dispatcher = make_dispatcher(parallel, state, model_cfg.hidden_size, placement, recorder,
                                  model_cfg.num_experts_per_tok, dtype)
     dispatcher.dynamic_routing = eplb.routing == "dynamic"
     model = build_model(model_cfg, device=state.device, dtype=dtype, dispatcher=dispatcher,
-                        expert_ids=lambda layer: placement.rank_experts(state.ep_rank, layer))
+                        expert_ids=lambda layer: placement.rank_experts(state.ep_rank, layer),
+                        ops=select_ops(kernels, state.device))
     manager = make_eplb_manager(eplb, state, model_cfg, model, dispatcher)
-    log.info("model %s (%s) ready in %.1f s; EP %d, %d expert slots per rank", model_cfg.architecture,
-             model_cfg.path or "random weights", time.perf_counter() - t0, state.ep_size, state.experts_per_rank)
+    log.info("model %s (%s) ready in %.1f s; EP %d, %d expert slots per rank; %s kernels", model_cfg.architecture,
+             model_cfg.path or "random weights", time.perf_counter() - t0, state.ep_size, state.experts_per_rank,
+             model.ops.name)
     return InstanceModel(model, dispatcher, manager)
 
 

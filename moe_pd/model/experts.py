@@ -52,9 +52,14 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num, hidden_size, intermediate_size))
 
+    ops = None
+    """moe_pd.model.ops implementation (set by DeepseekForCausalLM.use_ops); None: grouped_swiglu."""
+
     @property
     def num_local_experts(self) -> int:
         return len(self.expert_ids)
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        if self.ops is not None:
+            return self.ops.experts(x_ND, counts_E, self.gate_up_proj, self.down_proj)
         return grouped_swiglu(x_ND, counts_E.tolist(), self.gate_up_proj, self.down_proj)

@@ -76,6 +76,13 @@ def topk_weights(
     return weights_TK * scaling
 
 
+def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate logits -> (expert ids [T, K], routing weights [T, K]) by the model's routing method."""
+    scores_TE = gate_scores(logits_TE, cfg.scoring_func)
+    ids_TK = select_experts(scores_TE, cfg.num_experts_per_tok, cfg.topk_method, cfg.n_group, cfg.topk_group, bias_E)
+    return ids_TK, topk_weights(scores_TE, ids_TK, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+
+
 class Gate(nn.Module):
     """Router of one MoE layer: fp32 logits, then the pure functions above."""
 
@@ -88,11 +95,11 @@ class Gate(nn.Module):
         else:
             self.e_score_correction_bias = None
 
+    ops = None
+    """moe_pd.model.ops implementation (set by DeepseekForCausalLM.use_ops); None: `route`."""
+
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.cfg
-        scores_TE = gate_scores(F.linear(x_TD.float(), self.weight.float()), cfg.scoring_func)
-        ids_TK = select_experts(
-            scores_TE, cfg.num_experts_per_tok, cfg.topk_method, cfg.n_group, cfg.topk_group,
-            self.e_score_correction_bias,
-        )
-        return ids_TK, topk_weights(scores_TE, ids_TK, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        if self.ops is not None:
+            return self.ops.gate(logits_TE, self.e_score_correction_bias, self.cfg)
+        return route(logits_TE, self.e_score_correction_bias, self.cfg)

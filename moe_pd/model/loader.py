@@ -164,10 +164,12 @@ def build_model(
     expert_ids: ExpertIds | None = None,
     dispatcher: Dispatcher | None = None,
     source: TensorSource | None = None,
+    ops=None,
 ) -> DeepseekForCausalLM:
     """Builds the model without initialising memory twice, then loads every tensor.
 
-    `source` defaults to the checkpoint at cfg.path, or seeded random weights when it is None.
+    `source` defaults to the checkpoint at cfg.path, or seeded random weights when it is None. `ops`
+    (moe_pd.model.ops.select_ops) picks kernels or torch references; None keeps the references.
     """
     if source is None:
         source = SafetensorsSource(cfg.path) if cfg.path else RandomSource(cfg.init_seed, cfg.init_std)
@@ -179,6 +181,8 @@ def build_model(
             module.float()
     model.model.rotary.reset_parameters()
     load_weights(model, source)
+    if ops is not None:
+        model.use_ops(ops)
     return model.eval().requires_grad_(False)
 
 

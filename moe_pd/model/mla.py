@@ -56,6 +56,10 @@ class MLA(nn.Module):
         k_pe_TR = apply_rope(k_pe_TR[:, None, :], cos, sin, cfg.rope_interleave)[:, 0]
         return q_nope_THN, q_pe_THR, latent_TC, k_pe_TR
 
+    ops = None
+    """moe_pd.model.ops implementation (set by DeepseekForCausalLM.use_ops); with a decode kernel, decode
+    steps attend straight from the paged cache."""
+
     def forward(self, x_TD: torch.Tensor, batch: AttentionBatch, cache_PSW: torch.Tensor,
                 mode: str = "auto") -> torch.Tensor:
         return self.core(self.prepare(x_TD, batch, cache_PSW), batch, cache_PSW, mode)
@@ -73,6 +77,8 @@ class MLA(nn.Module):
         if prepared is None:
             return cache_PSW.new_zeros(0, self.cfg.hidden_size, dtype=self.o_proj.weight.dtype)
         q_nope_THN, q_pe_THR, dtype = prepared
+        if mode in ("auto", "absorbed") and batch.is_decode and self.ops is not None and self.ops.has_mla_decode:
+            return self._absorbed_decode_kernel(q_nope_THN, q_pe_THR, batch, cache_PSW)
         kv_BLW, key_valid_BL = gather_latent(cache_PSW, batch)
         kv_BLW = kv_BLW.to(dtype)
         device = kv_BLW.device
@@ -90,6 +96,17 @@ class MLA(nn.Module):
         attend = {"expanded": self._expanded, "absorbed": self._absorbed}[mode]
         out_BQHV = attend(q_nope_THN[q_row_BQ], q_pe_THR[q_row_BQ], kv_BLW, allowed_BQL)
         return self.o_proj(out_BQHV[q_valid_BQ].flatten(1))
+
+    def _absorbed_decode_kernel(self, q_nope_BHN, q_pe_BHR, batch: AttentionBatch, cache_PSW: torch.Tensor):
+        """Decode (one query per sequence, rows in sequence order): the absorbed form with the attention
+        itself in the paged-cache kernel."""
+        cfg = self.cfg
+        w_HXC = self.kv_b_proj.weight.view(cfg.num_attention_heads, -1, cfg.kv_lora_rank)
+        w_uk_HNC, w_uv_HVC = w_HXC.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
+        q_latent_BHC = torch.einsum("bhn,hnc->bhc", q_nope_BHN, w_uk_HNC)
+        out_latent_BHC = self.ops.mla_decode(q_latent_BHC, q_pe_BHR.to(q_latent_BHC.dtype), cache_PSW,
+                                             batch.block_tables_BM, batch.seq_lens_B, self.rotary.softmax_scale)
+        return self.o_proj(torch.einsum("bhc,hvc->bhv", out_latent_BHC, w_uv_HVC).flatten(1))
 
     def _softmax(self, scores_BHQL: torch.Tensor, allowed_BQL: torch.Tensor) -> torch.Tensor:
         scores_BHQL = scores_BHQL.float() * self.rotary.softmax_scale

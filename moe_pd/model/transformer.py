@@ -17,7 +17,8 @@ from torch.profiler import record_function
 
 from moe_pd.config.model import ModelConfig
 from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
-from moe_pd.model.experts import DenseMLP
+from moe_pd.model.experts import DenseMLP, RoutedExperts
+from moe_pd.model.gate import Gate
 from moe_pd.model.mla import MLA
 from moe_pd.model.moe import MoE
 from moe_pd.model.norm import RMSNorm
@@ -160,8 +161,18 @@ class DeepseekForCausalLM(nn.Module):
         dispatcher = dispatcher or LocalDispatcher(cfg.n_routed_experts)
         self.model = DeepseekBackbone(cfg, ids_of_layer, dispatcher)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.ops = None
+        """The moe_pd.model.ops implementation in use (None: the torch references); see use_ops."""
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def use_ops(self, ops) -> "DeepseekForCausalLM":
+        """Points the gate, expert and attention modules at `ops` (moe_pd.model.ops.select_ops)."""
+        for module in self.modules():
+            if isinstance(module, (Gate, RoutedExperts, MLA)):
+                module.ops = ops
+        self.ops = ops
+        return self
 
     @property
     def expert_ids(self) -> list[int]:

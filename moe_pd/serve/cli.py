@@ -20,6 +20,7 @@ from moe_pd.engine.tokenizer import load_tokenizer
 from moe_pd.generate import to_config
 from moe_pd.log import setup_logging
 from moe_pd.model.loader import CheckpointError, build_model
+from moe_pd.model.ops import select_ops
 from moe_pd.runtime import resolve_device, resolve_dtype
 from moe_pd.serve.api_server import build_app
 from moe_pd.serve.engine_loop import EngineLoop
@@ -30,7 +31,7 @@ log = logging.getLogger("moe_pd.serve")
 def make_server(cfg: ServeConfig) -> tuple[web.Application, EngineLoop]:
     model_cfg = resolve_model_config(cfg.model)
     device, dtype = resolve_device(cfg.runtime), resolve_dtype(cfg.runtime)
-    model = build_model(model_cfg, device=device, dtype=dtype)
+    model = build_model(model_cfg, device=device, dtype=dtype, ops=select_ops(cfg.runtime.kernels, device))
     engine = LLMEngine(model, cfg.kvcache, cfg.max_num_seqs, cfg.max_num_batched_tokens, device, overlap=cfg.overlap)
     loop = EngineLoop(engine).start()
     return build_app(loop, load_tokenizer(model_cfg), cfg.served_model_name, cfg.max_tokens_limit,
