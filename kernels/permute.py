@@ -29,7 +29,8 @@ def _ranks(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     """(expert of each flattened (t, k), rank of that pair among its expert's pairs, counts per expert)."""
     flat = topk_ids_TK.reshape(-1)
     order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))  # not bincount: it syncs with the host to size its output
     starts = torch.cumsum(counts, 0) - counts
     ranks = torch.empty_like(flat)
     ranks[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
@@ -61,11 +62,17 @@ def contiguous_layout_from_counts(counts_E: torch.Tensor, align: int = ALIGN) ->
     return dest[:, None], m_indices
 
 
-def masked_layout(topk_ids_TK: torch.Tensor, num_experts: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dest row [T, K] int64 into [E * capacity] rows, -1 when beyond capacity; masked_m [E] int32)."""
-    flat, ranks, counts = _ranks(topk_ids_TK, num_experts)
-    dest = torch.where(ranks < capacity, flat * capacity + ranks, -1)
-    return dest.view(topk_ids_TK.shape), counts.clamp(max=capacity).to(torch.int32)
+def masked_layout(topk_ids_TK: torch.Tensor, num_experts: int, capacity: int,
+                  valid_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dest row [T, K] int64 into [E * capacity] rows, -1 when beyond capacity or for a token that
+    `valid_T` marks as padding; masked_m [E] int32). No host synchronisation (CUDA-graph safe)."""
+    ids = topk_ids_TK
+    if valid_T is not None:  # padding tokens go to an extra group that is then dropped
+        ids = torch.where(valid_T[:, None], ids, num_experts)
+    flat, ranks, counts = _ranks(ids, num_experts + 1)
+    keep = (ranks < capacity) & (flat < num_experts)
+    dest = torch.where(keep, flat * capacity + ranks, -1)
+    return dest.view(topk_ids_TK.shape), counts[:num_experts].clamp(max=capacity).to(torch.int32)
 
 
 @triton.jit

@@ -24,7 +24,7 @@ from moe_pd.config.errors import ConfigError
 from moe_pd.config.generate import GenerateConfig
 from moe_pd.config.hf import resolve_model_config
 from moe_pd.config.store import register_configs
-from moe_pd.engine.instance import build_instance_model, start_watchdog
+from moe_pd.engine.instance import build_instance_model, graphs_wanted, start_watchdog
 from moe_pd.engine.offline import OfflineEngine, PromptError, check_prompts
 from moe_pd.engine.tokenizer import Tokenizer, load_tokenizer
 from moe_pd.log import setup_logging
@@ -102,7 +102,7 @@ def run(cfg: GenerateConfig, run_dir: str | None = None) -> list[dict]:
         hooks = ([eplb.on_step] if eplb else []) + [profiler.step]
         engine = OfflineEngine(model, cfg.kvcache, cfg.max_batch_size, state.device,
                                StepSync(state, recorder, dispatcher, hooks=hooks), cfg.overlap,
-                               cfg.max_num_batched_tokens)
+                               cfg.max_num_batched_tokens, decode_graphs=graphs_wanted(cfg.runtime, state))
         with profiler:
             completions = engine.generate([prompt_ids[i] for i in mine], cfg.sampling, indices=mine)
         s = engine.stats

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moe_pd.config.errors import check_choice
+from moe_pd.config.errors import ConfigError, check_choice
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -22,9 +22,13 @@ class RuntimeConfig:
     kernels: str = "auto"
     """Hot operations: auto (Triton kernels on CUDA, torch references on CPU), torch, or triton (on CPU
     only under TRITON_INTERPRET=1, for tests)."""
+    cuda_graphs: bool = False
+    """Decode steps as CUDA graphs at bucketed batch sizes (one process, EP = 1, Triton kernels)."""
 
     def __post_init__(self) -> None:
         check_choice("runtime.device", self.device, ("cpu", "cuda", "auto"))
         check_choice("runtime.dtype", self.dtype, DTYPES)
         check_choice("runtime.log_level", self.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"))
         check_choice("runtime.kernels", self.kernels, ("auto", "torch", "triton"))
+        if self.cuda_graphs and self.kernels == "torch":
+            raise ConfigError("runtime.cuda_graphs needs the Triton kernels: set runtime.kernels=auto or triton")

@@ -13,6 +13,7 @@ import torch
 from moe_pd.config.eplb import EplbConfig
 from moe_pd.config.model import ModelConfig
 from moe_pd.config.parallel import ParallelConfig
+from moe_pd.config.runtime import RuntimeConfig
 from moe_pd.eplb.manager import initial_placement, make_eplb_manager
 from moe_pd.model.loader import build_model
 from moe_pd.model.ops import select_ops
@@ -60,3 +61,12 @@ def start_watchdog(parallel: ParallelConfig, state: ParallelState, recorder: Fli
     dump_dir = Path(run_dir) / "flight_recorder" if run_dir else None
     return Watchdog(recorder, state.rank, state.world_size, parallel.collective_timeout_s, default_store(),
                     dump_dir).start()
+
+
+def graphs_wanted(runtime: RuntimeConfig, state: ParallelState) -> bool:
+    """runtime.cuda_graphs, for a one-process job (EP > 1 steps through collectives the graphs do not hold)."""
+    if runtime.cuda_graphs and state.world_size > 1:
+        log.warning("runtime.cuda_graphs is for one process (EP = 1); this job has %d ranks: running eagerly",
+                    state.world_size)
+        return False
+    return runtime.cuda_graphs

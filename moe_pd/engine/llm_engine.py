@@ -19,6 +19,7 @@ from moe_pd.config.kvcache import KVCacheConfig
 from moe_pd.config.overlap import OverlapConfig
 from moe_pd.engine.core.scheduler import Scheduler, StepPlan
 from moe_pd.engine.core.sequence import Sequence
+from moe_pd.engine.cuda_graph import DecodeGraphRunner
 from moe_pd.engine.sampler import SamplingParams, sample
 from moe_pd.kvcache.block_manager import BlockManager
 from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
@@ -51,14 +52,26 @@ class StepStats:
 class LLMEngine:
     def __init__(self, model: DeepseekForCausalLM, kv: KVCacheConfig, max_num_seqs: int,
                  max_num_batched_tokens: int, device: torch.device | str = "cpu", sync: StepSync | None = None,
-                 overlap: OverlapConfig | None = None, hold_finished_pages: bool = False) -> None:
+                 overlap: OverlapConfig | None = None, hold_finished_pages: bool = False,
+                 decode_graphs: bool = False) -> None:
+        """`decode_graphs`: decode steps run through a DecodeGraphRunner (CUDA graphs on CUDA, the same
+        static-buffer forward eagerly elsewhere); one process only, with the Triton ops."""
         cfg = model.cfg
         self.model, self.device, self.sync, self.overlap = model, torch.device(device), sync, overlap
         self.max_context, self.eos = cfg.max_position_embeddings, cfg.eos_token_id
         dtype = next(model.parameters()).dtype
-        self.cache = PagedLatentCache(cfg.num_hidden_layers, kv.num_blocks, kv.block_size, cfg.kv_lora_rank,
-                                      cfg.qk_rope_head_dim, dtype=dtype, device=self.device)
+        if decode_graphs and sync is not None and sync.state.world_size > 1:
+            raise ValueError("decode graphs run one process (EP = 1); this engine has an EP group")
+        # With graphs, one page past the allocator's is the scratch page that padding slots write to.
+        self.cache = PagedLatentCache(cfg.num_hidden_layers, kv.num_blocks + decode_graphs, kv.block_size,
+                                      cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=dtype, device=self.device)
         self.allocator = BlockManager(kv.num_blocks, kv.block_size, kv.prefix_cache)
+        self.graphs = None
+        if decode_graphs:
+            max_pages = self.allocator.blocks_for(self.max_context)
+            self.graphs = DecodeGraphRunner(model, self.cache, max_num_seqs, max_pages, scratch_page=kv.num_blocks)
+            if self.device.type == "cuda":
+                self.graphs.capture()
         self.scheduler = Scheduler(self.allocator, max_num_seqs, max_num_batched_tokens, self.max_context,
                                    hold_finished_pages)
         self.params: dict[str, SamplingParams] = {}
@@ -193,6 +206,8 @@ class LLMEngine:
     def _forward(self, ids_T: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """Two interleaved micro-batches when overlap is on and some rank has enough tokens; every rank
         makes the same choice from the step's all-reduced maxima."""
+        if self.graphs is not None and self.graphs.can_run(batch):
+            return self.graphs.run(ids_T, batch)
         max_tokens, max_query_len = self._global
         if self.overlap is None or not self.overlap.enabled or max_tokens < self.overlap.min_tokens:
             return self.model(ids_T, batch, self.cache)

@@ -50,8 +50,10 @@ def check_prompts(prompts: list[list[int]], vocab_size: int, max_context: int) -
 class OfflineEngine:
     def __init__(self, model: DeepseekForCausalLM, kv: KVCacheConfig, max_batch_size: int,
                  device: torch.device | str = "cpu", sync: StepSync | None = None,
-                 overlap: OverlapConfig | None = None, max_num_batched_tokens: int = 4096) -> None:
-        self.engine = LLMEngine(model, kv, max_batch_size, max_num_batched_tokens, device, sync, overlap)
+                 overlap: OverlapConfig | None = None, max_num_batched_tokens: int = 4096,
+                 decode_graphs: bool = False) -> None:
+        self.engine = LLMEngine(model, kv, max_batch_size, max_num_batched_tokens, device, sync, overlap,
+                                decode_graphs=decode_graphs)
         self.max_context = model.cfg.max_position_embeddings
         self.vocab_size = model.cfg.vocab_size
 

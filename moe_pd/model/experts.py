@@ -60,6 +60,12 @@ class RoutedExperts(nn.Module):
         return len(self.expert_ids)
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by slot ([N, D], counts_E each), or the masked layout ([E, capacity, D], counts_E
+        valid rows per slot) from MaskedLocalDispatcher."""
+        if x_ND.dim() == 3:
+            if self.ops is None:
+                raise RuntimeError("the masked layout needs moe_pd.model.ops (DeepseekForCausalLM.use_ops)")
+            return self.ops.experts_masked(x_ND, counts_E, self.gate_up_proj, self.down_proj)
         if self.ops is not None:
             return self.ops.experts(x_ND, counts_E, self.gate_up_proj, self.down_proj)
         return grouped_swiglu(x_ND, counts_E.tolist(), self.gate_up_proj, self.down_proj)

@@ -34,6 +34,14 @@ class TorchOps:
                 w2_EDF: torch.Tensor) -> torch.Tensor:
         return grouped_swiglu(x_ND, counts_E.tolist(), w13_EFD, w2_EDF)
 
+    def experts_masked(self, x_ECD: torch.Tensor, masked_m_E: torch.Tensor, w13_EFD: torch.Tensor,
+                       w2_EDF: torch.Tensor) -> torch.Tensor:
+        """The masked layout [E, capacity, D] with masked_m_E valid rows per expert (rows past it: 0)."""
+        out = x_ECD.new_zeros(*x_ECD.shape[:2], w2_EDF.shape[1])
+        for e, rows in enumerate(masked_m_E.tolist()):
+            out[e, :rows] = grouped_swiglu(x_ECD[e, :rows], [rows], w13_EFD[e : e + 1], w2_EDF[e : e + 1])
+        return out
+
     def mla_decode(self, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError("the torch path attends with MLA._absorbed")
 
@@ -66,6 +74,10 @@ class TritonOps(TorchOps):
         h_MF = self.k.grouped_gemm(x_MD, w13_EFD, m_indices=m_indices_M, swiglu=True)
         y_MD = self.k.grouped_gemm(h_MF, w2_EDF, m_indices=m_indices_M)
         return self.k.unpermute(y_MD, dest_N1)
+
+    def experts_masked(self, x_ECD, masked_m_E, w13_EFD, w2_EDF):
+        h_ECF = self.k.grouped_gemm(x_ECD, w13_EFD, masked_m=masked_m_E, swiglu=True)
+        return self.k.grouped_gemm(h_ECF, w2_EDF, masked_m=masked_m_E)
 
     def mla_decode(self, q_latent_BHC, q_pe_BHR, cache_PSW, block_tables_BM, seq_lens_B, softmax_scale):
         return self.k.mla_decode(q_latent_BHC, q_pe_BHR, cache_PSW, block_tables_BM, seq_lens_B, softmax_scale)

@@ -46,7 +46,7 @@ from moe_pd.config.hf import resolve_model_config
 from moe_pd.config.serve import ServiceConfig
 from moe_pd.config.store import register_configs
 from moe_pd.engine.disagg import DecodeWorker, PrefillWorker
-from moe_pd.engine.instance import build_instance_model, start_watchdog
+from moe_pd.engine.instance import build_instance_model, graphs_wanted, start_watchdog
 from moe_pd.engine.llm_engine import LLMEngine, RequestOutput
 from moe_pd.engine.sampler import SamplingParams
 from moe_pd.generate import to_config
@@ -344,7 +344,8 @@ def run(cfg: ServiceConfig, run_dir: str | None = None) -> None:
         hooks = ([built.eplb.on_step] if built.eplb else []) + [profiler.step]
         sync = StepSync(state, recorder, built.dispatcher, hooks=hooks)
         engine = LLMEngine(built.model, cfg.kvcache, cfg.max_num_seqs, cfg.max_num_batched_tokens, state.device,
-                           sync, cfg.overlap, hold_finished_pages=cfg.role == "prefill")
+                           sync, cfg.overlap, hold_finished_pages=cfg.role == "prefill",
+                           decode_graphs=graphs_wanted(cfg.runtime, state) and cfg.role != "prefill")
         with profiler:
             serve_rank(cfg, engine, state.rank, state.world_size, state.backend, lambda: stop["requested"])
         log.info("%s rank %d stopped after %d engine steps", cfg.role, state.rank, engine.stats.steps)

@@ -195,3 +195,32 @@ def test_triton_on_cpu_without_the_interpreter_is_a_config_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
         select_ops("triton", torch.device("cpu"))
+
+
+@pytest.mark.timeout(300)
+def test_decode_graph_runner_pads_to_buckets_and_keeps_the_tokens():
+    """The static-buffer decode step the CUDA graphs capture, run eagerly here: 3 sequences in the bucket
+    of 4 (one padding slot), the same greedy tokens as the plain engine, padding never written to a
+    sequence's pages."""
+    prompts = [[256, *b"Hello graphs"], [256, *b"abc"], [256, *range(1, 18)]]
+    sampling = SamplingConfig(max_new_tokens=5, ignore_eos=True)
+    kv = KVCacheConfig(block_size=4, num_blocks=64)
+    want = OfflineEngine(build_model(TINY), kv, 4).generate(prompts, sampling)
+    model = build_model(TINY, ops=select_ops("triton", torch.device("cpu")))
+    offline = OfflineEngine(model, kv, 4, decode_graphs=True)
+    runner = offline.engine.graphs
+    assert runner.buckets == [1, 2, 4] and offline.engine.cache.num_blocks == 65  # + the scratch page
+    seen = []
+    run = runner.run
+    runner.run = lambda ids, batch: (seen.append(batch.num_seqs), run(ids, batch))[1]
+    got = offline.generate(prompts, sampling)
+    assert [c.output_ids for c in got] == [c.output_ids for c in want]
+    assert seen == [3] * 4  # every decode step (5 tokens: the first comes from prefill) took the graph path
+    assert not runner.valid_B[3] and int(runner.seq_lens_B[3]) == 1 and int(runner.tables_BM[3, 0]) == 64
+
+
+def test_decode_graphs_need_the_kernels():
+    from moe_pd.engine.llm_engine import LLMEngine
+
+    with pytest.raises(ValueError, match="Triton ops"):
+        LLMEngine(build_model(TINY), KVCacheConfig(block_size=4, num_blocks=8), 2, 64, decode_graphs=True)
