@@ -54,6 +54,7 @@ def _prune(configs, named_args, **kwargs):
 def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, m_indices_ptr, masked_m_ptr,
                          M, N, K, CAPACITY, stride_am, stride_bg, stride_bn, stride_cm,
                          MASKED: tl.constexpr, SWIGLU: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr,
+                         IEEE: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -89,7 +90,10 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, m_indice
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            part = tl.dot(a, b)
+            if IEEE:  # fp32 operands: full fp32 products, not tf32 (references and tests compare exactly)
+                part = tl.dot(a, b, input_precision="ieee")
+            else:
+                part = tl.dot(a, b)
             if FP8:
                 a_s = tl.load(a_scale_ptr + rows.to(tl.int64) * k_blocks + k0 // SCALE_BLOCK, mask=row_ok, other=0.0)
                 n_blocks = tl.cdiv(N * (2 if SWIGLU else 1), SCALE_BLOCK)
@@ -102,7 +106,10 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, m_indice
                 b2 = tl.load(b_up + (k0 + ks)[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 if UPCAST:
                     b2 = b2.to(tl.float32)
-                part_up = tl.dot(a, b2)
+                if IEEE:
+                    part_up = tl.dot(a, b2, input_precision="ieee")
+                else:
+                    part_up = tl.dot(a, b2)
                 if FP8:
                     b2_s = tl.load(b_scale_ptr + (group * n_blocks + (N + pid_n * BLOCK_N) // SCALE_BLOCK) * k_blocks
                                    + k0 // SCALE_BLOCK)
@@ -165,7 +172,7 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, *, m_indices: torch.Tensor | 
             a2, b, c2, a_scale.contiguous() if fp8 else dummy, b_scale.contiguous() if fp8 else dummy,
             m_indices if not masked else dummy, masked_m if masked else dummy, rows, n, k, capacity,
             a2.stride(0), b.stride(0), b.stride(1), c2.stride(0), MASKED=masked, SWIGLU=swiglu, FP8=fp8,
-            UPCAST=interpreted())
+            UPCAST=interpreted(), IEEE=a.dtype == torch.float32)
     return c
 
 

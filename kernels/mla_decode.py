@@ -30,7 +30,7 @@ def _configs():
 @triton.jit
 def _mla_decode_kernel(q_ptr, qpe_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, scale, H,
                        stride_qb, stride_qh, stride_pb, stride_ph, stride_tb, stride_ob, stride_oh,
-                       C: tl.constexpr, R: tl.constexpr, PAGE: tl.constexpr, UPCAST: tl.constexpr,
+                       C: tl.constexpr, R: tl.constexpr, PAGE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
     seq = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -57,13 +57,25 @@ def _mla_decode_kernel(q_ptr, qpe_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr,
         if UPCAST:
             latent = latent.to(tl.float32)
             k_pe = k_pe.to(tl.float32)
-        scores = tl.dot(q, tl.trans(latent)) + tl.dot(q_pe, tl.trans(k_pe))
+        if R < 16:  # tl.dot needs K >= 16 on GPUs: a narrow rope part (test models) by products and a sum
+            rope = tl.sum(q_pe.to(tl.float32)[:, None, :] * k_pe.to(tl.float32)[None, :, :], axis=2)
+        elif IEEE:
+            rope = tl.dot(q_pe, tl.trans(k_pe), input_precision="ieee")
+        else:
+            rope = tl.dot(q_pe, tl.trans(k_pe))
+        if IEEE:  # fp32 caches: full fp32 products, not tf32
+            scores = tl.dot(q, tl.trans(latent), input_precision="ieee") + rope
+        else:
+            scores = tl.dot(q, tl.trans(latent)) + rope
         scores = tl.where(pos_ok[None, :], scores * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + cs[None, :], out.to(out_ptr.dtype.element_ty),
@@ -96,7 +108,8 @@ def mla_decode(q_latent_BHC: torch.Tensor, q_pe_BHR: torch.Tensor, cache_PSW: to
         _mla_decode_kernel[grid](
             q_latent_BHC, q_pe_BHR, cache_PSW, block_tables_BM, seq_lens_B.contiguous(), out, float(softmax_scale),
             heads, q_latent_BHC.stride(0), q_latent_BHC.stride(1), q_pe_BHR.stride(0), q_pe_BHR.stride(1),
-            block_tables_BM.stride(0), out.stride(0), out.stride(1), c, r, page, interpreted())
+            block_tables_BM.stride(0), out.stride(0), out.stride(1), c, r, page, interpreted(),
+            cache_PSW.dtype == torch.float32)
     return out
 
 

@@ -4,7 +4,8 @@
 #   bash perf/gpu_suite.sh
 # Installs the missing wheels and the project, runs the GPU tests and the GPU smoke runs, and writes the
 # results (versions, device, test log, timings) under $OUT (or perf/results/gpu-latest without it).
-# Kernel benchmarks join here as they are written (issue "Triton kernels").
+# Budget: within 8 minutes on one H100/H200 (tests ~2 min with Triton compilation, kernel benchmarks
+# ~4 min, smoke runs ~1 min); each step has its own timeout so one hang cannot eat the lease.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-perf/results/gpu-latest}"
@@ -24,12 +25,14 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
     echo "command: bash perf/gpu_suite.sh"
 } | tee "$OUT/env.txt"
 status=0
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests_gpu.txt" || status=1
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests_gpu.txt" || status=1
+timeout 270 python3 perf/bench_kernels.py --out "$OUT/kernels.md" 2>&1 | tee "$OUT/bench_kernels.txt" || status=1
 # The tiny model in bf16 on the GPU, then DeepSeek-V3 layer shapes at reduced depth and expert count
 # (random weights: 4 layers, 32 experts; random init of all 256 would take minutes on the host).
-for preset in "model=tiny" \
-        "model=deepseek_v3 model.num_hidden_layers=4 model.n_routed_experts=32 model.max_position_embeddings=4096"; do
-    timeout 240 python3 -m moe_pd.generate $preset runtime=gpu 'prompt_ids=[[0,1,2,3,4,5,6,7],[0,9,8,7]]' \
+# The second run goes through the Triton kernels with CUDA graphs.
+for preset in "model=tiny runtime.kernels=torch" \
+        "model=deepseek_v3 model.num_hidden_layers=4 model.n_routed_experts=32 model.max_position_embeddings=4096 runtime.cuda_graphs=true"; do
+    timeout 120 python3 -m moe_pd.generate $preset runtime=gpu 'prompt_ids=[[0,1,2,3,4,5,6,7],[0,9,8,7]]' \
         sampling.max_new_tokens=32 sampling.ignore_eos=true kvcache.num_blocks=256 runtime.log_level=INFO \
         2>&1 | tee -a "$OUT/generate_gpu.txt" || status=1
 done
