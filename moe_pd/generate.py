@@ -18,12 +18,12 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from moe_pd.config.errors import ConfigError
+from moe_pd.config.errors import ConfigError, exit_on
 from moe_pd.config.generate import GenerateConfig
 from moe_pd.config.hf import resolve_model_config
-from moe_pd.config.store import register_configs
+from moe_pd.config.store import register_configs, to_config
 from moe_pd.engine.instance import build_instance_model, graphs_wanted, start_watchdog
 from moe_pd.engine.offline import OfflineEngine, PromptError, check_prompts
 from moe_pd.engine.tokenizer import Tokenizer, load_tokenizer
@@ -36,19 +36,6 @@ from moe_pd.profiling.profiler import RankProfiler
 from moe_pd.runtime import resolve_device, resolve_dtype
 
 log = logging.getLogger("moe_pd.generate")
-
-
-def to_config(cfg: DictConfig) -> GenerateConfig:
-    """Instantiates the schema dataclasses, which runs every __post_init__ check."""
-    try:
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
-    except ConfigError:
-        raise
-    except Exception as exc:  # OmegaConf wraps errors raised inside __post_init__
-        cause = exc.__cause__ or exc.__context__
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        raise
 
 
 def read_prompts(cfg: GenerateConfig, tokenizer: Tokenizer | None) -> tuple[list[list[int]], list[str | None]]:
@@ -145,13 +132,10 @@ def gather_to_leader(state, completions: list) -> list:
 
 @hydra.main(config_path="pkg://moe_pd.conf", config_name="generate", version_base=None)
 def main(dict_cfg: DictConfig) -> None:
-    try:
+    with exit_on(ConfigError, PromptError, CheckpointError):
         cfg = to_config(dict_cfg)
         setup_logging(cfg.runtime.log_level)
         records = run(cfg, HydraConfig.get().runtime.output_dir)
-    except (ConfigError, PromptError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
     if env_world()[0] != 0:
         return
     out = open(cfg.output, "w") if cfg.output else sys.stdout

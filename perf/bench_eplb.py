@@ -64,8 +64,7 @@ def live_rebalance() -> tuple[tuple[int, float], tuple[int, float]] | None:
     window), or None on failure."""
     from hydra import compose, initialize_config_module
 
-    from moe_pd.config.store import register_configs
-    from moe_pd.generate import to_config
+    from moe_pd.config.store import register_configs, to_config
     from moe_pd.model.loader import build_model, save_checkpoint
 
     register_configs()

@@ -24,8 +24,7 @@ from moe_pd.model.loader import build_model
 def tiny_config():
     from hydra import compose, initialize_config_module
 
-    from moe_pd.config.store import register_configs
-    from moe_pd.generate import to_config
+    from moe_pd.config.store import register_configs, to_config
 
     register_configs()
     with initialize_config_module("moe_pd.conf", version_base=None):

@@ -148,9 +148,8 @@ def decode_step(bandwidth: float, quick: bool) -> None:
 
     from moe_pd.config.hf import resolve_model_config
     from moe_pd.config.kvcache import KVCacheConfig
-    from moe_pd.config.store import register_configs
+    from moe_pd.config.store import register_configs, to_config
     from moe_pd.engine.llm_engine import LLMEngine
-    from moe_pd.generate import to_config
     from moe_pd.kvcache.paged import AttentionBatch
     from moe_pd.model.ops import select_ops
     from moe_pd.model.transformer import DeepseekForCausalLM

@@ -36,8 +36,7 @@ def worker(args) -> None:
 
     from moe_pd.config import ParallelConfig
     from moe_pd.config.overlap import ProfileConfig
-    from moe_pd.config.store import register_configs
-    from moe_pd.generate import to_config
+    from moe_pd.config.store import register_configs, to_config
     from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
     from moe_pd.model.loader import build_model
     from moe_pd.overlap.micro_batch import split_step

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 from moe_pd.config.eplb import EplbConfig
+from moe_pd.config.errors import ConfigError
 from moe_pd.config.generate import GenerateConfig
 from moe_pd.config.kvcache import KVCacheConfig
 from moe_pd.config.model import ModelConfig
@@ -37,3 +39,16 @@ def register_configs() -> None:
             cs.store(group=group, name=name, node=node)
         else:
             cs.store(name=name, node=node)
+
+
+def to_config(cfg: DictConfig):
+    """Instantiates the schema dataclasses, which runs every __post_init__ check."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as exc:  # OmegaConf wraps errors raised inside __post_init__
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise

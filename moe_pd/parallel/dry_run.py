@@ -7,18 +7,15 @@ and per-rank weight sizes. It checks a 144-rank DeepSeek-V3 layout on a laptop i
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from moe_pd.config.errors import ConfigError
+from moe_pd.config.errors import ConfigError, exit_on
 from moe_pd.config.generate import GenerateConfig
 from moe_pd.config.hf import resolve_model_config
-from moe_pd.config.store import register_configs
-from moe_pd.generate import to_config
+from moe_pd.config.store import register_configs, to_config
 from moe_pd.model.transformer import DeepseekForCausalLM
 from moe_pd.parallel.dispatch import make_dispatcher
 from moe_pd.parallel.state import ParallelState, default_placement, validate_layout
@@ -68,11 +65,8 @@ def dry_run(cfg: GenerateConfig) -> str:
 
 @hydra.main(config_path="pkg://moe_pd.conf", config_name="generate", version_base=None)
 def main(dict_cfg: DictConfig) -> None:
-    try:
+    with exit_on(ConfigError):
         print(dry_run(to_config(dict_cfg)))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
 
 register_configs()

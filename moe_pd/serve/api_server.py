@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import sys
 import time
 import uuid
@@ -152,6 +153,23 @@ def build_app(backend: Backend, tokenizer: Tokenizer | None, model_name: str, ma
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", prometheus)
     return app
+
+
+async def serve_until_signalled(app: web.Application, host: str, port: int, banner: str) -> None:
+    """Serves `app` until SIGINT or SIGTERM. `banner` is printed with {url} replaced by the real address
+    (port 0 picks a free port)."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    print(banner.format(url=f"http://{host}:{port}/v1"), flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await runner.cleanup()
 
 
 def _request_id(request: web.Request, chat: bool) -> str:

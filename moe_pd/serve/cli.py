@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
-import sys
 
 import hydra
 from aiohttp import web
 from omegaconf import DictConfig
 
-from moe_pd.config.errors import ConfigError
+from moe_pd.config.errors import ConfigError, exit_on
 from moe_pd.config.hf import resolve_model_config
 from moe_pd.config.serve import ServeConfig
-from moe_pd.config.store import register_configs
+from moe_pd.config.store import register_configs, to_config
 from moe_pd.engine.llm_engine import LLMEngine
 from moe_pd.engine.tokenizer import load_tokenizer
-from moe_pd.generate import to_config
 from moe_pd.log import setup_logging
 from moe_pd.model.loader import CheckpointError, build_model
 from moe_pd.model.ops import select_ops
 from moe_pd.runtime import resolve_device, resolve_dtype
-from moe_pd.serve.api_server import build_app
+from moe_pd.serve.api_server import build_app, serve_until_signalled
 from moe_pd.serve.engine_loop import EngineLoop
 
 log = logging.getLogger("moe_pd.serve")
@@ -41,30 +38,18 @@ def make_server(cfg: ServeConfig) -> tuple[web.Application, EngineLoop]:
 
 async def serve(cfg: ServeConfig) -> None:
     app, loop = make_server(cfg)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # the real port when cfg.port is 0
-    print(f"moe_pd serving {cfg.served_model_name} at http://{cfg.host}:{port}/v1", flush=True)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down")
-    await runner.cleanup()
-    loop.stop()
+    try:
+        await serve_until_signalled(app, cfg.host, cfg.port, f"moe_pd serving {cfg.served_model_name} at {{url}}")
+    finally:
+        loop.stop()
 
 
 @hydra.main(config_path="pkg://moe_pd.conf", config_name="serve", version_base=None)
 def main(dict_cfg: DictConfig) -> None:
-    try:
+    with exit_on(ConfigError, CheckpointError):
         cfg = to_config(dict_cfg)
         setup_logging(cfg.runtime.log_level)
         asyncio.run(serve(cfg))
-    except (ConfigError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
 
 def run_server() -> int:

@@ -20,24 +20,20 @@ import asyncio
 import itertools
 import json
 import logging
-import signal
-import sys
 import time
 
 import hydra
 import zmq
 import zmq.asyncio
-from aiohttp import web
 from omegaconf import DictConfig
 
-from moe_pd.config.errors import ConfigError
+from moe_pd.config.errors import ConfigError, exit_on
 from moe_pd.config.hf import resolve_model_config
 from moe_pd.config.serve import RouterConfig
-from moe_pd.config.store import register_configs
+from moe_pd.config.store import register_configs, to_config
 from moe_pd.engine.tokenizer import load_tokenizer
-from moe_pd.generate import to_config
 from moe_pd.log import setup_logging
-from moe_pd.serve.api_server import build_app
+from moe_pd.serve.api_server import build_app, serve_until_signalled
 from moe_pd.serve.balancer import PrefixIndex, pick_prefill_instance
 from moe_pd.serve.engine_loop import Stream
 from moe_pd.serve.metrics import Metrics
@@ -338,30 +334,18 @@ async def serve(cfg: RouterConfig) -> None:
     app = build_app(backend, load_tokenizer(model_cfg), cfg.served_model_name, cfg.max_tokens_limit,
                     model_cfg.vocab_size, model_cfg.max_position_embeddings, metrics)
     await backend.start(metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # the real port when cfg.port is 0
-    print(f"moe_pd router for {cfg.served_model_name} at http://{cfg.host}:{port}/v1", flush=True)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down")
-    await runner.cleanup()
-    await backend.close()
+    try:
+        await serve_until_signalled(app, cfg.host, cfg.port, f"moe_pd router for {cfg.served_model_name} at {{url}}")
+    finally:
+        await backend.close()
 
 
 @hydra.main(config_path="pkg://moe_pd.conf", config_name="router", version_base=None)
 def main(dict_cfg: DictConfig) -> None:
-    try:
+    with exit_on(ConfigError):
         cfg = to_config(dict_cfg)
         setup_logging(cfg.log_level)
         asyncio.run(serve(cfg))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
 
 register_configs()

@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -41,15 +40,14 @@ import zmq
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from moe_pd.config.errors import ConfigError
+from moe_pd.config.errors import ConfigError, exit_on
 from moe_pd.config.hf import resolve_model_config
 from moe_pd.config.serve import ServiceConfig
-from moe_pd.config.store import register_configs
+from moe_pd.config.store import register_configs, to_config
 from moe_pd.engine.disagg import DecodeWorker, PrefillWorker
 from moe_pd.engine.instance import build_instance_model, graphs_wanted, start_watchdog
 from moe_pd.engine.llm_engine import LLMEngine, RequestOutput
 from moe_pd.engine.sampler import SamplingParams
-from moe_pd.generate import to_config
 from moe_pd.kvcache.block_manager import OutOfBlocks
 from moe_pd.kvcache.transfer.zmq_transport import KVReceiver, KVSender
 from moe_pd.log import setup_logging
@@ -357,13 +355,10 @@ def run(cfg: ServiceConfig, run_dir: str | None = None) -> None:
 
 @hydra.main(config_path="pkg://moe_pd.conf", config_name="prefill", version_base=None)
 def main(dict_cfg: DictConfig) -> None:
-    try:
+    with exit_on(ConfigError, CheckpointError):
         cfg = to_config(dict_cfg)
         setup_logging(cfg.runtime.log_level)
         run(cfg, HydraConfig.get().runtime.output_dir)
-    except (ConfigError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
 
 register_configs()

@@ -6,7 +6,8 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from helpers.torchrun import torchrun
-from moe_pd.generate import run, to_config
+from moe_pd.config.store import to_config
+from moe_pd.generate import run
 
 PROMPTS = '["Hello, moe_pd", "a", "DeepSeek-V3 serves with PD disaggregation", "xyz xyz", "0123456789"]'
 COMMON = [f"prompts={PROMPTS}", "sampling.max_new_tokens=12", "sampling.ignore_eos=true", "runtime.log_level=WARNING"]

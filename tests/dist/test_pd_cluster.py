@@ -8,8 +8,8 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from helpers.cluster import Cluster, complete, run, stream
+from moe_pd.config.store import to_config
 from moe_pd.generate import run as generate_offline
-from moe_pd.generate import to_config
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(600)]
 

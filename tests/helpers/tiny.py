@@ -2,8 +2,7 @@
 
 from hydra import compose, initialize_config_module
 
-from moe_pd.config.store import register_configs
-from moe_pd.generate import to_config
+from moe_pd.config.store import register_configs, to_config
 
 register_configs()
 with initialize_config_module("moe_pd.conf", version_base=None):

@@ -8,8 +8,7 @@ from omegaconf import OmegaConf
 
 from moe_pd.config import ConfigError, ModelConfig
 from moe_pd.config.hf import model_config_from_hf, resolve_model_config
-from moe_pd.config.store import register_configs
-from moe_pd.generate import to_config
+from moe_pd.config.store import register_configs, to_config
 
 register_configs()
 
