@@ -77,7 +77,7 @@ def _mla_decode_kernel(q_ptr, qpe_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr,
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent)
         m_i = m_new
-    out = acc / l_i[:, None]
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a padding slot (length 0) reads nothing, writes 0
     tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + cs[None, :], out.to(out_ptr.dtype.element_ty),
              mask=head_ok[:, None])
 
@@ -85,7 +85,8 @@ def _mla_decode_kernel(q_ptr, qpe_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr,
 def mla_decode(q_latent_BHC: torch.Tensor, q_pe_BHR: torch.Tensor, cache_PSW: torch.Tensor,
                block_tables_BM: torch.Tensor, seq_lens_B: torch.Tensor, softmax_scale: float,
                out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """[B, H, C] attention output in the latent space (every sequence must have seq_lens >= 1)."""
+    """[B, H, C] attention output in the latent space; a sequence with seq_lens 0 (a padding slot of a
+    CUDA graph's batch) reads no row and gets zeros."""
     check_tensor("q_latent_BHC", q_latent_BHC, 3)
     check_tensor("q_pe_BHR", q_pe_BHR, 3)
     check_tensor("cache_PSW", cache_PSW, 3)

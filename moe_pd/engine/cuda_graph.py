@@ -6,8 +6,8 @@
 
 A step copies its tokens and metadata into static buffers at the smallest bucket that fits, marks the
 other slots as padding, and replays that bucket's graph. Padding slots read token 0, write their latent
-into a scratch page the block manager never hands out, attend over that page's first row, and take no
-expert row (MaskedLocalDispatcher skips them), so real sequences never see them. Inside the graph the
+into a scratch page the block manager never hands out, have length 0 (the decode kernel reads nothing for
+them) and take no expert row (MaskedLocalDispatcher skips them), so real sequences never see them. Inside the graph the
 MoE runs on the masked layout (no host synchronisation) and attention in the paged-cache decode kernel,
 so the model needs the Triton ops (runtime.kernels). Without CUDA (or with capture=False) `run` executes
 the same static-buffer forward eagerly: that is how the CPU tests check it, under Triton's interpreter.
@@ -105,14 +105,15 @@ class DecodeGraphRunner:
                  time.perf_counter() - t0)
 
     def _pad(self, start: int, end: int) -> None:
-        """Slots [start, end) become padding: token 0 at the scratch page's first row."""
+        """Slots [start, end) become padding: token 0, written to the scratch page's first row, attending to
+        nothing (length 0: the decode kernel skips it) and routed to no expert."""
         if start >= end:
             return
         self.ids_B[start:end] = 0
         self.positions_B[start:end] = 0
         self.slots_B[start:end] = self.scratch_page * self.cache.block_size
         self.tables_BM[start:end] = self.scratch_page
-        self.seq_lens_B[start:end] = 1
+        self.seq_lens_B[start:end] = 0
         self.valid_B[start:end] = False
 
     def run(self, ids_B: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:

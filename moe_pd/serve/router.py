@@ -60,7 +60,9 @@ class InstanceClient:
 
     @property
     def up(self) -> bool:
-        return self.last_seen is not None and time.monotonic() - self.last_seen < self.timeout_s
+        """Answering heartbeats, with its ranks reporting."""
+        return (self.last_seen is not None and time.monotonic() - self.last_seen < self.timeout_s
+                and bool(self.ranks))
 
     @property
     def ranks(self) -> list[dict]:
@@ -89,9 +91,9 @@ class InstanceClient:
             self.last_seen = time.monotonic()
             if msg["op"] == "status":
                 self.status = msg
-                if not self._was_up:
+                if self.up and not self._was_up:
                     log.info("%s instance %s is up (%d ranks)", self.role, self.address, len(self.ranks))
-                self._was_up = True
+                    self._was_up = True
                 continue
             queue = self.listeners.get(msg.get("rid"))
             if queue is not None:

@@ -184,6 +184,7 @@ class Leader:
         """rid -> (router identity, rank) while the request lives here."""
         self.loads: list[RankLoad] = []
         self.prefix = PrefixIndex(engine.cache.block_size)
+        self._deferred: list[tuple[bytes, dict]] = []
         self._last_beat = 0.0
 
     def collect(self, wait_ms: float) -> dict[int, list[dict]]:
@@ -209,7 +210,10 @@ class Leader:
                     commands.setdefault(entry[1], []).append(msg)
             elif op in ("prefill", "reserve", "generate"):
                 new.append((identity, msg))
-        if new:
+        new, self._deferred = self._deferred + new, []
+        if new and not self.loads:  # before the ranks' first report: assign next iteration
+            self._deferred = new
+        elif new:
             self._assign(new, commands)
         return commands
 
@@ -222,8 +226,14 @@ class Leader:
             chosen = {}
             ranks = [DecodeRankLoad(load.rank, load.kv_used, load.kv_total, load.running + load.waiting,
                                     load.max_running) for load in self.loads]
-            for _, msg in new:
+            for identity, msg in new:
                 need = self.engine.pages_needed(len(msg["prompt"]), msg["max_tokens"])
+                if need > max(load.kv_total for load in self.loads):
+                    self._send(identity, {"op": "error", "rid": msg["rid"], "retry": False, "status": 400,
+                                          "message": f"the request needs {need} KV pages; a {self.cfg.role} rank "
+                                                     f"has {max(load.kv_total for load in self.loads)}"})
+                    chosen[msg["rid"]] = -1
+                    continue
                 excluded = set(msg.get("exclude") or [])
                 allowed = [r for r, load in zip(ranks, self.loads) if load.address not in excluded] or ranks
                 rank = pick_decode_rank(allowed, need)
@@ -233,6 +243,8 @@ class Leader:
                     chosen[msg["rid"]] = rank
         for identity, msg in new:
             rank = chosen.get(msg["rid"])
+            if rank == -1:  # refused above
+                continue
             if rank is None:
                 self._send(identity, {"op": "error", "rid": msg["rid"], "retry": True, "status": 503,
                                       "message": f"{self.name}: no rank has free KV pages and a free slot"})

@@ -169,6 +169,8 @@ def test_mla_decode_over_the_paged_cache(dtype):
     got = kernels.mla_decode(q, q_pe, cache, tables, lens, 0.15)
     want = kernels.mla_decode_reference(q, q_pe, cache, tables, lens, 0.15)
     assert ulp_close(got, want, ulps=2 if dtype == torch.bfloat16 else 4)
+    padded = kernels.mla_decode(q, q_pe, cache, tables, torch.tensor([0, 37, 0]), 0.15)  # padding slots
+    assert torch.equal(padded[0], torch.zeros_like(padded[0])) and torch.equal(padded[1], got[1])
 
 
 @pytest.mark.timeout(300)
@@ -216,7 +218,7 @@ def test_decode_graph_runner_pads_to_buckets_and_keeps_the_tokens():
     got = offline.generate(prompts, sampling)
     assert [c.output_ids for c in got] == [c.output_ids for c in want]
     assert seen == [3] * 4  # every decode step (5 tokens: the first comes from prefill) took the graph path
-    assert not runner.valid_B[3] and int(runner.seq_lens_B[3]) == 1 and int(runner.tables_BM[3, 0]) == 64
+    assert not runner.valid_B[3] and int(runner.seq_lens_B[3]) == 0 and int(runner.slots_B[3]) == 64 * 4
 
 
 def test_decode_graphs_need_the_kernels():
