@@ -89,7 +89,7 @@ def run(cfg: GenerateConfig, run_dir: str | None = None) -> list[dict]:
         hooks = ([eplb.on_step] if eplb else []) + [profiler.step]
         engine = OfflineEngine(model, cfg.kvcache, cfg.max_batch_size, state.device,
                                StepSync(state, recorder, dispatcher, hooks=hooks), cfg.overlap,
-                               cfg.max_num_batched_tokens, decode_graphs=graphs_wanted(cfg.runtime, state))
+                               cfg.max_num_batched_tokens, decode_graphs=graphs_wanted(cfg.runtime, state, model))
         with profiler:
             completions = engine.generate([prompt_ids[i] for i in mine], cfg.sampling, indices=mine)
         s = engine.stats

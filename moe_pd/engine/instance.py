@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from moe_pd.config.eplb import EplbConfig
+from moe_pd.config.errors import ConfigError
 from moe_pd.config.model import ModelConfig
 from moe_pd.config.parallel import ParallelConfig
 from moe_pd.config.runtime import RuntimeConfig
@@ -63,10 +64,16 @@ def start_watchdog(parallel: ParallelConfig, state: ParallelState, recorder: Fli
                     dump_dir).start()
 
 
-def graphs_wanted(runtime: RuntimeConfig, state: ParallelState) -> bool:
-    """runtime.cuda_graphs, for a one-process job (EP > 1 steps through collectives the graphs do not hold)."""
-    if runtime.cuda_graphs and state.world_size > 1:
+def graphs_wanted(runtime: RuntimeConfig, state: ParallelState, model: DeepseekForCausalLM) -> bool:
+    """runtime.cuda_graphs, for a one-process job (EP > 1 steps through collectives the graphs do not hold)
+    whose model runs the Triton kernels."""
+    if not runtime.cuda_graphs:
+        return False
+    if state.world_size > 1:
         log.warning("runtime.cuda_graphs is for one process (EP = 1); this job has %d ranks: running eagerly",
                     state.world_size)
         return False
-    return runtime.cuda_graphs
+    if model.ops is None or not model.ops.has_mla_decode:
+        raise ConfigError("runtime.cuda_graphs needs the Triton kernels: a CUDA device with runtime.kernels=auto "
+                          "or triton (on CPU: runtime.kernels=triton under TRITON_INTERPRET=1, tests only)")
+    return True

@@ -13,11 +13,13 @@ from moe_pd.config.errors import ConfigError, exit_on
 from moe_pd.config.hf import resolve_model_config
 from moe_pd.config.serve import ServeConfig
 from moe_pd.config.store import register_configs, to_config
+from moe_pd.engine.instance import graphs_wanted
 from moe_pd.engine.llm_engine import LLMEngine
 from moe_pd.engine.tokenizer import load_tokenizer
 from moe_pd.log import setup_logging
 from moe_pd.model.loader import CheckpointError, build_model
 from moe_pd.model.ops import select_ops
+from moe_pd.parallel.state import ParallelState
 from moe_pd.runtime import resolve_device, resolve_dtype
 from moe_pd.serve.api_server import build_app, serve_until_signalled
 from moe_pd.serve.engine_loop import EngineLoop
@@ -30,7 +32,7 @@ def make_server(cfg: ServeConfig) -> tuple[web.Application, EngineLoop]:
     device, dtype = resolve_device(cfg.runtime), resolve_dtype(cfg.runtime)
     model = build_model(model_cfg, device=device, dtype=dtype, ops=select_ops(cfg.runtime.kernels, device))
     engine = LLMEngine(model, cfg.kvcache, cfg.max_num_seqs, cfg.max_num_batched_tokens, device, overlap=cfg.overlap,
-                       decode_graphs=cfg.runtime.cuda_graphs)
+                       decode_graphs=graphs_wanted(cfg.runtime, ParallelState.single(1, device), model))
     loop = EngineLoop(engine).start()
     return build_app(loop, load_tokenizer(model_cfg), cfg.served_model_name, cfg.max_tokens_limit,
                      model_cfg.vocab_size, model_cfg.max_position_embeddings), loop

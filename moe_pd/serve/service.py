@@ -355,7 +355,7 @@ def run(cfg: ServiceConfig, run_dir: str | None = None) -> None:
         sync = StepSync(state, recorder, built.dispatcher, hooks=hooks)
         engine = LLMEngine(built.model, cfg.kvcache, cfg.max_num_seqs, cfg.max_num_batched_tokens, state.device,
                            sync, cfg.overlap, hold_finished_pages=cfg.role == "prefill",
-                           decode_graphs=graphs_wanted(cfg.runtime, state) and cfg.role != "prefill")
+                           decode_graphs=graphs_wanted(cfg.runtime, state, built.model) and cfg.role != "prefill")
         with profiler:
             serve_rank(cfg, engine, state.rank, state.world_size, state.backend, lambda: stop["requested"])
         log.info("%s rank %d stopped after %d engine steps", cfg.role, state.rank, engine.stats.steps)

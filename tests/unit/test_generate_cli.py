@@ -84,3 +84,9 @@ def test_checkpoint_tokenizer_json(hf_checkpoints, tmp_path):
     out = records(generate("model=path", f"model.path={path}", "prompts=[hello world]", "sampling.max_new_tokens=3"))
     assert out[0]["prompt_ids"] == [0, 5, 6]
     assert isinstance(out[0]["text"], str)
+
+
+def test_cuda_graphs_without_the_kernels_is_a_clear_error():
+    proc = subprocess.run([sys.executable, "-m", "moe_pd.generate", "prompts=[hi]", "runtime.cuda_graphs=true"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "runtime.cuda_graphs needs the Triton kernels" in proc.stderr
