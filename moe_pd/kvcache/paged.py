@@ -57,27 +57,31 @@ class AttentionBatch:
         block_size: int,
         device: torch.device | str = "cpu",
     ) -> "AttentionBatch":
-        """For sequences that already hold `context_lens` tokens and add `query_lens` new ones."""
-        positions, slots, starts = [], [], []
-        for table, ctx, n in zip(block_tables, context_lens, query_lens, strict=True):
-            starts.append(len(positions))
-            needed = -(-(ctx + n) // block_size)
-            if len(table) < needed:
-                raise ValueError(f"block table holds {len(table)} pages, {ctx + n} tokens need {needed}")
-            for pos in range(ctx, ctx + n):
-                positions.append(pos)
-                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        """For sequences that already hold `context_lens` tokens and add `query_lens` new ones. Positions
+        and cache slots are computed with tensor ops on the host (one pass, no per-token Python loop),
+        then copied to `device`."""
         width = max((len(t) for t in block_tables), default=0)
+        seq_lens = [c + n for c, n in zip(context_lens, query_lens, strict=True)]
+        for table, total in zip(block_tables, seq_lens, strict=True):
+            needed = -(-total // block_size)
+            if len(table) < needed:
+                raise ValueError(f"block table holds {len(table)} pages, {total} tokens need {needed}")
         tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
-        seq_lens = [c + n for c, n in zip(context_lens, query_lens)]
-        as_long = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+        query_B = torch.tensor(list(query_lens), dtype=torch.int64)
+        starts_B = torch.cumsum(query_B, 0) - query_B
+        seq_T = torch.repeat_interleave(torch.arange(len(tables)), query_B)
+        positions_T = torch.tensor(list(context_lens), dtype=torch.int64)[seq_T] + torch.arange(seq_T.numel()) \
+            - starts_B[seq_T]
+        tables_BM = torch.tensor(tables, dtype=torch.int64).reshape(len(tables), width)
+        slots_T = tables_BM[seq_T, positions_T // block_size] * block_size + positions_T % block_size
+        as_long = lambda v: torch.as_tensor(v, dtype=torch.int64).to(device)  # noqa: E731
         return AttentionBatch(
-            positions_T=as_long(positions),
-            slot_mapping_T=as_long(slots),
-            block_tables_BM=as_long(tables).reshape(len(tables), width),
+            positions_T=as_long(positions_T),
+            slot_mapping_T=as_long(slots_T),
+            block_tables_BM=as_long(tables_BM),
             seq_lens_B=as_long(seq_lens),
-            query_lens_B=as_long(list(query_lens)),
-            query_starts_B=as_long(starts),
+            query_lens_B=as_long(query_B),
+            query_starts_B=as_long(starts_B),
             max_seq_len=max(seq_lens, default=0),
             max_query_len=max(query_lens, default=0),
             host_tables=[list(t) for t in block_tables],

@@ -159,3 +159,19 @@ def test_the_readme_demo_client_runs_against_the_cluster(pd):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(streaming)" in proc.stdout and "KV transfers:" in proc.stdout, proc.stdout
     assert proc.stdout.count("(6 tokens, length)") + proc.stdout.count("tokens, stop)") == 2
+
+
+def test_bench_serving_measures_both_clusters(pd, colocated, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers.cluster import ROOT
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "perf/bench_serving.py"), "--pd-url", pd.url, "--colocated-url",
+                           colocated.url, "--rates", "8", "--requests", "6", "--input-len", "8,32", "--output-len", "2,6",
+                           "--json", str(out)], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert {m: results[m]["8.0"]["ok"] for m in ("pd", "colocated")} == {"pd": 6, "colocated": 6}
+    assert "goodput PD / colocated" in proc.stdout
