@@ -77,7 +77,12 @@ class InstanceClient:
         return sum(r["queued_tokens"] for r in self.ranks)
 
     def send(self, msg: dict) -> None:
-        self.socket.send(json.dumps(msg).encode(), zmq.NOBLOCK)
+        """Never blocks: toward an instance that is down, messages queue up to the socket's limit, then
+        are dropped (the instance then has nothing of ours to act on)."""
+        try:
+            self.socket.send(json.dumps(msg).encode(), zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("%s instance %s: send queue full, dropped %s", self.role, self.address, msg["op"])
 
     def listen(self, rid: str, queue: asyncio.Queue) -> None:
         self.listeners[rid] = queue
@@ -305,9 +310,9 @@ class ClusterBackend:
                     decode.send({"op": "abort", "rid": rid})  # prefill died before shipping: start over
                     return self._retry_or_fail(f"prefill instance {source.address} went down", started, last,
                                                set(), "")
-        except asyncio.CancelledError:
+        except BaseException:  # aborted by the client, or failed: nothing of this attempt may keep pages
             for inst in (decode, prefill):
-                if inst is not None:
+                if inst is not None and inst.up:
                     inst.send({"op": "abort", "rid": rid})
             raise
         finally:
