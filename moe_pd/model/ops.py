@@ -25,6 +25,7 @@ class TorchOps:
 
     name = "torch"
     has_mla_decode = False
+    """The torch path attends with MLA._absorbed over gathered latents; no paged decode kernel."""
 
     def gate(self, logits_TE: torch.Tensor, bias_E: torch.Tensor | None,
              cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,9 +42,6 @@ class TorchOps:
         for e, rows in enumerate(masked_m_E.tolist()):
             out[e, :rows] = grouped_swiglu(x_ECD[e, :rows], [rows], w13_EFD[e : e + 1], w2_EDF[e : e + 1])
         return out
-
-    def mla_decode(self, *args, **kwargs) -> torch.Tensor:
-        raise NotImplementedError("the torch path attends with MLA._absorbed")
 
 
 class TritonOps(TorchOps):

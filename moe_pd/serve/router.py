@@ -17,7 +17,6 @@ go to the others (or get 503), and /health reports the cluster degraded.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import time
@@ -125,8 +124,8 @@ class InstanceClient:
 class ClusterBackend:
     """The HTTP app's backend over the cluster's instances (see the module docstring)."""
 
-    def __init__(self, cfg: RouterConfig, max_context: int) -> None:
-        self.cfg, self.max_context = cfg, max_context
+    def __init__(self, cfg: RouterConfig) -> None:
+        self.cfg = cfg
         self.context = zmq.asyncio.Context()
         client = lambda address, role: InstanceClient(address, role, self.context, cfg.heartbeat_timeout_s)
         self.prefill = [client(a, "prefill") for a in cfg.prefill]
@@ -137,20 +136,11 @@ class ClusterBackend:
         self.prefix: PrefixIndex | None = None
         self._requests: dict[str, asyncio.Task] = {}
         self._tasks: list[asyncio.Task] = []
-        self._ids = itertools.count()
 
     async def start(self, metrics: Metrics) -> None:
         self.metrics = metrics
         for inst in self.instances:
             self._tasks += [asyncio.create_task(inst.receive()), asyncio.create_task(inst.watch())]
-
-    async def wait_ready(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while not all(inst.up for inst in self.instances):
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.05)
-        return True
 
     async def close(self) -> None:
         for task in [*self._requests.values(), *self._tasks]:
@@ -337,7 +327,7 @@ class ClusterBackend:
 
 async def serve(cfg: RouterConfig) -> None:
     model_cfg = resolve_model_config(cfg.model)
-    backend, metrics = ClusterBackend(cfg, model_cfg.max_position_embeddings), Metrics()
+    backend, metrics = ClusterBackend(cfg), Metrics()
     app = build_app(backend, load_tokenizer(model_cfg), cfg.served_model_name, cfg.max_tokens_limit,
                     model_cfg.vocab_size, model_cfg.max_position_embeddings, metrics)
     await backend.start(metrics)

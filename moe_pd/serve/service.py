@@ -94,7 +94,7 @@ class RankWorker:
     """One rank's requests: applies the leader's commands, steps, and reports events and load."""
 
     def __init__(self, cfg: ServiceConfig, engine: LLMEngine, rank: int) -> None:
-        self.role, self.engine, self.rank, self.max_running = cfg.role, engine, rank, cfg.max_num_seqs
+        self.engine, self.rank, self.max_running = engine, rank, cfg.max_num_seqs
         self.prefill = self.decode = None
         if cfg.role == "prefill":
             self.prefill = PrefillWorker(engine, KVSender(f"prefill-{rank}"), cfg.kv_timeout_s,
