@@ -81,7 +81,7 @@ def run(cfg: GenerateConfig, run_dir: str | None = None) -> list[dict]:
     recorder = FlightRecorder(cfg.parallel.flight_recorder_size)
     watchdog = start_watchdog(cfg.parallel, state, recorder, run_dir)
     try:
-        built = build_instance_model(model_cfg, cfg.parallel, cfg.eplb, state, dtype, recorder, cfg.runtime.kernels)
+        built = build_instance_model(model_cfg, cfg.parallel, cfg.eplb, state, dtype, recorder, cfg.runtime)
         model, dispatcher, eplb = built.model, built.dispatcher, built.eplb
         owner = balance_by_tokens([len(p) for p in prompt_ids], state.dp_size)
         mine = [i for i, r in enumerate(owner) if r == state.dp_rank]

@@ -12,8 +12,8 @@
    bandwidth. Target >= 60%.
 5. MLA decode attention, batch 64-128, context 4096, latent 512 + 64, 128 heads: bytes / time vs HBM
    bandwidth (target >= 70%), and flashinfer's MLA decode when it imports.
-6. A DeepSeek-V3 decode step at reduced depth (random bf16 weights, Triton kernels), eager vs CUDA graphs:
-   time per step and the fraction of the memory roofline (weights + KV read once per step).
+6. A DeepSeek-V3 decode step at reduced depth (random bf16 weights, Triton kernels): eager, CUDA graphs, and
+   graphs with FP8 experts; time per step and the fraction of the memory roofline (weights + KV read once).
 Times are medians of triton.testing.do_bench; inputs are random (never zeros) and rotate where they would
 fit in L2.
 """
@@ -151,6 +151,7 @@ def decode_step(bandwidth: float, quick: bool) -> None:
     from moe_pd.config.store import register_configs, to_config
     from moe_pd.engine.llm_engine import LLMEngine
     from moe_pd.kvcache.paged import AttentionBatch
+    from moe_pd.model.experts import RoutedExperts
     from moe_pd.model.ops import select_ops
     from moe_pd.model.transformer import DeepseekForCausalLM
 
@@ -174,21 +175,25 @@ def decode_step(bandwidth: float, quick: bool) -> None:
     model.use_ops(select_ops("triton", torch.device("cuda"))).eval().requires_grad_(False)
     batch, context = 64, 1024
     kv = KVCacheConfig(block_size=64, num_blocks=batch * context // 64 + 8)
-    results = {}
-    for graphs in (False, True):
-        engine = LLMEngine(model, kv, batch, 8192, "cuda", decode_graphs=graphs)
-        pages = context // 64
-        tables = [list(range(i * pages, (i + 1) * pages)) for i in range(batch)]
-        step = AttentionBatch.build(tables, [context - 1] * batch, [1] * batch, 64, "cuda")
-        ids = torch.randint(0, cfg.vocab_size, (batch,), device="cuda")
-        results[graphs] = bench(lambda: engine._forward(ids, step))
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                  if "embed" not in n and "lm_head" not in n)
+    pages = context // 64
+    tables = [list(range(i * pages, (i + 1) * pages)) for i in range(batch)]
+    step = AttentionBatch.build(tables, [context - 1] * batch, [1] * batch, 64, "cuda")
+    ids = torch.randint(0, cfg.vocab_size, (batch,), device="cuda")
     kv_bytes = batch * context * cfg.num_hidden_layers * 576 * 2
-    floor_ms = (weights + kv_bytes) / bandwidth / 1e6
-    row("decode step", f"V3 widths, {cfg.num_hidden_layers} layers, 32 experts, batch {batch}, context {context}",
-        f"eager {results[False]:.2f} ms", f"graphs {results[True]:.2f} ms ({results[False] / results[True]:.2f}x)",
-        f"roofline {floor_ms:.2f} ms: {floor_ms / results[True]:.0%} of it")
+    results = {}
+    for name, graphs, fp8 in (("eager", False, False), ("graphs", True, False), ("graphs + FP8 experts", True, True)):
+        if fp8:
+            for module in model.modules():
+                if isinstance(module, RoutedExperts):
+                    module.quantize_fp8()
+        engine = LLMEngine(model, kv, batch, 8192, "cuda", decode_graphs=graphs)
+        results[name] = ms = bench(lambda: engine._forward(ids, step))
+        weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                      if "embed" not in n and "lm_head" not in n)
+        floor_ms = (weights + kv_bytes) / bandwidth / 1e6
+        row("decode step", f"V3 widths, {cfg.num_hidden_layers} layers, 32 experts, batch {batch}, context {context}: "
+            f"{name}", f"{ms:.2f} ms", f"eager {results['eager'] / ms:.2f}x faster" if graphs else "",
+            f"memory roofline {floor_ms:.2f} ms: {floor_ms / ms:.0%} of it")
 
 
 def main() -> int:

@@ -29,9 +29,9 @@ timeout 180 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/
 timeout 270 python3 perf/bench_kernels.py --out "$OUT/kernels.md" 2>&1 | tee "$OUT/bench_kernels.txt" || status=1
 # The tiny model in bf16 on the GPU, then DeepSeek-V3 layer shapes at reduced depth and expert count
 # (random weights: 4 layers, 32 experts; random init of all 256 would take minutes on the host).
-# The second run goes through the Triton kernels with CUDA graphs.
+# The second run goes through the Triton kernels with CUDA graphs and FP8 experts.
 for preset in "model=tiny runtime.kernels=torch" \
-        "model=deepseek_v3 model.num_hidden_layers=4 model.n_routed_experts=32 model.max_position_embeddings=4096 runtime.cuda_graphs=true"; do
+        "model=deepseek_v3 model.num_hidden_layers=4 model.n_routed_experts=32 model.max_position_embeddings=4096 runtime.cuda_graphs=true runtime.fp8_experts=true"; do
     timeout 120 python3 -m moe_pd.generate $preset runtime=gpu 'prompt_ids=[[0,1,2,3,4,5,6,7],[0,9,8,7]]' \
         sampling.max_new_tokens=32 sampling.ignore_eos=true kvcache.num_blocks=256 runtime.log_level=INFO \
         2>&1 | tee -a "$OUT/generate_gpu.txt" || status=1

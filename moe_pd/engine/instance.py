@@ -36,9 +36,12 @@ class InstanceModel:
 
 
 def build_instance_model(model_cfg: ModelConfig, parallel: ParallelConfig, eplb: EplbConfig, state: ParallelState,
-                         dtype: torch.dtype, recorder: FlightRecorder, kernels: str = "auto") -> InstanceModel:
+                         dtype: torch.dtype, recorder: FlightRecorder, runtime: RuntimeConfig) -> InstanceModel:
     """This rank's share of the model: its expert slots (by the initial placement) behind the dispatcher,
-    running the kernels `kernels` selects (runtime.kernels)."""
+    running the kernels runtime.kernels selects, its experts in FP8 with runtime.fp8_experts."""
+    if runtime.fp8_experts and eplb.enabled and eplb.rebalance_every > 0:
+        raise ConfigError("runtime.fp8_experts with eplb.rebalance_every > 0: moving FP8 experts and their scales "
+                          "between ranks is not built yet")
     t0 = time.perf_counter()
     placement = initial_placement(eplb, state, model_cfg)
     dispatcher = make_dispatcher(parallel, state, model_cfg.hidden_size, placement, recorder,
@@ -46,7 +49,7 @@ def build_instance_model(model_cfg: ModelConfig, parallel: ParallelConfig, eplb:
     dispatcher.dynamic_routing = eplb.routing == "dynamic"
     model = build_model(model_cfg, device=state.device, dtype=dtype, dispatcher=dispatcher,
                         expert_ids=lambda layer: placement.rank_experts(state.ep_rank, layer),
-                        ops=select_ops(kernels, state.device))
+                        ops=select_ops(runtime.kernels, state.device), fp8_experts=runtime.fp8_experts)
     manager = make_eplb_manager(eplb, state, model_cfg, model, dispatcher)
     log.info("model %s (%s) ready in %.1f s; EP %d, %d expert slots per rank; %s kernels", model_cfg.architecture,
              model_cfg.path or "random weights", time.perf_counter() - t0, state.ep_size, state.experts_per_rank,

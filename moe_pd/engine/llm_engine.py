@@ -59,7 +59,7 @@ class LLMEngine:
         cfg = model.cfg
         self.model, self.device, self.sync, self.overlap = model, torch.device(device), sync, overlap
         self.max_context, self.eos = cfg.max_position_embeddings, cfg.eos_token_id
-        dtype = next(model.parameters()).dtype
+        dtype = model.model.embed_tokens.weight.dtype  # activations (FP8 expert weights are not)
         if decode_graphs and sync is not None and sync.state.world_size > 1:
             raise ValueError("decode graphs run one process (EP = 1); this engine has an EP group")
         # With graphs, one page past the allocator's is the scratch page that padding slots write to.

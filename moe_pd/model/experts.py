@@ -2,7 +2,9 @@
 
 Legend: T tokens, D hidden, F expert inner width, E local expert slots, N rows grouped by expert.
 Routed expert weights are stacked per local slot (gate and up fused, gate first, as transformers keeps
-them); `expert_ids[slot]` is the global expert id, which is what checkpoints and traces use.
+them); `expert_ids[slot]` is the global expert id, which is what checkpoints and traces use. With
+`quantize_fp8()` they are kept in FP8 e4m3 with one scale per 128x128 block (DeepSeek-V3's format) and
+activations are quantised per token and 128 channels on the way in, as the FP8 grouped GEMM takes them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moe_pd.model.fp8 import dequantize_act_1x128, dequantize_block_fp8, quantize_act_1x128, quantize_block_fp8
 
 
 class DenseMLP(nn.Module):
@@ -42,6 +46,26 @@ def grouped_swiglu(x_ND: torch.Tensor, counts_E: Sequence[int], w13_EFD: torch.T
     return out_ND
 
 
+def grouped_swiglu_fp8(x_ND: torch.Tensor, counts_E: Sequence[int], w13_EFD: torch.Tensor, s13_EIJ: torch.Tensor,
+                       w2_EDF: torch.Tensor, s2_EIJ: torch.Tensor) -> torch.Tensor:
+    """Reference of the FP8 expert MLP: the activations quantised 1x128 before each GEMM (as the kernels
+    take them), the block-scaled weights dequantised, fp32 math, the result in x's dtype."""
+    def through_fp8(a: torch.Tensor) -> torch.Tensor:
+        return dequantize_act_1x128(*quantize_act_1x128(a), torch.float32)
+
+    out_ND = x_ND.new_empty(x_ND.shape[0], w2_EDF.shape[1])
+    start = 0
+    for e, count in enumerate(counts_E):
+        if count == 0:
+            continue
+        rows = through_fp8(x_ND[start : start + count])
+        gate, up = F.linear(rows, dequantize_block_fp8(w13_EFD[e], s13_EIJ[e])).chunk(2, dim=-1)
+        h = through_fp8((F.silu(gate) * up).to(x_ND.dtype))
+        out_ND[start : start + count] = F.linear(h, dequantize_block_fp8(w2_EDF[e], s2_EIJ[e])).to(x_ND.dtype)
+        start += count
+    return out_ND
+
+
 class RoutedExperts(nn.Module):
     """The routed experts this rank holds, by global id."""
 
@@ -54,6 +78,27 @@ class RoutedExperts(nn.Module):
 
     ops = None
     """moe_pd.model.ops implementation (set by DeepseekForCausalLM.use_ops); None: grouped_swiglu."""
+    @property
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """FP8 weights: (gate_up [E, 2F/128, D/128], down [E, D/128, F/128]) block scales; None: unquantised."""
+        if "gate_up_scale" not in self._buffers:
+            return None
+        return self.gate_up_scale, self.down_scale
+
+    def quantize_fp8(self) -> None:
+        """Keeps the weights in FP8 e4m3 with 128x128 block scales (needs D and F in multiples of 128)."""
+        _, two_f, d = self.gate_up_proj.shape
+        if d % 128 or two_f % 256:
+            raise ValueError(f"FP8 experts need hidden and expert widths in multiples of 128, got {d}, {two_f // 2}")
+        quantized = []
+        for w in (self.gate_up_proj, self.down_proj):
+            pairs = [quantize_block_fp8(e) for e in w.detach()]
+            quantized.append((torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])))
+        (w13, s13), (w2, s2) = quantized
+        self.gate_up_proj = nn.Parameter(w13, requires_grad=False)
+        self.down_proj = nn.Parameter(w2, requires_grad=False)
+        self.register_buffer("gate_up_scale", s13)
+        self.register_buffer("down_scale", s2)
 
     @property
     def num_local_experts(self) -> int:
@@ -65,7 +110,10 @@ class RoutedExperts(nn.Module):
         if x_ND.dim() == 3:
             if self.ops is None:
                 raise RuntimeError("the masked layout needs moe_pd.model.ops (DeepseekForCausalLM.use_ops)")
-            return self.ops.experts_masked(x_ND, counts_E, self.gate_up_proj, self.down_proj)
+            return self.ops.experts_masked(x_ND, counts_E, self.gate_up_proj, self.down_proj, self.scales)
         if self.ops is not None:
-            return self.ops.experts(x_ND, counts_E, self.gate_up_proj, self.down_proj)
+            return self.ops.experts(x_ND, counts_E, self.gate_up_proj, self.down_proj, self.scales)
+        if self.scales is not None:
+            return grouped_swiglu_fp8(x_ND, counts_E.tolist(), self.gate_up_proj, self.scales[0], self.down_proj,
+                                      self.scales[1])
         return grouped_swiglu(x_ND, counts_E.tolist(), self.gate_up_proj, self.down_proj)

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from moe_pd.config.model import ModelConfig
+from moe_pd.model.experts import RoutedExperts
 from moe_pd.model.fp8 import FP8_DTYPE, dequantize_block_fp8
 from moe_pd.model.gate import Gate
 from moe_pd.model.transformer import DeepseekForCausalLM, ExpertIds
@@ -165,11 +166,13 @@ def build_model(
     dispatcher: Dispatcher | None = None,
     source: TensorSource | None = None,
     ops=None,
+    fp8_experts: bool = False,
 ) -> DeepseekForCausalLM:
     """Builds the model without initialising memory twice, then loads every tensor.
 
     `source` defaults to the checkpoint at cfg.path, or seeded random weights when it is None. `ops`
     (moe_pd.model.ops.select_ops) picks kernels or torch references; None keeps the references.
+    `fp8_experts` keeps the routed experts in FP8 with 128x128 block scales (RoutedExperts.quantize_fp8).
     """
     if source is None:
         source = SafetensorsSource(cfg.path) if cfg.path else RandomSource(cfg.init_seed, cfg.init_std)
@@ -181,6 +184,10 @@ def build_model(
             module.float()
     model.model.rotary.reset_parameters()
     load_weights(model, source)
+    if fp8_experts:
+        for module in model.modules():
+            if isinstance(module, RoutedExperts):
+                module.quantize_fp8()
     if ops is not None:
         model.use_ops(ops)
     return model.eval().requires_grad_(False)

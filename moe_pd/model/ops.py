@@ -16,7 +16,7 @@ import torch
 
 from moe_pd.config.errors import ConfigError
 from moe_pd.config.model import ModelConfig
-from moe_pd.model.experts import grouped_swiglu
+from moe_pd.model.experts import grouped_swiglu, grouped_swiglu_fp8
 from moe_pd.model.gate import route
 
 
@@ -31,16 +31,21 @@ class TorchOps:
              cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
         return route(logits_TE, bias_E, cfg)
 
-    def experts(self, x_ND: torch.Tensor, counts_E: torch.Tensor, w13_EFD: torch.Tensor,
-                w2_EDF: torch.Tensor) -> torch.Tensor:
+    def experts(self, x_ND: torch.Tensor, counts_E: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor,
+                scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Rows grouped by expert slot; `scales`: the FP8 weights' block scales (RoutedExperts.scales)."""
+        if scales is not None:
+            return grouped_swiglu_fp8(x_ND, counts_E.tolist(), w13_EFD, scales[0], w2_EDF, scales[1])
         return grouped_swiglu(x_ND, counts_E.tolist(), w13_EFD, w2_EDF)
 
     def experts_masked(self, x_ECD: torch.Tensor, masked_m_E: torch.Tensor, w13_EFD: torch.Tensor,
-                       w2_EDF: torch.Tensor) -> torch.Tensor:
+                       w2_EDF: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The masked layout [E, capacity, D] with masked_m_E valid rows per expert (rows past it: 0)."""
         out = x_ECD.new_zeros(*x_ECD.shape[:2], w2_EDF.shape[1])
         for e, rows in enumerate(masked_m_E.tolist()):
-            out[e, :rows] = grouped_swiglu(x_ECD[e, :rows], [rows], w13_EFD[e : e + 1], w2_EDF[e : e + 1])
+            one = (scales[0][e : e + 1], scales[1][e : e + 1]) if scales is not None else None
+            out[e, :rows] = self.experts(x_ECD[e, :rows], torch.tensor([rows]), w13_EFD[e : e + 1],
+                                         w2_EDF[e : e + 1], one)
         return out
 
 
@@ -62,20 +67,32 @@ class TritonOps(TorchOps):
         return self.k.fused_gate(logits_TE, bias_E, cfg.num_experts_per_tok, cfg.scoring_func, cfg.topk_method,
                                  cfg.n_group, cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor)
 
-    def experts(self, x_ND, counts_E, w13_EFD, w2_EDF):
+    def experts(self, x_ND, counts_E, w13_EFD, w2_EDF, scales=None):
         """Rows arrive grouped by local expert (counts_E); they go to the 128-aligned contiguous layout,
-        through the two grouped GEMMs, and back."""
+        through the two grouped GEMMs (FP8 when the weights are), and back."""
         if x_ND.shape[0] == 0:
             return x_ND.new_empty(0, w2_EDF.shape[1])
         dest_N1, m_indices_M = self.k.contiguous_layout_from_counts(counts_E)
-        x_MD = self.k.permute(x_ND, dest_N1, m_indices_M.numel())
-        h_MF = self.k.grouped_gemm(x_MD, w13_EFD, m_indices=m_indices_M, swiglu=True)
-        y_MD = self.k.grouped_gemm(h_MF, w2_EDF, m_indices=m_indices_M)
+        # FP8: padding rows zeroed, so quantising the whole layout sees no stale memory
+        x_MD = self.k.permute(x_ND, dest_N1, m_indices_M.numel(), zero_fill=scales is not None)
+        y_MD = self._mlp(x_MD, w13_EFD, w2_EDF, scales, x_ND.dtype, m_indices=m_indices_M)
         return self.k.unpermute(y_MD, dest_N1)
 
-    def experts_masked(self, x_ECD, masked_m_E, w13_EFD, w2_EDF):
-        h_ECF = self.k.grouped_gemm(x_ECD, w13_EFD, masked_m=masked_m_E, swiglu=True)
-        return self.k.grouped_gemm(h_ECF, w2_EDF, masked_m=masked_m_E)
+    def experts_masked(self, x_ECD, masked_m_E, w13_EFD, w2_EDF, scales=None):
+        return self._mlp(x_ECD, w13_EFD, w2_EDF, scales, x_ECD.dtype, masked_m=masked_m_E)
+
+    def _mlp(self, x, w13, w2, scales, dtype, **layout):
+        """SwiGLU grouped GEMM then the down grouped GEMM; with FP8 weights each input is quantised 1x128."""
+        if scales is None:
+            return self.k.grouped_gemm(self.k.grouped_gemm(x, w13, swiglu=True, **layout), w2, **layout)
+        q, s = self._quantize(x)
+        h = self.k.grouped_gemm(q, w13, swiglu=True, a_scale=s, b_scale=scales[0], out_dtype=dtype, **layout)
+        q, s = self._quantize(h)
+        return self.k.grouped_gemm(q, w2, a_scale=s, b_scale=scales[1], out_dtype=dtype, **layout)
+
+    def _quantize(self, x):
+        q, s = self.k.quantize_act(x.reshape(-1, x.shape[-1]))
+        return q.view(x.shape), s.view(*x.shape[:-1], -1)
 
     def mla_decode(self, q_latent_BHC, q_pe_BHR, cache_PSW, block_tables_BM, seq_lens_B, softmax_scale):
         return self.k.mla_decode(q_latent_BHC, q_pe_BHR, cache_PSW, block_tables_BM, seq_lens_B, softmax_scale)

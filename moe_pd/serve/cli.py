@@ -30,7 +30,8 @@ log = logging.getLogger("moe_pd.serve")
 def make_server(cfg: ServeConfig) -> tuple[web.Application, EngineLoop]:
     model_cfg = resolve_model_config(cfg.model)
     device, dtype = resolve_device(cfg.runtime), resolve_dtype(cfg.runtime)
-    model = build_model(model_cfg, device=device, dtype=dtype, ops=select_ops(cfg.runtime.kernels, device))
+    model = build_model(model_cfg, device=device, dtype=dtype, ops=select_ops(cfg.runtime.kernels, device),
+                        fp8_experts=cfg.runtime.fp8_experts)
     engine = LLMEngine(model, cfg.kvcache, cfg.max_num_seqs, cfg.max_num_batched_tokens, device, overlap=cfg.overlap,
                        decode_graphs=graphs_wanted(cfg.runtime, ParallelState.single(1, device), model))
     loop = EngineLoop(engine).start()

@@ -349,7 +349,7 @@ def run(cfg: ServiceConfig, run_dir: str | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
     try:
-        built = build_instance_model(model_cfg, cfg.parallel, cfg.eplb, state, dtype, recorder, cfg.runtime.kernels)
+        built = build_instance_model(model_cfg, cfg.parallel, cfg.eplb, state, dtype, recorder, cfg.runtime)
         profiler = RankProfiler(cfg.profile, run_dir or ".", cfg.role, state.rank)
         hooks = ([built.eplb.on_step] if built.eplb else []) + [profiler.step]
         sync = StepSync(state, recorder, built.dispatcher, hooks=hooks)

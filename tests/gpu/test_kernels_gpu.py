@@ -115,3 +115,18 @@ def test_decode_step_graph_replay_equals_the_eager_step():
     assert [c.output_ids for c in graphs.generate(prompts, sampling)] == [c.output_ids for c in eager]
     reference = OfflineEngine(build_model(TINY, device=CUDA), kv, 4, CUDA).generate(prompts, sampling)
     assert [c.output_ids for c in eager] == [c.output_ids for c in reference]
+
+
+def test_fp8_experts_kernels_match_their_reference():
+    from dataclasses import replace
+
+    from helpers.runner import forward_logits
+    from helpers.tiny import TINY
+    from moe_pd.model.loader import build_model
+    from moe_pd.model.ops import select_ops
+
+    cfg = replace(TINY, hidden_size=256, moe_intermediate_size=128)
+    prompts = [[256, *range(1, 60)], [256, 7, 7, 7]]
+    reference = torch.cat(forward_logits(build_model(cfg, device=CUDA, fp8_experts=True), prompts))
+    model = build_model(cfg, device=CUDA, fp8_experts=True, ops=select_ops("triton", torch.device(CUDA)))
+    assert rel_err(torch.cat(forward_logits(model, prompts)), reference) < 1e-3

@@ -9,8 +9,9 @@ from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
 
 def fresh_cache(model, num_blocks: int = 64, block_size: int = 4) -> PagedLatentCache:
     cfg = model.cfg
+    weight = model.model.embed_tokens.weight  # the activation dtype (FP8 expert weights are not)
     return PagedLatentCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
-                            dtype=next(model.parameters()).dtype)
+                            dtype=weight.dtype, device=weight.device)
 
 
 def forward_logits(model, prompts: list[list[int]], block_size: int = 4, attn_mode: str = "auto") -> list[torch.Tensor]:
@@ -22,8 +23,9 @@ def forward_logits(model, prompts: list[list[int]], block_size: int = 4, attn_mo
         # Hand out pages in reverse so tables are not contiguous: exercises the page indirection.
         tables.append(list(range(next_block + n - 1, next_block - 1, -1)))
         next_block += n
-    batch = AttentionBatch.build(tables, [0] * len(prompts), [len(p) for p in prompts], block_size)
-    ids = torch.tensor([t for p in prompts for t in p])
+    device = cache.kv_LPSW.device
+    batch = AttentionBatch.build(tables, [0] * len(prompts), [len(p) for p in prompts], block_size, device)
+    ids = torch.tensor([t for p in prompts for t in p], device=device)
     with torch.inference_mode():
         logits = model.logits(model(ids, batch, cache, attn_mode))
     return list(logits.split([len(p) for p in prompts]))
