@@ -46,15 +46,17 @@ class PrefillWorker:
         self.engine.add_request(request_id, prompt_ids, 1, params, seed, ignore_eos=True)
         self.destinations[request_id] = decode_address
 
-    def cancel(self, request_id: str) -> None:
-        """An aborted request is dropped wherever it is and never reaches decode."""
-        self.sender.cancel(request_id)
+    def cancel(self, request_id: str) -> Transfer | None:
+        """An aborted request is dropped wherever it is and never reaches decode. Returns its transfer if
+        one was in flight (now CANCELLED)."""
+        transfer = self.sender.cancel(request_id)
         self.engine.abort(request_id)
         self.destinations.pop(request_id, None)
         self.first_tokens.pop(request_id, None)
         seq = self._shipping.pop(request_id, None)
         if seq is not None:
             self.engine.scheduler.release(seq)
+        return transfer
 
     @property
     def has_work(self) -> bool:

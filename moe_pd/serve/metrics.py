@@ -1,8 +1,8 @@
 """Prometheus metrics of the HTTP front (the one-process server or the PD router), one registry per app.
 
 Request metrics (TTFT, TPOT, outcomes, tokens) are observed by the HTTP handlers; instance gauges (queue
-lengths, KV usage) are refreshed from the backend at each scrape, labelled by instance; KV-transfer
-metrics come from the prefill instances' reports."""
+lengths, KV usage, transfers by final state) are refreshed from the instances' heartbeats at each scrape,
+labelled by instance; transfer bytes and latency come from each finished request's prefill report."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ class Metrics:
         self.transfer_seconds = Histogram("moe_pd_kv_transfer_seconds", "KV transfer time, send to answer",
                                           registry=r, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                                                0.1, 0.25, 0.5, 1, 5, 30))
-        self.transfers = Counter("moe_pd_kv_transfers", "KV transfers by final state", ["state"], registry=r)
+        self.transfers = Gauge("moe_pd_kv_transfers", "KV transfers a prefill instance finished since it started, "
+                               "by final state", [*labels, "state"], registry=r)
         self.retries = Counter("moe_pd_retries", "Requests re-run on another decode rank after a failed transfer",
                                registry=r)
 
@@ -45,3 +46,9 @@ class Metrics:
         self.waiting.labels(name, role).set(sum(x["waiting"] for x in ranks))
         self.kv_pages.labels(name, role).set(used)
         self.kv_usage.labels(name, role).set(used / total if total else 0.0)
+        states: dict[str, int] = {}
+        for rank in ranks:
+            for state, count in rank.get("transfers", {}).items():
+                states[state] = states.get(state, 0) + count
+        for state, count in states.items():
+            self.transfers.labels(name, role, state).set(count)

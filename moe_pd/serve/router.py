@@ -319,7 +319,6 @@ class ClusterBackend:
         return why
 
     def _observe_transfer(self, msg: dict) -> None:
-        self.metrics.transfers.labels(msg["state"]).inc()
         if msg["state"] == "done":
             self.metrics.transfer_bytes.inc(msg["nbytes"])
             self.metrics.transfer_seconds.observe(msg["latency_s"])

@@ -32,7 +32,8 @@ import logging
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 
 import hydra
 import torch.distributed as dist
@@ -84,6 +85,9 @@ class RankLoad:
     """Requests aborted since start-up."""
     pid: int = 0
     """The rank's process id."""
+    transfers: dict[str, int] = field(default_factory=dict)
+    """Prefill ranks: KV transfers finished since start-up, by final state (done, timed_out, rejected,
+    cancelled: aborted while on the wire)."""
 
 
 def sampling(params: dict) -> SamplingParams:
@@ -95,6 +99,7 @@ class RankWorker:
 
     def __init__(self, cfg: ServiceConfig, engine: LLMEngine, rank: int) -> None:
         self.engine, self.rank, self.max_running = engine, rank, cfg.max_num_seqs
+        self.transfers: Counter[str] = Counter()
         self.prefill = self.decode = None
         if cfg.role == "prefill":
             self.prefill = PrefillWorker(engine, KVSender(f"prefill-{rank}"), cfg.kv_timeout_s,
@@ -117,14 +122,15 @@ class RankWorker:
         return RankLoad(self.rank, self.engine.allocator.num_used, self.engine.allocator.num_blocks,
                         len(scheduler.running) + len(scheduler.receiving), len(scheduler.waiting), queued,
                         self.max_running, self.decode.address if self.decode else "", transit,
-                        scheduler.cached_tokens, scheduler.aborted, os.getpid())
+                        scheduler.cached_tokens, scheduler.aborted, os.getpid(), dict(self.transfers))
 
     def apply(self, cmd: dict) -> list[dict]:
         op, rid = cmd["op"], cmd.get("rid")
         try:
             if op == "abort":
                 if self.prefill:
-                    self.prefill.cancel(rid)
+                    if self.prefill.cancel(rid) is not None:
+                        self.transfers["cancelled"] += 1
                 elif self.decode:
                     self.decode.abort(rid)
                 else:
@@ -146,10 +152,12 @@ class RankWorker:
 
     def step(self, run_engine: bool) -> list[dict]:
         if self.prefill:
+            results = self.prefill.step(run_engine)
+            self.transfers.update(r.state.value for r in results if r.first_token >= 0)
             return [{"op": "error", "rid": r.request_id, "message": r.detail, "retry": False} if r.first_token < 0
                     else {"op": "prefilled", "rid": r.request_id, "state": r.state.value, "detail": r.detail,
                           "nbytes": r.nbytes, "latency_s": r.latency_s}
-                    for r in self.prefill.step(run_engine)]
+                    for r in results]
         outputs = self.decode.step(run_engine) if self.decode else (self.engine.step()[1] if run_engine else [])
         return [self._tokens(out) for out in outputs]
 

@@ -147,6 +147,11 @@ class Cluster:
                 proc.wait()
 
 
+def transfers(metrics: dict[str, float], state: str) -> float:
+    """KV transfers the prefill instances finished in `state`, as the router's /metrics says."""
+    return sum(v for k, v in metrics.items() if k.startswith("moe_pd_kv_transfers{") and f'state="{state}"' in k)
+
+
 # clients -------------------------------------------------------------------------------------------------
 async def complete(url: str, body: dict, path: str = "/v1/completions") -> tuple[int, dict]:
     async with aiohttp.ClientSession() as s:

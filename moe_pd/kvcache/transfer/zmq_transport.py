@@ -111,12 +111,14 @@ class KVSender:
             self.sockets[address] = sock
         return self.sockets[address]
 
-    def cancel(self, request_id: str) -> None:
-        """Marks an aborted request: it will not be sent, and an in-flight one is dropped on its answer."""
+    def cancel(self, request_id: str) -> Transfer | None:
+        """Marks an aborted request: it will not be sent, and an in-flight one is dropped on its answer.
+        Returns the in-flight transfer it ended (None if there was none)."""
         self._cancelled.add(request_id)
         transfer = self.in_flight.pop(request_id, None)
         if transfer:
             transfer.finish(TransferState.CANCELLED, "aborted")
+        return transfer
 
     def send(self, request_id: str, address: str, kv_LPSW: torch.Tensor, pages: list[int], num_tokens: int,
              first_token: int, timeout_s: float, rng_state: str = "", drop: bool = False) -> Transfer:
