@@ -9,6 +9,7 @@ order, until a new allocation needs them.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -25,6 +26,15 @@ class Page:
 
 def chain_hash(previous: int | None, tokens: tuple[int, ...]) -> int:
     return hash((previous, tokens))
+
+
+def full_pages(token_ids: list[int], block_size: int) -> Iterator[tuple[int, tuple[int, ...]]]:
+    """(chained hash, tokens) of each full leading page of `token_ids`, lazily (a lookup may stop early)."""
+    previous = None
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        tokens = tuple(token_ids[start : start + block_size])
+        previous = chain_hash(previous, tokens)
+        yield previous, tokens
 
 
 class BlockManager:
@@ -73,15 +83,12 @@ class BlockManager:
         """Cached pages holding the longest run of full leading blocks of `token_ids` (not referenced yet)."""
         if not self.enabled:
             return []
-        pages, previous = [], None
-        for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
-            tokens = tuple(token_ids[start : start + self.block_size])
-            h = chain_hash(previous, tokens)
+        pages = []
+        for h, tokens in full_pages(token_ids, self.block_size):
             page = self._by_hash.get(h)
             if page is None or self.pages[page].tokens != tokens:
                 break
             pages.append(page)
-            previous = h
         return pages
 
     def cached_prefix(self, token_ids: list[int]) -> list[int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from moe_pd.kvcache.block_manager import chain_hash
+from moe_pd.kvcache.block_manager import full_pages
 
 
 @dataclass
@@ -102,11 +102,7 @@ class PrefixIndex:
         self._pages: OrderedDict[tuple[str | int, int], None] = OrderedDict()
 
     def _hashes(self, token_ids: list[int]) -> list[int]:
-        out, previous = [], None
-        for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
-            previous = chain_hash(previous, tuple(token_ids[start:start + self.block_size]))
-            out.append(previous)
-        return out
+        return [h for h, _ in full_pages(token_ids, self.block_size)]
 
     def match(self, token_ids: list[int], owners: list) -> dict:
         """owner -> tokens of `token_ids` it probably caches (whole pages)."""
