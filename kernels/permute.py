@@ -37,28 +37,31 @@ def _ranks(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     return flat, ranks, counts
 
 
+def _contiguous(expert_R: torch.Tensor, rank_R: torch.Tensor, counts_E: torch.Tensor,
+                align: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (their expert, their rank within it) -> (dest row, m_indices) of the contiguous layout."""
+    padded = (counts_E + align - 1) // align * align
+    dest = (torch.cumsum(padded, 0) - padded)[expert_R] + rank_R
+    m_indices = torch.full((int(padded.sum()),), -1, dtype=torch.int32, device=counts_E.device)
+    m_indices[dest] = expert_R.to(torch.int32)
+    return dest, m_indices
+
+
 def contiguous_layout(topk_ids_TK: torch.Tensor, num_experts: int, align: int = ALIGN) -> tuple[torch.Tensor,
                                                                                                   torch.Tensor]:
     """(dest row [T, K] int64, m_indices [M] int32 with -1 on padding rows)."""
     flat, ranks, counts = _ranks(topk_ids_TK, num_experts)
-    padded = (counts + align - 1) // align * align
-    seg_start = torch.cumsum(padded, 0) - padded
-    dest = seg_start[flat] + ranks
-    m_indices = torch.full((int(padded.sum()),), -1, dtype=torch.int32, device=flat.device)
-    m_indices[dest] = flat.to(torch.int32)
+    dest, m_indices = _contiguous(flat, ranks, counts, align)
     return dest.view(topk_ids_TK.shape), m_indices
 
 
 def contiguous_layout_from_counts(counts_E: torch.Tensor, align: int = ALIGN) -> tuple[torch.Tensor, torch.Tensor]:
     """For rows already grouped by expert (counts_E rows each, in order): (dest row [N, 1], m_indices [M])."""
     counts = counts_E.to(torch.int64)
-    padded = (counts + align - 1) // align * align
-    seg_start = torch.cumsum(padded, 0) - padded
     starts = torch.cumsum(counts, 0) - counts
     expert_N = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-    dest = seg_start[expert_N] + torch.arange(expert_N.numel(), device=counts.device) - starts[expert_N]
-    m_indices = torch.full((int(padded.sum()),), -1, dtype=torch.int32, device=counts.device)
-    m_indices[dest] = expert_N.to(torch.int32)
+    rank_N = torch.arange(expert_N.numel(), device=counts.device) - starts[expert_N]
+    dest, m_indices = _contiguous(expert_N, rank_N, counts, align)
     return dest[:, None], m_indices
 
 
