@@ -18,7 +18,7 @@ import torch
 from moe_pd.config.kvcache import KVCacheConfig
 from moe_pd.config.overlap import OverlapConfig
 from moe_pd.engine.core.scheduler import Scheduler, StepPlan
-from moe_pd.engine.core.sequence import Sequence
+from moe_pd.engine.core.sequence import Sequence, prompt_problem
 from moe_pd.engine.cuda_graph import DecodeGraphRunner
 from moe_pd.engine.sampler import SamplingParams, sample
 from moe_pd.kvcache.block_manager import BlockManager
@@ -86,14 +86,11 @@ class LLMEngine:
                     params: SamplingParams = SamplingParams(), seed: int | None = None,
                     ignore_eos: bool = False) -> Sequence:
         """Queues a request; raises ValueError for one that can never run (empty, too long, bad ids)."""
-        vocab = self.model.cfg.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"request {request_id}: token ids outside [0, {vocab})")
+        problem = prompt_problem(prompt_ids, self.model.cfg.vocab_size, self.max_context)
+        if problem:
+            raise ValueError(f"request {request_id}: {problem}")
         seq = Sequence(list(prompt_ids), max_new_tokens, request_id=request_id, eos_token_id=self.eos,
                        ignore_eos=ignore_eos)
-        if len(prompt_ids) >= self.max_context:
-            raise ValueError(f"request {request_id}: prompt of {len(prompt_ids)} tokens does not fit the context "
-                             f"of {self.max_context}")
         need = self.pages_needed(len(prompt_ids), max_new_tokens)
         if need > self.allocator.num_blocks:
             raise ValueError(f"request {request_id} needs {need} KV pages, the cache has {self.allocator.num_blocks}")

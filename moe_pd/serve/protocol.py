@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moe_pd.engine.core.sequence import prompt_problem
 from moe_pd.engine.sampler import SamplingParams
 
 
@@ -89,10 +90,7 @@ def parse_request(body: object, chat: bool, served_models: list[str], max_tokens
 
 
 def check_prompt(prompt_ids: list[int], vocab_size: int, max_context: int) -> None:
-    """A prompt the model can take: ids in the vocabulary, room left in the context to generate."""
-    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
-    if bad:
-        raise APIError(f"'prompt' has token ids outside [0, {vocab_size}): {bad[:5]}", param="prompt")
-    if len(prompt_ids) >= max_context:
-        raise APIError(f"the prompt of {len(prompt_ids)} tokens does not fit the context of {max_context} tokens",
-                       param="prompt")
+    """A prompt the model can take (the engine's own check, answered as a 400 before any engine sees it)."""
+    problem = prompt_problem(prompt_ids, vocab_size, max_context)
+    if problem:
+        raise APIError(problem, param="prompt")

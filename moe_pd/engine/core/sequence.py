@@ -18,6 +18,17 @@ class Status(enum.Enum):
 _ids = itertools.count()
 
 
+def prompt_problem(prompt_ids: list[int], vocab_size: int, max_context: int) -> str | None:
+    """Why the model cannot take this prompt (ids outside the vocabulary, no room left in the context to
+    generate), or None. The engine and the HTTP front both check with it."""
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        return f"token ids outside [0, {vocab_size}): {bad[:5]}"
+    if len(prompt_ids) >= max_context:
+        return f"prompt of {len(prompt_ids)} tokens does not fit the context of {max_context}"
+    return None
+
+
 @dataclass
 class Sequence:
     prompt_ids: list[int]
