@@ -5,27 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moe_pd.config.eplb import EplbConfig
+from moe_pd.config.engine import EngineConfig, RankGroupConfig
 from moe_pd.config.errors import check
-from moe_pd.config.kvcache import KVCacheConfig
 from moe_pd.config.model import ModelConfig
-from moe_pd.config.overlap import OverlapConfig, ProfileConfig
-from moe_pd.config.parallel import ParallelConfig
-from moe_pd.config.runtime import RuntimeConfig
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(EngineConfig):
     """An OpenAI-compatible HTTP server over one engine."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Architecture (or checkpoint path)."""
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    """Device and precision."""
-    kvcache: KVCacheConfig = field(default_factory=KVCacheConfig)
-    """Paged latent cache."""
-    overlap: OverlapConfig = field(default_factory=OverlapConfig)
-    """Two-micro-batch overlap (meaningful with expert parallelism)."""
     host: str = "127.0.0.1"
     """Address to listen on."""
     port: int = 8000
@@ -34,20 +22,18 @@ class ServeConfig:
     """The model id clients send in 'model' and /v1/models lists."""
     max_num_seqs: int = 64
     """Requests generated together."""
-    max_num_batched_tokens: int = 4096
-    """Token budget of one engine step (decodes first, then prefill chunks)."""
     max_tokens_limit: int = 4096
     """Largest 'max_tokens' a request may ask for."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(0 <= self.port < 65536, "port", self.port, "must be in [0, 65535]")
         check(self.max_num_seqs > 0, "max_num_seqs", self.max_num_seqs, "must be > 0")
-        check(self.max_num_batched_tokens > 0, "max_num_batched_tokens", self.max_num_batched_tokens, "must be > 0")
         check(self.max_tokens_limit > 0, "max_tokens_limit", self.max_tokens_limit, "must be > 0")
 
 
 @dataclass
-class ServiceConfig:
+class ServiceConfig(RankGroupConfig):
     """One instance of a PD cluster: a torchrun job of ranks that step together (EP MoE, DP attention).
 
     Its leader (rank 0) listens for routers on `host:port`; decode ranks also listen for KV transfers on
@@ -56,20 +42,6 @@ class ServiceConfig:
     role: str = "prefill"
     """prefill (prompts -> first token + KV shipped to decode), decode (KV in -> tokens out), or colocated
     (both phases in one instance: the baseline)."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Architecture (or checkpoint path)."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """Rank layout (EP over every rank of the job)."""
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    """Device and precision."""
-    kvcache: KVCacheConfig = field(default_factory=KVCacheConfig)
-    """Paged latent cache, per rank."""
-    eplb: EplbConfig = field(default_factory=EplbConfig)
-    """Expert load balancing."""
-    overlap: OverlapConfig = field(default_factory=OverlapConfig)
-    """Two-micro-batch overlap of all-to-all and compute."""
-    profile: ProfileConfig = field(default_factory=ProfileConfig)
-    """Per-rank torch.profiler traces."""
     host: str = "127.0.0.1"
     """Address the leader's control socket binds to (0.0.0.0 for routers on other hosts)."""
     port: int = 9100
@@ -80,8 +52,6 @@ class ServiceConfig:
     """Host name prefill ranks use to reach this rank's KV receiver; '' means kv_host."""
     max_num_seqs: int = 64
     """Requests per rank generated together."""
-    max_num_batched_tokens: int = 4096
-    """Token budget of one engine step per rank."""
     kv_timeout_s: float = 60.0
     """A KV transfer not finished in this time fails and frees its pages: on prefill from the send, on decode
     from the reservation (so it also bounds the request's wait in the prefill queue)."""
@@ -93,11 +63,11 @@ class ServiceConfig:
     """Fault injection for tests: a prefill instance drops this many KV transfers instead of sending them."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.role in ("prefill", "decode", "colocated"), "role", self.role,
               "must be prefill, decode or colocated")
         check(0 <= self.port < 65536, "port", self.port, "must be in [0, 65535]")
         check(self.max_num_seqs > 0, "max_num_seqs", self.max_num_seqs, "must be > 0")
-        check(self.max_num_batched_tokens > 0, "max_num_batched_tokens", self.max_num_batched_tokens, "must be > 0")
         check(self.kv_timeout_s > 0, "kv_timeout_s", self.kv_timeout_s, "must be > 0")
         check(self.heartbeat_s > 0, "heartbeat_s", self.heartbeat_s, "must be > 0")
         check(self.idle_wait_ms >= 0, "idle_wait_ms", self.idle_wait_ms, "must be >= 0")

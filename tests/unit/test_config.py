@@ -119,14 +119,16 @@ def test_every_field_has_a_docstring():
     import ast
     import inspect
 
+    import moe_pd.config.engine as eng
     import moe_pd.config.generate as gen
     import moe_pd.config.kvcache as kv
     import moe_pd.config.model as model
     import moe_pd.config.parallel as par
     import moe_pd.config.runtime as rt
     import moe_pd.config.sampling as smp
+    import moe_pd.config.serve as srv
 
-    for module in (gen, kv, model, par, rt, smp):
+    for module in (eng, gen, kv, model, par, rt, smp, srv):
         tree = ast.parse(inspect.getsource(module))
         for cls in [n for n in tree.body if isinstance(n, ast.ClassDef)]:
             body = cls.body
