@@ -9,7 +9,7 @@ activations are quantised per token and 128 channels on the way in, as the FP8 g
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,19 +31,28 @@ class DenseMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def _per_expert(x_ND: torch.Tensor, counts_E: Sequence[int], out_dim: int,
+                mlp: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """Rows [start, start + counts[e]) through mlp(rows, e), for every slot e with rows."""
+    out_ND = x_ND.new_empty(x_ND.shape[0], out_dim)
+    start = 0
+    for e, count in enumerate(counts_E):
+        if count:
+            out_ND[start : start + count] = mlp(x_ND[start : start + count], e)
+            start += count
+    return out_ND
+
+
+def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def grouped_swiglu(x_ND: torch.Tensor, counts_E: Sequence[int], w13_EFD: torch.Tensor,
                    w2_EDF: torch.Tensor) -> torch.Tensor:
     """Reference grouped expert MLP: rows [start, start + counts[e]) go through expert slot e."""
-    out_ND = x_ND.new_empty(x_ND.shape[0], w2_EDF.shape[1])
-    start = 0
-    for e, count in enumerate(counts_E):
-        if count == 0:
-            continue
-        rows = x_ND[start : start + count]
-        gate, up = F.linear(rows, w13_EFD[e]).chunk(2, dim=-1)
-        out_ND[start : start + count] = F.linear(F.silu(gate) * up, w2_EDF[e])
-        start += count
-    return out_ND
+    return _per_expert(x_ND, counts_E, w2_EDF.shape[1],
+                       lambda rows, e: F.linear(_swiglu(F.linear(rows, w13_EFD[e])), w2_EDF[e]))
 
 
 def grouped_swiglu_fp8(x_ND: torch.Tensor, counts_E: Sequence[int], w13_EFD: torch.Tensor, s13_EIJ: torch.Tensor,
@@ -53,17 +62,11 @@ def grouped_swiglu_fp8(x_ND: torch.Tensor, counts_E: Sequence[int], w13_EFD: tor
     def through_fp8(a: torch.Tensor) -> torch.Tensor:
         return dequantize_act_1x128(*quantize_act_1x128(a), torch.float32)
 
-    out_ND = x_ND.new_empty(x_ND.shape[0], w2_EDF.shape[1])
-    start = 0
-    for e, count in enumerate(counts_E):
-        if count == 0:
-            continue
-        rows = through_fp8(x_ND[start : start + count])
-        gate, up = F.linear(rows, dequantize_block_fp8(w13_EFD[e], s13_EIJ[e])).chunk(2, dim=-1)
-        h = through_fp8((F.silu(gate) * up).to(x_ND.dtype))
-        out_ND[start : start + count] = F.linear(h, dequantize_block_fp8(w2_EDF[e], s2_EIJ[e])).to(x_ND.dtype)
-        start += count
-    return out_ND
+    def mlp(rows: torch.Tensor, e: int) -> torch.Tensor:
+        h = _swiglu(F.linear(through_fp8(rows), dequantize_block_fp8(w13_EFD[e], s13_EIJ[e])))
+        return F.linear(through_fp8(h.to(x_ND.dtype)), dequantize_block_fp8(w2_EDF[e], s2_EIJ[e])).to(x_ND.dtype)
+
+    return _per_expert(x_ND, counts_E, w2_EDF.shape[1], mlp)
 
 
 class RoutedExperts(nn.Module):
