@@ -50,13 +50,13 @@ def naive_exchange(x_TD, ids_TK, w_TK, local_experts, world):
 def worker(args) -> None:
     from moe_pd.parallel.dispatch.all_to_all import AllToAllDispatcher
     from moe_pd.parallel.placement import ExpertPlacement
-    from moe_pd.parallel.state import ParallelState
+    from moe_pd.parallel.state import ParallelState, join_process_group
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(args.backend)
+    join_process_group(args.backend)
     state = ParallelState(rank, world, rank, world, rank, world, rank, args.experts, device, args.backend,
                           dist.group.WORLD)
     placement = ExpertPlacement.contiguous(1, args.experts, 0, world)

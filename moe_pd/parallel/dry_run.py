@@ -18,7 +18,7 @@ from moe_pd.config.hf import resolve_model_config
 from moe_pd.config.store import register_configs, to_config
 from moe_pd.model.transformer import DeepseekForCausalLM
 from moe_pd.parallel.dispatch import make_dispatcher
-from moe_pd.parallel.state import ParallelState, default_placement, validate_layout
+from moe_pd.parallel.state import ParallelState, default_placement, join_process_group, validate_layout
 
 
 def describe_ids(ids: list[int]) -> str:
@@ -31,7 +31,7 @@ def dry_run(cfg: GenerateConfig) -> str:
     ep = validate_layout(world, cfg.parallel, model_cfg)
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    join_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         slots = model_cfg.n_routed_experts + cfg.parallel.num_redundant_experts
         states = [ParallelState(r, world, r % 8, ep, r, world, r, slots, torch.device("cpu"), "fake",

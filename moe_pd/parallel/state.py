@@ -76,6 +76,18 @@ def env_world() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def join_process_group(backend: str, **kwargs) -> None:
+    """dist.init_process_group, guarded against a torch quirk: torch.distributed.nn.functional binds
+    `group=group.WORLD` as default arguments when first imported, and torch imports it lazily (building a
+    model on the meta device does). Imported after the group exists, it keeps the group alive past
+    destroy_process_group, and gloo's threads then meet static destructors at exit, which can abort a rank
+    that finished cleanly ("terminate called without an active exception"). Imported first, the defaults
+    are None."""
+    import torch.distributed.nn.functional  # noqa: F401
+
+    dist.init_process_group(backend, **kwargs)
+
+
 def init_parallel(parallel: ParallelConfig, model: ModelConfig, device: torch.device) -> ParallelState:
     """Validates the layout, then joins the process group (a no-op for one process)."""
     rank, world, local_rank = env_world()
@@ -90,13 +102,16 @@ def init_parallel(parallel: ParallelConfig, model: ModelConfig, device: torch.de
     if not dist.is_initialized():
         # The process-group timeout is a backstop; the watchdog reports hangs long before it.
         timeout = datetime.timedelta(seconds=max(2 * parallel.collective_timeout_s, 600))
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+        join_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     return ParallelState(rank, world, local_rank, ep, rank, world, rank, slots, device, backend, dist.group.WORLD)
 
 
 def shutdown(state: ParallelState) -> None:
+    """Destroys the process groups and drops the state's handle on them, so the group is freed (and gloo
+    joins its threads) now, not by static destructors at exit (see join_process_group)."""
     if state.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+    object.__setattr__(state, "group", None)  # frozen for users; shutdown alone ends the group's life
 
 
 def default_placement(state: ParallelState, model: ModelConfig) -> ExpertPlacement:

@@ -22,7 +22,7 @@ from moe_pd.parallel.dispatch.all_to_all import AllToAllDispatcher, pack_fp8, un
 from moe_pd.parallel.dispatch.local import LocalDispatcher
 from moe_pd.parallel.dispatch.deepep import DeepEPDispatcher
 from moe_pd.parallel.placement import ExpertPlacement
-from moe_pd.parallel.state import ParallelState
+from moe_pd.parallel.state import ParallelState, join_process_group
 
 E, K, D, F = 16, 4, 128, 32
 
@@ -90,7 +90,7 @@ def check_hooks_defer_receive(state, placement) -> list[str]:
 
 
 def main() -> int:
-    dist.init_process_group("gloo")
+    join_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     state = ParallelState(rank, world, rank, world, rank, world, rank, E, torch.device("cpu"), "gloo", dist.group.WORLD)
     g = torch.Generator().manual_seed(1234)

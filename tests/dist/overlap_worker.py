@@ -6,7 +6,9 @@ micro-batches). Prints 'overlap matches' per rank or exits 1 with the largest re
 
 from __future__ import annotations
 
+import gc
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ from moe_pd.model.loader import build_model  # noqa: E402
 from moe_pd.overlap.micro_batch import split_step  # noqa: E402
 from moe_pd.overlap.schedule import DECODE, PREFILL, forward_two_micro_batches  # noqa: E402
 from moe_pd.parallel.dispatch import make_dispatcher  # noqa: E402
-from moe_pd.parallel.state import default_placement, init_parallel  # noqa: E402
+from moe_pd.parallel.state import default_placement, init_parallel, shutdown  # noqa: E402
 
 
 def main() -> int:
@@ -46,7 +48,16 @@ def main() -> int:
             overlapped = forward_two_micro_batches(model, split_step(step_ids, batch), caches[1], schedule)
         if plain.numel():
             worst = max(worst, float((plain - overlapped).abs().max() / plain.abs().max()))
-    dist.barrier() if dist.is_initialized() else None
+    group = weakref.ref(state.group) if state.group is not None else None
+    if dist.is_initialized():
+        dist.barrier()
+    # The model still holds the dispatcher and the state: shutdown must free the group all the same, or gloo's
+    # threads are left to static destructors, which can abort a rank after it passed.
+    shutdown(state)
+    gc.collect()
+    if group is not None and group() is not None:
+        print(f"rank {state.rank}: the process group outlived shutdown", file=sys.stderr)
+        return 1
     if worst > 1e-6:
         print(f"rank {state.rank}: overlapped differs from plain by {worst:.3g} (relative)", file=sys.stderr)
         return 1

@@ -10,13 +10,13 @@ import torch.distributed as dist
 
 from moe_pd.parallel.dispatch.all_to_all import AllToAllDispatcher
 from moe_pd.parallel.flight_recorder import FlightRecorder
-from moe_pd.parallel.state import ParallelState
+from moe_pd.parallel.state import ParallelState, join_process_group
 from moe_pd.parallel.watchdog import Watchdog, default_store
 
 
 def main() -> int:
     timeout, stall_rank, dump_dir = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    dist.init_process_group("gloo")
+    join_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     state = ParallelState(rank, world, rank, world, rank, world, rank, 8, torch.device("cpu"), "gloo", dist.group.WORLD)
     recorder = FlightRecorder()

@@ -9,7 +9,7 @@ import torch
 from moe_pd.model.experts import grouped_swiglu
 from moe_pd.parallel.dispatch.local import LocalDispatcher
 from moe_pd.parallel.placement import ExpertPlacement
-from moe_pd.parallel.state import ParallelState
+from moe_pd.parallel.state import ParallelState, join_process_group
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 E, K, D, F, T = 16, 4, 256, 64, 100
@@ -56,7 +56,7 @@ def test_all_to_all_on_nccl_world_of_one():
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda:0"))
+    join_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda:0"))
     try:
         state = ParallelState(0, 1, 0, 1, 0, 1, 0, E, torch.device("cuda:0"), "nccl", dist.group.WORLD)
         x, ids, w, w13, w2 = data()

@@ -111,7 +111,6 @@ class AllToAllDispatcher(Dispatcher):
         self.placement = placement
         self.routing_salt = state.rank
         self.num_local_experts = state.experts_per_rank
-        self.group = state.group
 
     def _record(self, op: str, tag: str, send: int, recv: int, nbytes: int) -> CommEntry | None:
         return self.recorder.start(op, tag, send, recv, nbytes) if self.recorder else None
@@ -122,7 +121,7 @@ class AllToAllDispatcher(Dispatcher):
 
     def _exchange(self, send: torch.Tensor, send_split: list[int], recv_split: list[int]):
         recv = send.new_empty(sum(recv_split), *send.shape[1:])
-        work = dist.all_to_all_single(recv, send, recv_split, send_split, group=self.group, async_op=True)
+        work = dist.all_to_all_single(recv, send, recv_split, send_split, group=self.state.group, async_op=True)
         return recv, work
 
     def begin_step(self, max_tokens_any_rank: int) -> None:
@@ -143,7 +142,7 @@ class AllToAllDispatcher(Dispatcher):
         send_counts_R = torch.bincount(send_rank_S, minlength=ranks)
         recv_counts_R = torch.empty_like(send_counts_R)
         entry = self._record("dispatch.counts", tag, ranks, ranks, 16 * ranks)
-        dist.all_to_all_single(recv_counts_R, send_counts_R, group=self.group)
+        dist.all_to_all_single(recv_counts_R, send_counts_R, group=self.state.group)
         self._done(entry)
         send_split, recv_split = send_counts_R.tolist(), recv_counts_R.tolist()
         self.record_received(layer, sum(recv_split))
