@@ -5,7 +5,8 @@
 #   NPROC_PER_NODE  ranks on this node (default 8 with CUDA, else 2)
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node rendezvous (default: one node, free ports)
 #   RUN_DIR         one hydra.run.dir for every rank (default runs/<role>/<date>)
-#   LOG_RANKS       local ranks whose output is shown (default 0; "all" shows every rank)
+#   LOG_RANKS       local ranks whose output is shown (default 0; "all" shows every rank); every rank's
+#                   stdout and stderr are also kept under $RUN_DIR/ranks/ (torchrun --log-dir --tee)
 #   PYTHON          interpreter (default .venv/bin/python, else python3)
 set -euo pipefail
 ROLE="$1"; shift
@@ -26,4 +27,5 @@ FILTER=()
 [ "${LOG_RANKS:-0}" != "all" ] && FILTER=(--local-ranks-filter="${LOG_RANKS:-0}")
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec "$PYTHON" -m torch.distributed.run "${RDZV[@]}" --nproc-per-node="$NPROC_PER_NODE" "${FILTER[@]}" \
+    --log-dir="$RUN_DIR/ranks" --tee=3 \
     -m moe_pd.serve.service --config-name "$ROLE" "hydra.run.dir=$RUN_DIR" "$@"

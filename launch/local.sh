@@ -60,28 +60,13 @@ fi
 PIDS+=($!)
 
 URL="http://127.0.0.1:$ROUTER_PORT"
-if ! "$PYTHON" - "$URL" "${READY_TIMEOUT:-300}" "${PIDS[@]}" <<'PY'
-import json, os, sys, time, urllib.request
-url, timeout, pids = sys.argv[1], float(sys.argv[2]), [int(p) for p in sys.argv[3:]]
-deadline = time.time() + timeout
-while time.time() < deadline:
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            sys.exit(f"a component exited during start-up (pid {pid})")
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as r:
-            if json.load(r)["status"] == "ok":
-                sys.exit(0)
-    except Exception:
-        pass
-    time.sleep(0.5)
-sys.exit(f"the cluster was not up after {timeout:.0f} s")
-PY
-then
+if ! "$PYTHON" -m moe_pd.serve.local_cluster wait "$URL" "${READY_TIMEOUT:-300}" "${PIDS[@]}"; then
     echo "start-up failed; the last lines of each log:" >&2
     for log in "$RUN_DIR"/*.log; do echo "== $log" >&2; tail -n 20 "$log" >&2; done
+    # Every rank's own output (the instance logs show rank 0's, which torchrun may stop before it prints).
+    echo "errors in the logs (lines, message):" >&2
+    grep -rhE --include='*.log' "(^|\]:)(error: |[A-Za-z_.]*(Error|Exception): )" "$RUN_DIR" \
+        | grep -v ChildFailedError | sed -E 's/^\[[a-z]+[0-9]+\]://' | sort | uniq -c | head -n 10 >&2 || true
     exit 1
 fi
 echo "moe_pd $MODE cluster ready: $URL/v1 (logs in $RUN_DIR)"

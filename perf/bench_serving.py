@@ -18,22 +18,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parents[1]
+from moe_pd.serve.local_cluster import LocalCluster
 
 
 @dataclass
@@ -117,51 +112,15 @@ def summarise(results: list[Result], elapsed: float, ttft_slo: float, tpot_slo: 
 
 
 # clusters ------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalCluster:
-    """launch/local.sh in the background, stopped on exit."""
-
-    def __init__(self, mode: str, ranks: tuple[int, int], overrides: list[str], run_dir: Path) -> None:
-        port = free_port()
-        prefill, decode = ranks
-        env = {**os.environ, "MODE": mode, "ROUTER_PORT": str(port), "PREFILL_PORT": str(free_port()),
-               "DECODE_PORT": str(free_port()), "PREFILL_RANKS": str(prefill), "DECODE_RANKS": str(decode),
-               "COLOCATED_RANKS": str(prefill + decode), "RUN_DIR": str(run_dir / mode),
-               "PYTHON": sys.executable}
-        extra = []
-        slots = 16  # the tiny model's routed experts
-        if mode == "colocated" and slots % (prefill + decode):
-            extra = [f"parallel.num_redundant_experts={-slots % (prefill + decode)}"]  # so the ranks divide the slots
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = open(run_dir / f"{mode}.out", "w")
-        self.proc = subprocess.Popen(["bash", str(ROOT / "launch/local.sh"), *overrides, *extra], cwd=ROOT, env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the cluster exited; see {self.log.name}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if json.load(r)["status"] == "ok":
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"the cluster did not come up; see {self.log.name}")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+def start_cluster(mode: str, ranks: tuple[int, int], overrides: list[str], run_dir: Path) -> LocalCluster:
+    """launch/local.sh for `mode`: PD with `ranks` (prefill, decode), or colocated with their sum."""
+    prefill, decode = ranks
+    extra = []
+    slots = 16  # the tiny model's routed experts
+    if mode == "colocated" and slots % (prefill + decode):
+        extra = [f"parallel.num_redundant_experts={-slots % (prefill + decode)}"]  # so the ranks divide the slots
+    return LocalCluster(run_dir / mode, [*overrides, *extra], mode, env={
+        "PREFILL_RANKS": str(prefill), "DECODE_RANKS": str(decode), "COLOCATED_RANKS": str(prefill + decode)})
 
 
 def main() -> int:
@@ -190,7 +149,7 @@ def main() -> int:
     for mode, url in (("pd", args.pd_url), ("colocated", args.colocated_url)):
         cluster = None
         if url is None:
-            cluster = LocalCluster(mode, ranks, overrides, run_dir)
+            cluster = start_cluster(mode, ranks, overrides, run_dir)
             url = cluster.url
         try:
             if cluster:

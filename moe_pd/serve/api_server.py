@@ -20,6 +20,7 @@ import time
 import uuid
 
 from aiohttp import web
+from aiohttp.web_log import AccessLogger
 from prometheus_client import generate_latest
 
 from moe_pd.engine.tokenizer import Tokenizer
@@ -155,10 +156,18 @@ def build_app(backend: Backend, tokenizer: Tokenizer | None, model_name: str, ma
     return app
 
 
+class ProbeQuietAccessLogger(AccessLogger):
+    """aiohttp's access log without /health and /metrics, which load balancers and Prometheus poll."""
+
+    def log(self, request, response, time: float) -> None:
+        if request.path not in ("/health", "/metrics"):
+            super().log(request, response, time)
+
+
 async def serve_until_signalled(app: web.Application, host: str, port: int, banner: str) -> None:
     """Serves `app` until SIGINT or SIGTERM. `banner` is printed with {url} replaced by the real address
     (port 0 picks a free port)."""
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, access_log_class=ProbeQuietAccessLogger)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

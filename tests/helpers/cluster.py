@@ -1,4 +1,5 @@
-"""PD clusters on localhost for tests: launch/local.sh, or instances and a router started one by one.
+"""PD clusters on localhost for tests: launch/local.sh (moe_pd.serve.local_cluster), or instances and a router
+started one by one.
 
 Every port is a fresh free one, so clusters never collide; stopping sends SIGTERM to the ranks first and
 then to the launchers, and kills whatever is left after a grace period."""
@@ -9,23 +10,17 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import aiohttp
 
+from moe_pd.serve.local_cluster import LocalCluster, free_port, health, wait_healthy
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -43,14 +38,9 @@ class Cluster:
     def local(cls, run_dir: Path, *overrides: str, mode: str = "pd", **env: str) -> "Cluster":
         """launch/local.sh, as a user runs it."""
         cluster = cls(run_dir)
-        port = free_port()
-        full_env = {**_env(), "MODE": mode, "ROUTER_PORT": str(port), "PREFILL_PORT": str(free_port()),
-                    "DECODE_PORT": str(free_port()), "RUN_DIR": str(run_dir), "READY_TIMEOUT": "150", **env}
-        log = open(run_dir / "local.out", "w")
-        cluster.procs.append(subprocess.Popen(["bash", str(ROOT / "launch/local.sh"), *overrides], cwd=ROOT,
-                                              env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                                              start_new_session=True))
-        cluster.url = f"http://127.0.0.1:{port}"
+        local = LocalCluster(run_dir, overrides, mode, env={**_env(), "READY_TIMEOUT": "150", **env})
+        cluster.procs.append(local.proc)
+        cluster.url = local.url
         cluster.wait_ready()
         return cluster
 
@@ -75,26 +65,17 @@ class Cluster:
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 150) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for proc in self.procs:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"a cluster process exited during start-up; logs:\n{self.logs()}")
-            try:
-                if self.health()[1]["status"] == "ok":
-                    return
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"the cluster was not up after {timeout} s; logs:\n{self.logs()}")
+        def exited() -> str | None:
+            return "a cluster process exited during start-up" if any(p.poll() is not None for p in self.procs) else None
+
+        try:
+            wait_healthy(self.url, timeout, exited)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}; logs:\n{self.logs()}") from None
 
     # looking ----------------------------------------------------------------------------------------------
     def health(self) -> tuple[int, dict]:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
-                return r.status, json.load(r)
-        except urllib.error.HTTPError as e:
-            return e.code, json.load(e)
+        return health(self.url)
 
     def metrics(self) -> dict[str, float]:
         with urllib.request.urlopen(self.url + "/metrics", timeout=5) as r:
