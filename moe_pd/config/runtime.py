@@ -25,8 +25,9 @@ class RuntimeConfig:
     cuda_graphs: bool = False
     """Decode steps as CUDA graphs at bucketed batch sizes (one process, EP = 1, Triton kernels)."""
     fp8_experts: bool = False
-    """Routed experts kept in FP8 e4m3 with 128x128 block scales (quantised from the loaded weights) and run
-    through the FP8 grouped GEMM; activations quantised per token and 128 channels."""
+    """Routed experts kept in FP8 e4m3 with 128x128 block scales (an FP8 checkpoint's blocks as stored, other
+    weights quantised on load) and run through the FP8 grouped GEMM; activations quantised per token and 128
+    channels. Online EPLB moves the blocks with their scales."""
 
     def __post_init__(self) -> None:
         check_choice("runtime.device", self.device, ("cpu", "cuda", "auto"))

@@ -39,9 +39,6 @@ def build_instance_model(model_cfg: ModelConfig, parallel: ParallelConfig, eplb:
                          dtype: torch.dtype, recorder: FlightRecorder, runtime: RuntimeConfig) -> InstanceModel:
     """This rank's share of the model: its expert slots (by the initial placement) behind the dispatcher,
     running the kernels runtime.kernels selects, its experts in FP8 with runtime.fp8_experts."""
-    if runtime.fp8_experts and eplb.enabled and eplb.rebalance_every > 0:
-        raise ConfigError("runtime.fp8_experts with eplb.rebalance_every > 0: moving FP8 experts and their scales "
-                          "between ranks is not built yet")
     t0 = time.perf_counter()
     placement = initial_placement(eplb, state, model_cfg)
     dispatcher = make_dispatcher(parallel, state, model_cfg.hidden_size, placement, recorder,

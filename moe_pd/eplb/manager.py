@@ -148,29 +148,28 @@ class EplbManager:
                     plan.append((p, (same_rank or holders[e])[0]))
             if not plan:
                 continue
+            # Per-slot tensors as raw bytes: FP8 weights and their scales move exactly, on any backend.
+            tensors = [t.view(torch.uint8) for t in experts.slot_tensors()]
             ops, incoming = [], []
-            w13, w2 = experts.gate_up_proj, experts.down_proj
             for dst, src in plan:
                 if src // slots == me and dst // slots != me:
-                    for w in (w13, w2):
-                        ops.append(dist.P2POp(dist.isend, w[src % slots].contiguous(), dst // slots,
-                                              group=self.state.group))
+                    ops += [dist.P2POp(dist.isend, t[src % slots].contiguous(), dst // slots, group=self.state.group)
+                            for t in tensors]
                 if dst // slots == me:
                     if src // slots == me:
-                        incoming.append((dst % slots, w13[src % slots].clone(), w2[src % slots].clone()))
+                        incoming.append((dst % slots, [t[src % slots].clone() for t in tensors]))
                     else:
-                        buf13, buf2 = torch.empty_like(w13[0]), torch.empty_like(w2[0])
-                        ops.append(dist.P2POp(dist.irecv, buf13, src // slots, group=self.state.group))
-                        ops.append(dist.P2POp(dist.irecv, buf2, src // slots, group=self.state.group))
-                        incoming.append((dst % slots, buf13, buf2))
-                        moved += (buf13.numel() + buf2.numel()) * buf13.element_size()
+                        bufs = [torch.empty_like(t[0]) for t in tensors]
+                        ops += [dist.P2POp(dist.irecv, b, src // slots, group=self.state.group) for b in bufs]
+                        incoming.append((dst % slots, bufs))
+                        moved += sum(b.numel() for b in bufs)
             if ops and ranks > 1:
                 for work in dist.batch_isend_irecv(ops):
                     work.wait()
             with torch.no_grad():
-                for slot, t13, t2 in incoming:
-                    w13[slot].copy_(t13)
-                    w2[slot].copy_(t2)
+                for slot, values in incoming:
+                    for t, value in zip(tensors, values):
+                        t[slot].copy_(value)
             experts.expert_ids = new.rank_experts(me, layer)
         return moved
 

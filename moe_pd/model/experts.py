@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_pd.model.fp8 import dequantize_act_1x128, dequantize_block_fp8, quantize_act_1x128, quantize_block_fp8
+from moe_pd.model.fp8 import (
+    FP8_DTYPE,
+    dequantize_act_1x128,
+    dequantize_block_fp8,
+    quantize_act_1x128,
+    quantize_block_fp8,
+)
 
 
 class DenseMLP(nn.Module):
@@ -90,18 +96,30 @@ class RoutedExperts(nn.Module):
 
     def quantize_fp8(self) -> None:
         """Keeps the weights in FP8 e4m3 with 128x128 block scales (needs D and F in multiples of 128)."""
-        _, two_f, d = self.gate_up_proj.shape
+        dense = (self.gate_up_proj.detach(), self.down_proj.detach())
+        self.allocate_fp8()
+        for w_EXY, weight, scale in zip(dense, (self.gate_up_proj, self.down_proj), (self.gate_up_scale,
+                                                                                     self.down_scale)):
+            for slot, w in enumerate(w_EXY):
+                weight.data[slot], scale[slot] = quantize_block_fp8(w)
+
+    def allocate_fp8(self) -> None:
+        """Replaces the weights with empty FP8 ones and their block scales (the loader then fills both, from
+        an FP8 checkpoint bit for bit)."""
+        e, two_f, d = self.gate_up_proj.shape
         if d % 128 or two_f % 256:
             raise ValueError(f"FP8 experts need hidden and expert widths in multiples of 128, got {d}, {two_f // 2}")
-        quantized = []
-        for w in (self.gate_up_proj, self.down_proj):
-            pairs = [quantize_block_fp8(e) for e in w.detach()]
-            quantized.append((torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])))
-        (w13, s13), (w2, s2) = quantized
-        self.gate_up_proj = nn.Parameter(w13, requires_grad=False)
-        self.down_proj = nn.Parameter(w2, requires_grad=False)
-        self.register_buffer("gate_up_scale", s13)
-        self.register_buffer("down_scale", s2)
+        device = self.gate_up_proj.device
+        self.gate_up_proj = nn.Parameter(torch.empty(e, two_f, d, dtype=FP8_DTYPE, device=device), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(e, d, two_f // 2, dtype=FP8_DTYPE, device=device),
+                                      requires_grad=False)
+        self.register_buffer("gate_up_scale", torch.empty(e, two_f // 128, d // 128, device=device))
+        self.register_buffer("down_scale", torch.empty(e, d // 128, two_f // 256, device=device))
+
+    def slot_tensors(self) -> list[torch.Tensor]:
+        """Every tensor indexed by local slot (weights, then FP8 block scales when kept): what moves with an
+        expert when EPLB changes the placement."""
+        return [self.gate_up_proj, self.down_proj, *(self.scales or ())]
 
     @property
     def num_local_experts(self) -> int:

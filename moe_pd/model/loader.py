@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from moe_pd.config.model import ModelConfig
 from moe_pd.model.experts import RoutedExperts
-from moe_pd.model.fp8 import FP8_DTYPE, dequantize_block_fp8
+from moe_pd.model.fp8 import FP8_DTYPE, dequantize_block_fp8, quantize_block_fp8
 from moe_pd.model.gate import Gate
 from moe_pd.model.transformer import DeepseekForCausalLM, ExpertIds
 from moe_pd.parallel.dispatch.base import Dispatcher
@@ -30,6 +30,7 @@ from moe_pd.parallel.dispatch.base import Dispatcher
 log = logging.getLogger(__name__)
 
 _EXPERT_PARAM = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_EXPERT_SCALE = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(gate_up|down)_scale$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -38,8 +39,19 @@ class CheckpointError(RuntimeError):
 
 
 class TensorSource(Protocol):
+    """`get` returns a tensor in full precision. A source may also offer `get_fp8(name, shape)`: the tensor
+    as stored in FP8 e4m3 with fp32 128x128 block scales, or None when it is not stored so (see fp8_blocks)."""
+
     def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor: ...
     def names(self) -> list[str]: ...
+
+
+def fp8_blocks(source: TensorSource, name: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 weight, fp32 scale per 128x128 block): as the checkpoint stores them (bit for bit) when it does,
+    else quantised from the full-precision tensor."""
+    get_fp8 = getattr(source, "get_fp8", None)
+    stored = get_fp8(name, shape) if get_fp8 is not None else None
+    return stored if stored is not None else quantize_block_fp8(source.get(name, shape))
 
 
 class RandomSource:
@@ -100,19 +112,40 @@ class SafetensorsSource:
             self._handles[file] = safe_open(self.path / file, framework="pt")
         return self._handles[file].get_tensor(name)  # type: ignore[attr-defined]
 
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def _stored(self, name: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(tensor as stored, its scale_inv when it is FP8), the shape checked."""
         if name not in self.file_of:
             raise CheckpointError(f"checkpoint {self.path}: tensor {name!r} is missing")
-        tensor = self._read(name)
+        tensor, scale = self._read(name), None
+        if tuple(tensor.shape) != tuple(shape):
+            raise CheckpointError(f"tensor {name!r} in {self.file_of[name]} has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(shape)}")
         if tensor.dtype == FP8_DTYPE:
             scale_name = name.replace(".weight", ".weight_scale_inv")
             if scale_name not in self.file_of:
                 raise CheckpointError(f"tensor {name!r} in {self.file_of[name]} is FP8 but {scale_name!r} is missing")
-            tensor = dequantize_block_fp8(tensor, self._read(scale_name), self.block)
-        if tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(f"tensor {name!r} in {self.file_of[name]} has shape {tuple(tensor.shape)}, "
-                                  f"the model expects {tuple(shape)}")
-        return tensor
+            scale = self._read(scale_name)
+        return tensor, scale
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        tensor, scale = self._stored(name, shape)
+        if scale is None:
+            return tensor
+        try:
+            return dequantize_block_fp8(tensor, scale, self.block)
+        except ValueError as e:
+            raise CheckpointError(f"tensor {name!r} in {self.file_of[name]}: {e}") from None
+
+    def get_fp8(self, name: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The stored FP8 blocks when the checkpoint has them in 128x128 blocks (DeepSeek-V3's), else None."""
+        tensor, scale = self._stored(name, shape)
+        if scale is None or self.block != (128, 128):
+            return None
+        want = (-(-shape[0] // 128), -(-shape[1] // 128))
+        if tuple(scale.shape) != want:
+            raise CheckpointError(f"tensor {name!r} in {self.file_of[name]}: scale_inv shape {tuple(scale.shape)}, "
+                                  f"expected {want} for 128x128 blocks")
+        return tensor, scale.float()
 
 
 def expert_names(prefix: str, kind: str, expert_id: int) -> list[str]:
@@ -132,19 +165,31 @@ def load_weights(model: DeepseekForCausalLM, source: TensorSource) -> None:
         for name, target in targets.items():
             match = _EXPERT_PARAM.match(name)
             if match:
-                prefix, kind = match.groups()
-                expert_ids = model.get_submodule(prefix).expert_ids
-                for slot, gid in enumerate(expert_ids):
-                    parts = [source.get(n, (target.shape[1] // len(expert_names(prefix, kind, gid)),
-                                            target.shape[2]))
-                             for n in expert_names(prefix, kind, gid)]
-                    target[slot].copy_(torch.cat(parts, dim=0))
+                _load_experts(model.get_submodule(match[1]), match[1], match[2], source)
+            elif _EXPERT_SCALE.match(name):
+                continue  # filled with its weight
             else:
                 target.copy_(source.get(name, tuple(target.shape)))
             done += 1
             if time.monotonic() - started > 10 and done % 100 == 0:
                 log.info("loaded %d/%d tensors (%.0f s)", done, len(targets), time.monotonic() - started)
     _report_unused(cfg, source, targets)
+
+
+def _load_experts(experts: RoutedExperts, prefix: str, kind: str, source: TensorSource) -> None:
+    """One stacked expert weight (gate_up_proj: gate rows, then up rows), slot by slot; FP8 experts take the
+    blocks and their scales (fp8_blocks)."""
+    weight = getattr(experts, kind)
+    scale = None if experts.scales is None else experts.scales[kind == "down_proj"]
+    for slot, gid in enumerate(experts.expert_ids):
+        names = expert_names(prefix, kind, gid)
+        shape = (weight.shape[1] // len(names), weight.shape[2])
+        if scale is None:
+            weight[slot].copy_(torch.cat([source.get(n, shape) for n in names]))
+        else:
+            pairs = [fp8_blocks(source, n, shape) for n in names]
+            weight[slot].copy_(torch.cat([q for q, _ in pairs]))
+            scale[slot].copy_(torch.cat([s for _, s in pairs]))
 
 
 def _report_unused(cfg: ModelConfig, source: TensorSource, targets: dict) -> None:
@@ -172,7 +217,8 @@ def build_model(
 
     `source` defaults to the checkpoint at cfg.path, or seeded random weights when it is None. `ops`
     (moe_pd.model.ops.select_ops) picks kernels or torch references; None keeps the references.
-    `fp8_experts` keeps the routed experts in FP8 with 128x128 block scales (RoutedExperts.quantize_fp8).
+    `fp8_experts` keeps the routed experts in FP8 with 128x128 block scales: an FP8 checkpoint's blocks as
+    stored, other weights quantised on load (fp8_blocks).
     """
     if source is None:
         source = SafetensorsSource(cfg.path) if cfg.path else RandomSource(cfg.init_seed, cfg.init_std)
@@ -183,11 +229,11 @@ def build_model(
         if isinstance(module, Gate):  # routing stays fp32, as in DeepSeek's and transformers' code
             module.float()
     model.model.rotary.reset_parameters()
-    load_weights(model, source)
     if fp8_experts:
         for module in model.modules():
             if isinstance(module, RoutedExperts):
-                module.quantize_fp8()
+                module.allocate_fp8()
+    load_weights(model, source)
     if ops is not None:
         model.use_ops(ops)
     return model.eval().requires_grad_(False)
@@ -195,7 +241,9 @@ def build_model(
 
 def save_checkpoint(model: DeepseekForCausalLM, path: str | Path) -> Path:
     """Writes `model` (holding every expert) as an HF checkpoint: config.json + model.safetensors with
-    per-expert tensor names, loadable by this loader and by transformers."""
+    per-expert tensor names, loadable by this loader and (unquantised) by transformers. FP8 experts are
+    written as DeepSeek-V3 writes them: e4m3 weights, `weight_scale_inv` per 128x128 block, and a
+    `quantization_config` in config.json."""
     from safetensors.torch import save_file
 
     from moe_pd.config.hf import model_config_to_hf
@@ -203,21 +251,34 @@ def save_checkpoint(model: DeepseekForCausalLM, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
+    fp8 = False
     for name, tensor in model.state_dict().items():
         match = _EXPERT_PARAM.match(name)
+        if _EXPERT_SCALE.match(name):
+            continue  # written with its weight
         if not match:
             tensors[name] = tensor.contiguous()
             continue
         prefix, kind = match.groups()
-        expert_ids = model.get_submodule(prefix).expert_ids
-        if sorted(expert_ids) != list(range(model.cfg.n_routed_experts)):
+        experts = model.get_submodule(prefix)
+        if sorted(experts.expert_ids) != list(range(model.cfg.n_routed_experts)):
             raise ValueError("save_checkpoint needs a model that holds every expert exactly once")
-        for slot, gid in enumerate(expert_ids):
+        scale = None if experts.scales is None else experts.scales[kind == "down_proj"]
+        fp8 |= scale is not None
+        for slot, gid in enumerate(experts.expert_ids):
             names = expert_names(prefix, kind, gid)
-            for part_name, part in zip(names, tensor[slot].chunk(len(names), dim=0)):
+            parts = tensor[slot].chunk(len(names), dim=0)
+            scales = scale[slot].chunk(len(names), dim=0) if scale is not None else [None] * len(names)
+            for part_name, part, part_scale in zip(names, parts, scales):
                 tensors[part_name] = part.contiguous()
+                if part_scale is not None:
+                    tensors[part_name.replace(".weight", ".weight_scale_inv")] = part_scale.contiguous()
     if model.cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(model_config_to_hf(model.cfg), indent=2))
+    config = model_config_to_hf(model.cfg)
+    if fp8:
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": [128, 128]}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
     return path

@@ -39,16 +39,20 @@ def test_tiny_model(ranks, extra):
     assert multi_rank(ranks, COMMON + extra) == ref
 
 
+FP8 = ["model.hidden_size=128", "model.moe_intermediate_size=128", "runtime.fp8_experts=true"]  # widths in 128s
+
+
 @pytest.mark.dist
-@pytest.mark.parametrize("eplb, log_line", [
-    (["eplb=record"], ""),  # static replica choice, load recorded
-    (["eplb=record", "eplb.routing=dynamic"], ""),
-    (["eplb=online", "eplb.rebalance_every=3", "eplb.min_gain=0"], "switched placement"),  # weights move mid-run
+@pytest.mark.parametrize("eplb, log_line, model", [
+    (["eplb=record"], "", []),  # static replica choice, load recorded
+    (["eplb=record", "eplb.routing=dynamic"], "", []),
+    (["eplb=online", "eplb.rebalance_every=3", "eplb.min_gain=0"], "switched placement", []),  # weights move mid-run
+    (["eplb=online", "eplb.rebalance_every=3", "eplb.min_gain=0"], "switched placement", FP8),  # + block scales
 ])
-def test_eplb_keeps_tokens_identical(eplb, log_line, tmp_path):
-    ref = single_process(COMMON)
-    overrides = [*COMMON, "parallel.num_redundant_experts=16", *eplb, f"eplb.dump_stats={tmp_path}/stats.safetensors",
-                 "runtime.log_level=INFO"]
+def test_eplb_keeps_tokens_identical(eplb, log_line, model, tmp_path):
+    ref = single_process(COMMON + model)
+    overrides = [*COMMON, *model, "parallel.num_redundant_experts=16", *eplb,
+                 f"eplb.dump_stats={tmp_path}/stats.safetensors", "runtime.log_level=INFO"]
     assert multi_rank(4, overrides, stderr_must_contain=log_line) == ref
     assert (tmp_path / "stats.safetensors").is_file()
 

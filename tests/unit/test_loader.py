@@ -4,6 +4,7 @@ import json
 import logging
 import re
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from helpers.tiny import TINY
 from moe_pd.config.hf import resolve_model_config
 from moe_pd.config.model import ModelConfig
 from moe_pd.model.fp8 import FP8_DTYPE, quantize_block_fp8
-from moe_pd.model.loader import CheckpointError, RandomSource, SafetensorsSource, build_model
+from moe_pd.model.loader import CheckpointError, RandomSource, SafetensorsSource, build_model, save_checkpoint
 from moe_pd.parallel.dispatch import LocalDispatcher
 
 PROMPTS = [[0, 3, 9, 27, 81, 1, 2, 5]]
@@ -69,6 +70,57 @@ def test_fp8_block_scaled_checkpoint(hf_checkpoints, tmp_path):
     original = forward_logits(load(hf_checkpoints["v3_lora_groups_yarn"][1]), PROMPTS)[0]
     cosine = torch.nn.functional.cosine_similarity(got.flatten(), original.flatten(), dim=0)
     assert cosine > 0.9, cosine  # fp8 rounding, not garbage
+
+
+def quantize_pow2_blocks(w):
+    """128x128 blocks with power-of-two scales (UE8M0, as DeepGEMM takes them and DeepSeek-V3.1 stores them):
+    a block's amax lands anywhere in (224, 448], so requantising the dequantised weight changes its bytes."""
+    blocks = w.float().view(w.shape[0] // 128, 128, w.shape[1] // 128, 128)
+    scale = torch.exp2(torch.ceil(torch.log2(blocks.abs().amax(dim=(1, 3)) / torch.finfo(FP8_DTYPE).max)))
+    return (blocks / scale[:, None, :, None]).to(FP8_DTYPE).view(w.shape), scale
+
+
+def bits(t):
+    return t.view(torch.uint8)
+
+
+def test_fp8_experts_keep_a_checkpoints_blocks_bit_for_bit(tmp_path):
+    """Routed experts stored in FP8 load into FP8 experts byte for byte with their scales (no dequantise and
+    requantise round trip); without runtime.fp8_experts they load as the dequantised blocks. save_checkpoint
+    writes FP8 experts back in the same format."""
+    cfg = replace(TINY, hidden_size=128, moe_intermediate_size=128)  # FP8 blocks need widths in 128s
+    path = save_checkpoint(build_model(cfg), tmp_path / "bf16")
+    tensors = load_file(path / "model.safetensors")
+    stored = {}
+    for name in [n for n in tensors if re.search(r"experts\.\d+\.\w+_proj\.weight$", n)]:
+        q, scale = quantize_pow2_blocks(tensors[name])
+        tensors[name], tensors[name.replace(".weight", ".weight_scale_inv")] = q, scale
+        stored[name] = (q, scale)
+    save_file(tensors, path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (path / "config.json").write_text(json.dumps(config))
+
+    fp8_model, dense_model = load(path, fp8_experts=True), load(path)
+    layers = range(cfg.first_k_dense_replace, cfg.num_hidden_layers)
+    for layer in layers:
+        experts, dense = fp8_model.model.layers[layer].mlp.experts, dense_model.model.layers[layer].mlp.experts
+        for slot, gid in enumerate(experts.expert_ids):
+            prefix = f"model.layers.{layer}.mlp.experts.{gid}"
+            gate, up, down = (stored[f"{prefix}.{kind}_proj.weight"] for kind in ("gate", "up", "down"))
+            assert torch.equal(bits(experts.gate_up_proj[slot]), bits(torch.cat([gate[0], up[0]])))
+            assert torch.equal(bits(experts.down_proj[slot]), bits(down[0]))
+            assert torch.equal(experts.gate_up_scale[slot], torch.cat([gate[1], up[1]]))
+            assert torch.equal(experts.down_scale[slot], down[1])
+            assert torch.equal(dense.down_proj[slot], dequant_by_hand(*down, 128))
+    assert (fp8_model.model.layers[layers[0]].mlp.experts.gate_up_proj.float().abs().amax(dim=(1, 2)) < 448).any()
+
+    again = save_checkpoint(fp8_model, tmp_path / "again")
+    written = load_file(again / "model.safetensors")
+    for name, (q, scale) in stored.items():
+        assert torch.equal(bits(written[name]), bits(q))
+        assert torch.equal(written[name.replace(".weight", ".weight_scale_inv")], scale)
+    assert json.loads((again / "config.json").read_text())["quantization_config"]["weight_block_size"] == [128, 128]
 
 
 def test_missing_tensor_is_named(hf_checkpoints, tmp_path):
