@@ -6,7 +6,7 @@ TRITON_INTERPRET=1) and tests/gpu/test_kernels_gpu.py; benchmarks: perf/bench_ke
 from moe_pd.kernels.act_quant import quantize_act
 from moe_pd.kernels.gate import fused_gate
 from moe_pd.kernels.grouped_gemm import grouped_gemm, grouped_gemm_reference
-from moe_pd.kernels.mla_decode import mla_decode, mla_decode_reference
+from moe_pd.kernels.mla_decode import default_splits, mla_decode, mla_decode_reference
 from moe_pd.kernels.permute import (
     contiguous_layout,
     contiguous_layout_from_counts,
@@ -18,7 +18,8 @@ from moe_pd.kernels.permute import (
 )
 
 __all__ = [
-    "contiguous_layout", "contiguous_layout_from_counts", "fused_gate", "grouped_gemm", "grouped_gemm_reference",
+    "contiguous_layout", "contiguous_layout_from_counts", "default_splits", "fused_gate", "grouped_gemm",
+    "grouped_gemm_reference",
     "masked_layout", "mla_decode", "mla_decode_reference", "permute", "permute_reference", "quantize_act",
     "unpermute", "unpermute_reference",
 ]

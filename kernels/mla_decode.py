@@ -6,8 +6,15 @@ q_latent is the no-rope query already multiplied by W_UK (B sequences, H heads, 
 V3); q_pe the rope part (R = 64). The cache holds one row [latent C | k_pe R] per token: page p, slot s at
 cache_PSW[p, s]. The latent is both key (with k_pe) and value, so each program streams a sequence's rows
 once for BLOCK_H heads: scores = q_latent . latent + q_pe . k_pe, an online softmax, and out = p . latent.
-W_UV and o_proj stay outside (moe_pd.model.mla). One program per (sequence, head block); no split over the
-context. Reference: mla_decode_reference (the expanded einsums of MLA._absorbed).
+W_UV and o_proj stay outside (moe_pd.model.mla). Reference: mla_decode_reference (the expanded einsums of
+MLA._absorbed).
+
+One program per (head block, sequence, context split). The head blocks of a sequence are neighbours in the
+grid, so the latent rows one of them reads are still in L2 for the others. With `num_splits` > 1 each
+sequence's context is cut into that many chunks (flash-decoding): each program writes its unnormalised
+output with its running max and sum, and mla_decode merges the chunks. That keeps the SMs busy when
+batch x head blocks is small; the split count depends only on the shapes, never on the lengths, so a CUDA
+graph captures it.
 """
 
 from __future__ import annotations
@@ -26,14 +33,15 @@ def _configs():
             for h, n, w, s in [(16, 64, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 1)]]
 
 
-@triton.autotune(configs=_configs(), key=["H", "C", "R", "PAGE"])
+@triton.autotune(configs=_configs(), key=["H", "C", "R", "PAGE", "SPLITS"])
 @triton.jit
-def _mla_decode_kernel(q_ptr, qpe_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, scale, H,
+def _mla_decode_kernel(q_ptr, qpe_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, ml_ptr, scale, H, SPLITS,
                        stride_qb, stride_qh, stride_pb, stride_ph, stride_tb, stride_ob, stride_oh,
                        C: tl.constexpr, R: tl.constexpr, PAGE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
-    seq = tl.program_id(0)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+                       PARTIAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+    heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    seq = tl.program_id(1)
+    split = tl.program_id(2)
     head_ok = heads < H
     cs = tl.arange(0, C)
     rs = tl.arange(0, R)
@@ -44,12 +52,15 @@ def _mla_decode_kernel(q_ptr, qpe_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr,
         q = q.to(tl.float32)
         q_pe = q_pe.to(tl.float32)
     length = tl.load(lens_ptr + seq)
+    chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N  # whole BLOCK_N tiles per split
+    begin = split * chunk
+    end = tl.minimum(length, begin + chunk)
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, C), dtype=tl.float32)
-    for start in range(0, length, BLOCK_N):
+    for start in range(begin, end, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
-        pos_ok = pos < length
+        pos_ok = pos < end
         page = tl.load(tables_ptr + seq * stride_tb + pos // PAGE, mask=pos_ok, other=0)
         row = (page.to(tl.int64) * PAGE + pos % PAGE) * (C + R)
         latent = tl.load(cache_ptr + row[:, None] + cs[None, :], mask=pos_ok[:, None], other=0.0)
@@ -77,16 +88,45 @@ def _mla_decode_kernel(q_ptr, qpe_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr,
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent)
         m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a padding slot (length 0) reads nothing, writes 0
-    tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + cs[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=head_ok[:, None])
+    if PARTIAL:  # [B, S, H, C] unnormalised, and [B, S, 2, H] (running max, sum) for the merge
+        base = (seq * SPLITS + split).to(tl.int64)
+        tl.store(out_ptr + (base * H + heads[:, None]) * C + cs[None, :], acc, mask=head_ok[:, None])
+        tl.store(ml_ptr + base * 2 * H + heads, m_i, mask=head_ok)
+        tl.store(ml_ptr + base * 2 * H + H + heads, l_i, mask=head_ok)
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a padding slot (length 0) reads nothing, writes 0
+        tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + cs[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+
+
+def merge_splits(acc_BSHC: torch.Tensor, ml_BS2H: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Flash-decoding's merge: each split's output weighted by exp(its max - the overall max), over the summed
+    weights. Splits that read no row (max -inf) weigh 0; a sequence with none gets zeros."""
+    m_BSH, l_BSH = ml_BS2H.unbind(2)
+    m_max_B1H = m_BSH.amax(dim=1, keepdim=True)
+    m_max_B1H = torch.where(torch.isfinite(m_max_B1H), m_max_B1H, torch.zeros_like(m_max_B1H))
+    w_BSH = torch.exp(m_BSH - m_max_B1H)
+    total_BH = (w_BSH * l_BSH).sum(dim=1)
+    out_BHC = (w_BSH[..., None] * acc_BSHC).sum(dim=1) / torch.where(total_BH > 0, total_BH, 1.0)[..., None]
+    return out_BHC.to(out_dtype)
+
+
+def default_splits(batch: int, heads: int, device: torch.device) -> int:
+    """Context splits that give the GPU about two programs per SM (head blocks of 16 assumed), at most 16;
+    1 when the batch alone fills it, and on CPU."""
+    if device.type != "cuda":
+        return 1
+    programs = batch * triton.cdiv(heads, 16)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(16, triton.cdiv(2 * sms, max(programs, 1)))) if programs < sms else 1
 
 
 def mla_decode(q_latent_BHC: torch.Tensor, q_pe_BHR: torch.Tensor, cache_PSW: torch.Tensor,
                block_tables_BM: torch.Tensor, seq_lens_B: torch.Tensor, softmax_scale: float,
-               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+               out_dtype: torch.dtype | None = None, num_splits: int | None = None) -> torch.Tensor:
     """[B, H, C] attention output in the latent space; a sequence with seq_lens 0 (a padding slot of a
-    CUDA graph's batch) reads no row and gets zeros."""
+    CUDA graph's batch) reads no row and gets zeros. `num_splits` cuts each context into that many chunks
+    (None: default_splits, from the shapes only)."""
     check_tensor("q_latent_BHC", q_latent_BHC, 3)
     check_tensor("q_pe_BHR", q_pe_BHR, 3)
     check_tensor("cache_PSW", cache_PSW, 3)
@@ -101,17 +141,28 @@ def mla_decode(q_latent_BHC: torch.Tensor, q_pe_BHR: torch.Tensor, cache_PSW: to
     q_latent_BHC = q_latent_BHC if q_latent_BHC.stride(2) == 1 else q_latent_BHC.contiguous()
     q_pe_BHR = q_pe_BHR if q_pe_BHR.stride(2) == 1 else q_pe_BHR.contiguous()
     block_tables_BM = block_tables_BM.contiguous()
-    out = torch.empty(batch, heads, c, dtype=out_dtype or q_latent_BHC.dtype, device=q_latent_BHC.device)
-    if batch:
-        def grid(meta):
-            return batch, triton.cdiv(heads, meta["BLOCK_H"])
+    splits = default_splits(batch, heads, q_latent_BHC.device) if num_splits is None else num_splits
+    check(splits >= 1, f"num_splits must be >= 1, got {splits}")
+    out_dtype = out_dtype or q_latent_BHC.dtype
+    device = q_latent_BHC.device
+    if batch == 0:
+        return torch.empty(0, heads, c, dtype=out_dtype, device=device)
+    if splits == 1:
+        out = torch.empty(batch, heads, c, dtype=out_dtype, device=device)
+        ml = out  # unused
+    else:
+        out = torch.empty(batch, splits, heads, c, dtype=torch.float32, device=device)
+        ml = torch.empty(batch, splits, 2, heads, dtype=torch.float32, device=device)
 
-        _mla_decode_kernel[grid](
-            q_latent_BHC, q_pe_BHR, cache_PSW, block_tables_BM, seq_lens_B.contiguous(), out, float(softmax_scale),
-            heads, q_latent_BHC.stride(0), q_latent_BHC.stride(1), q_pe_BHR.stride(0), q_pe_BHR.stride(1),
-            block_tables_BM.stride(0), out.stride(0), out.stride(1), c, r, page, interpreted(),
-            cache_PSW.dtype == torch.float32)
-    return out
+    def grid(meta):
+        return triton.cdiv(heads, meta["BLOCK_H"]), batch, splits
+
+    _mla_decode_kernel[grid](
+        q_latent_BHC, q_pe_BHR, cache_PSW, block_tables_BM, seq_lens_B.contiguous(), out, ml, float(softmax_scale),
+        heads, splits, q_latent_BHC.stride(0), q_latent_BHC.stride(1), q_pe_BHR.stride(0), q_pe_BHR.stride(1),
+        block_tables_BM.stride(0), out.stride(0), out.stride(1), c, r, page, interpreted(),
+        cache_PSW.dtype == torch.float32, splits > 1)
+    return out if splits == 1 else merge_splits(out, ml, out_dtype)
 
 
 def mla_decode_reference(q_latent_BHC, q_pe_BHR, cache_PSW, block_tables_BM, seq_lens_B, softmax_scale,

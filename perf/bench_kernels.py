@@ -123,18 +123,24 @@ def mla(bandwidth: float, quick: bool) -> None:
     from moe_pd import kernels
 
     heads, context, page = 128, 4096, 64
-    for batch in ((64,) if quick else (64, 128)):
+    for batch in ((8, 64) if quick else (8, 64, 128)):  # 8: few programs per SM, where context splits matter
         pages = batch * context // page
         cache = torch.randn(pages, page, 576, dtype=torch.bfloat16, device="cuda")
         tables = torch.randperm(pages, device="cuda").view(batch, context // page)
         lens = torch.full((batch,), context, device="cuda")
         q = torch.randn(batch, heads, 512, dtype=torch.bfloat16, device="cuda")
         q_pe = torch.randn(batch, heads, 64, dtype=torch.bfloat16, device="cuda")
-        ms = bench(lambda: kernels.mla_decode(q, q_pe, cache, tables, lens, 0.0625))
         nbytes = cache.numel() * 2 + 2 * q.numel() * 2 + q_pe.numel() * 2
-        gbs = nbytes / ms / 1e6
-        row("mla decode", f"batch={batch} context={context} heads={heads}", f"{ms * 1e3:.0f} us", f"{gbs:.0f} GB/s",
-            f"{gbs / bandwidth:.0%} of HBM (target >= 70%)")
+        splits = kernels.default_splits(batch, heads, q.device)
+        times = {}
+        for label, n in (("unsplit", 1), (f"{splits} splits (default)", splits)) if splits > 1 else (("", 1),):
+            times[label] = ms = bench(lambda: kernels.mla_decode(q, q_pe, cache, tables, lens, 0.0625, num_splits=n))
+            gbs = nbytes / ms / 1e6
+            row("mla decode", f"batch={batch} context={context} heads={heads} {label}".rstrip(), f"{ms * 1e3:.0f} us",
+                f"{gbs:.0f} GB/s", f"{gbs / bandwidth:.0%} of HBM (target >= 70%)")
+        if len(times) == 2:
+            unsplit, split = times.values()
+            row("mla decode", f"batch={batch}: split / unsplit speed-up", f"{unsplit / split:.2f}x", "", "")
         try:
             import flashinfer  # noqa: F401
             row("mla decode", "flashinfer", "installed: comparison not wired yet", "", "")

@@ -86,14 +86,15 @@ def test_grouped_gemm_swiglu_and_down(layout, fp8):
         assert rel_err(got[keep], want[keep]) < tol
 
 
-def test_mla_decode_bf16():
+@pytest.mark.parametrize("num_splits", [None, 1, 5])  # None: default_splits (several at this batch)
+def test_mla_decode_bf16(num_splits):
     batch, heads, pages, page = 16, 128, 512, 64
     cache = torch.randn(pages, page, 576, device=CUDA, generator=gen(10), dtype=torch.bfloat16)
     tables = torch.randperm(pages, device=CUDA, generator=gen(11))[: batch * 16].view(batch, 16)
     lens = torch.randint(1, 16 * page + 1, (batch,), device=CUDA, generator=gen(12))
     q = torch.randn(batch, heads, 512, device=CUDA, generator=gen(13), dtype=torch.bfloat16)
     q_pe = torch.randn(batch, heads, 64, device=CUDA, generator=gen(14), dtype=torch.bfloat16)
-    got = kernels.mla_decode(q, q_pe, cache, tables, lens, 0.07)
+    got = kernels.mla_decode(q, q_pe, cache, tables, lens, 0.07, num_splits=num_splits)
     assert rel_err(got, kernels.mla_decode_reference(q, q_pe, cache, tables, lens, 0.07)) < 1e-2
 
 

@@ -159,18 +159,19 @@ def test_grouped_gemm_refuses_mismatched_operands():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mla_decode_over_the_paged_cache(dtype):
+@pytest.mark.parametrize("splits", [1, 3])  # 3: flash-decoding chunks, some of them empty for the short contexts
+def test_mla_decode_over_the_paged_cache(dtype, splits):
     g = torch.Generator().manual_seed(0)
     cache = torch.randn(24, 16, 32 + 8, generator=g).to(dtype)
     tables = torch.randperm(24, generator=g)[:18].view(3, 6)
     lens = torch.tensor([1, 37, 96])  # one token, a partial last page, a full table
     q = torch.randn(3, 4, 32, generator=g).to(dtype)
     q_pe = torch.randn(3, 4, 8, generator=g).to(dtype)
-    got = kernels.mla_decode(q, q_pe, cache, tables, lens, 0.15)
+    got = kernels.mla_decode(q, q_pe, cache, tables, lens, 0.15, num_splits=splits)
     want = kernels.mla_decode_reference(q, q_pe, cache, tables, lens, 0.15)
     assert ulp_close(got, want, ulps=2 if dtype == torch.bfloat16 else 4)
-    padded = kernels.mla_decode(q, q_pe, cache, tables, torch.tensor([0, 37, 0]), 0.15)  # padding slots
-    assert torch.equal(padded[0], torch.zeros_like(padded[0])) and torch.equal(padded[1], got[1])
+    padded = kernels.mla_decode(q, q_pe, cache, tables, torch.tensor([0, 37, 0]), 0.15, num_splits=splits)
+    assert torch.equal(padded[0], torch.zeros_like(padded[0])) and torch.equal(padded[1], got[1])  # padding slots
 
 
 @pytest.mark.timeout(300)
