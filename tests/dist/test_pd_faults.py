@@ -1,5 +1,6 @@
-"""Faults in a PD cluster: a KV transfer that never arrives, and a decode rank killed mid-run. The router
-stays up, requests get an answer (re-run or a clear error), and no KV page is left behind."""
+"""Faults in a PD cluster: a KV transfer that never arrives, a decode rank killed mid-run, a dead prefill
+instance. The router stays up, requests get an answer (re-run or a clear error), and no KV page is left
+behind."""
 
 import os
 import signal
@@ -78,5 +79,35 @@ def test_a_killed_decode_rank_fails_its_requests_and_the_router_carries_on(tmp_p
         assert status == 200 and answer["choices"][0]["token_ids"] == expected(PROMPT, 6)
         assert cluster.wait_idle() == {prefill: 0, spare: 0}
         assert cluster.metrics()['moe_pd_instance_up{instance="%s",role="decode"}' % doomed] == 0
+    finally:
+        cluster.stop()
+
+
+def test_a_dead_prefill_instance_is_routed_around_and_its_request_rerun(tmp_path):
+    """The prefill instance a request is sent to is dead but not yet marked down: when its heartbeats stop,
+    the router frees the decode reservation and re-runs the request once on the other prefill instance."""
+    cluster = Cluster(tmp_path)
+    try:
+        first = cluster.instance("prefill", 1, *QUIET)
+        second = cluster.instance("prefill", 1, *QUIET)
+        decode = cluster.instance("decode", 1, *QUIET)
+        cluster.router(f"prefill=[{first},{second}]", f"decode=[{decode}]", "heartbeat_timeout_s=3",
+                       "log_level=WARNING")
+        # Equal queues and no cached prefix: the router picks the smaller address (pick_prefill_instance).
+        doomed, spare = sorted([first, second])
+        victim = next(i for i in cluster.health()[1]["instances"] if i["name"] == doomed)["ranks"][0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+
+        started = time.monotonic()
+        status, answer = run(complete(cluster.url, greedy(PROMPT, 6)), timeout=60)
+        assert status == 200, answer
+        assert answer["choices"][0]["token_ids"] == expected(PROMPT, 6)
+        assert time.monotonic() - started < 30
+        metrics = cluster.metrics()
+        assert metrics["moe_pd_retries_total"] == 1
+        assert metrics['moe_pd_instance_up{instance="%s",role="prefill"}' % doomed] == 0
+        status, body = cluster.health()
+        assert status == 200 and body["status"] == "degraded"
+        assert cluster.wait_idle() == {spare: 0, decode: 0}  # the first attempt's reservation is freed
     finally:
         cluster.stop()
