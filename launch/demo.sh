@@ -11,7 +11,7 @@ export RUN_DIR="${RUN_DIR:-runs/demo/$(date +%Y-%m-%d_%H-%M-%S)}"
 mkdir -p "$RUN_DIR"
 bash launch/local.sh "$@" > "$RUN_DIR/local.out" 2>&1 &
 CLUSTER=$!
-trap 'kill -TERM $CLUSTER 2>/dev/null; wait $CLUSTER 2>/dev/null; echo "cluster stopped (logs in $RUN_DIR)"' EXIT
+trap 'kill -TERM $CLUSTER 2>/dev/null; wait $CLUSTER 2>/dev/null || true; echo "cluster stopped (logs in $RUN_DIR)"' EXIT
 echo "starting the local PD cluster (logs in $RUN_DIR) ..."
 while ! grep -q "cluster ready" "$RUN_DIR/local.out" 2>/dev/null; do
     if ! kill -0 $CLUSTER 2>/dev/null; then cat "$RUN_DIR/local.out" >&2; exit 1; fi
