@@ -46,12 +46,13 @@ class TensorSource(Protocol):
     def names(self) -> list[str]: ...
 
 
-def fp8_blocks(source: TensorSource, name: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def fp8_blocks(source: TensorSource, name: str, shape: tuple[int, ...],
+               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 weight, fp32 scale per 128x128 block): as the checkpoint stores them (bit for bit) when it does,
-    else quantised from the full-precision tensor."""
+    else quantised from the full-precision tensor on `device` (the target's: a GPU quantises fast)."""
     get_fp8 = getattr(source, "get_fp8", None)
     stored = get_fp8(name, shape) if get_fp8 is not None else None
-    return stored if stored is not None else quantize_block_fp8(source.get(name, shape))
+    return stored if stored is not None else quantize_block_fp8(source.get(name, shape).to(device))
 
 
 class RandomSource:
@@ -187,7 +188,7 @@ def _load_experts(experts: RoutedExperts, prefix: str, kind: str, source: Tensor
         if scale is None:
             weight[slot].copy_(torch.cat([source.get(n, shape) for n in names]))
         else:
-            pairs = [fp8_blocks(source, n, shape) for n in names]
+            pairs = [fp8_blocks(source, n, shape, weight.device) for n in names]
             weight[slot].copy_(torch.cat([q for q, _ in pairs]))
             scale[slot].copy_(torch.cat([s for _, s in pairs]))
 
