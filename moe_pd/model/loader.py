@@ -107,11 +107,14 @@ class SafetensorsSource:
     def names(self) -> list[str]:
         return [n for n in self.file_of if not n.endswith("_scale_inv")]
 
-    def _read(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str):
         file = self.file_of[name]
         if file not in self._handles:
             self._handles[file] = safe_open(self.path / file, framework="pt")
-        return self._handles[file].get_tensor(name)  # type: ignore[attr-defined]
+        return self._handles[file]
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
 
     def _stored(self, name: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(tensor as stored, its scale_inv when it is FP8), the shape checked."""
@@ -138,10 +141,12 @@ class SafetensorsSource:
             raise CheckpointError(f"tensor {name!r} in {self.file_of[name]}: {e}") from None
 
     def get_fp8(self, name: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The stored FP8 blocks when the checkpoint has them in 128x128 blocks (DeepSeek-V3's), else None."""
-        tensor, scale = self._stored(name, shape)
-        if scale is None or self.block != (128, 128):
+        """The stored FP8 blocks when the checkpoint has them in 128x128 blocks (DeepSeek-V3's), else None
+        (decided from the header, so the caller's full-precision read is the only one)."""
+        if self.block != (128, 128) or name not in self.file_of or \
+                self._handle(name).get_slice(name).get_dtype() != "F8_E4M3":
             return None
+        tensor, scale = self._stored(name, shape)
         want = (-(-shape[0] // 128), -(-shape[1] // 128))
         if tuple(scale.shape) != want:
             raise CheckpointError(f"tensor {name!r} in {self.file_of[name]}: scale_inv shape {tuple(scale.shape)}, "

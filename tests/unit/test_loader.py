@@ -90,6 +90,12 @@ def test_fp8_experts_keep_a_checkpoints_blocks_bit_for_bit(tmp_path):
     writes FP8 experts back in the same format."""
     cfg = replace(TINY, hidden_size=128, moe_intermediate_size=128)  # FP8 blocks need widths in 128s
     path = save_checkpoint(build_model(cfg), tmp_path / "bf16")
+    # full-precision experts are quantised on load, as the random source's are
+    quantised, reference = load(path, fp8_experts=True), build_model(cfg, fp8_experts=True)
+    layer = cfg.first_k_dense_replace
+    for name in ("gate_up_proj", "down_proj", "gate_up_scale", "down_scale"):
+        got, want = (getattr(m.model.layers[layer].mlp.experts, name) for m in (quantised, reference))
+        assert torch.equal(bits(got), bits(want)), name
     tensors = load_file(path / "model.safetensors")
     stored = {}
     for name in [n for n in tensors if re.search(r"experts\.\d+\.\w+_proj\.weight$", n)]:
