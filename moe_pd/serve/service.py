@@ -30,12 +30,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import signal
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import hydra
+import torch
 import torch.distributed as dist
 import zmq
 from hydra.core.hydra_config import HydraConfig
@@ -293,20 +295,47 @@ class Leader:
 
 
 class ControlPlane:
-    """One all_gather_object per iteration over a gloo group (NCCL cannot carry Python objects)."""
+    """One exchange per iteration over a gloo group (NCCL cannot carry Python objects), in one collective:
+    each rank's payload is pickled into a fixed-size byte buffer with its length in front, and the buffers
+    are all-gathered. A payload larger than the buffer costs a second round sized for the largest, after
+    which every rank grows its buffer the same way (all see the same lengths). all_gather_object takes two
+    collectives every time (the sizes, then the data)."""
 
-    def __init__(self, world_size: int, backend: str) -> None:
+    def __init__(self, world_size: int, backend: str, capacity: int = 16384) -> None:
         self.world_size = world_size
         self.group = None
+        self.capacity = capacity
+        """Payload bytes that fit the one-collective exchange; grows to a power of two when exceeded."""
         if world_size > 1:
             self.group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+            self._resize(capacity)
+
+    def _resize(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._send = torch.zeros(_LEN_BYTES + capacity, dtype=torch.uint8)
+        self._recv = [torch.empty_like(self._send) for _ in range(self.world_size)]
 
     def exchange(self, payload: dict) -> list[dict]:
+        """Every rank's payload, in rank order, on every rank."""
         if self.world_size == 1:
             return [payload]
-        out: list = [None] * self.world_size
-        dist.all_gather_object(out, payload, group=self.group)
-        return out
+        data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+        sizes = self._all_gather(data)
+        if max(sizes) > self.capacity:  # the same decision on every rank: all saw the same sizes
+            self._resize(1 << (max(sizes) - 1).bit_length())
+            self._all_gather(data)
+        return [pickle.loads(buf[_LEN_BYTES:_LEN_BYTES + n].numpy().tobytes()) for buf, n in zip(self._recv, sizes)]
+
+    def _all_gather(self, data: bytes) -> list[int]:
+        """Sends the length and, when it fits, the payload; returns every rank's length."""
+        self._send[:_LEN_BYTES] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
+        if len(data) <= self.capacity:
+            self._send[_LEN_BYTES:_LEN_BYTES + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        dist.all_gather(self._recv, self._send, group=self.group)
+        return [int(buf[:_LEN_BYTES].view(torch.int64)) for buf in self._recv]
+
+
+_LEN_BYTES = 8  # the int64 payload length in front of each exchanged buffer
 
 
 def serve_rank(cfg: ServiceConfig, engine: LLMEngine, rank: int, world_size: int, backend: str,
