@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import pickle
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
-from torchrun_launch import torchrun
+from torchrun_launch import run_workers, worker_or_args
 
 
 def payload(rank: int, requests: int) -> dict:
@@ -72,16 +71,13 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--requests", type=int, nargs="+", default=[1, 16, 64], help="running requests per rank")
     parser.add_argument("--iters", type=int, default=300)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args)
+    args = worker_or_args(parser, worker)
+    if args is None:
         return
     print(f"control exchange per iteration, gloo, torch {torch.__version__}, median of {args.iters}")
     print(f"{'ranks':>5} {'requests':>9} {'bytes':>9} {'object ms':>14} {'plane ms':>14} {'ratio':>8}")
     sys.stdout.flush()
-    for ranks in args.ranks:
-        torchrun(ranks, [__file__, "--worker", *sys.argv[1:]], check=True, stderr=subprocess.DEVNULL)
+    run_workers(__file__, args.ranks, sys.argv[1:])
 
 
 if __name__ == "__main__":

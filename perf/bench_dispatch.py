@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-from torchrun_launch import torchrun
+from torchrun_launch import run_workers, worker_or_args
 
 
 def naive_exchange(x_TD, ids_TK, w_TK, local_experts, world):
@@ -109,18 +108,15 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--fp8", action="store_true", help="FP8 e4m3 dispatch payload (emulated on CPU)")
     parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args)
+    args = worker_or_args(parser, worker)
+    if args is None:
         return
     print(f"dispatch+combine per rank, {args.backend}, torch {torch.__version__}, hidden {args.hidden}, "
           f"{args.experts} experts, top-{args.topk}, fp8 {args.fp8}, median of {args.iters}")
     print(f"{'ranks':>5} {'tokens':>7} {'ours ms':>10} {'naive ms':>10} {'ratio':>8} "
           f"{'ours MiB':>10} {'naive MiB':>10}")
     sys.stdout.flush()
-    for ranks in args.ranks:
-        torchrun(ranks, [__file__, "--worker", *sys.argv[1:]], check=True, stderr=subprocess.DEVNULL)
+    run_workers(__file__, args.ranks, sys.argv[1:])
 
 
 if __name__ == "__main__":

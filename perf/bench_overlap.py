@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torchrun_launch import torchrun
+from torchrun_launch import run_workers, worker_or_args
 
 OVERRIDES = ["model.hidden_size=512", "model.intermediate_size=1024", "model.moe_intermediate_size=256",
              "model.num_attention_heads=8", "model.q_lora_rank=128", "model.kv_lora_rank=64",
@@ -131,16 +130,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args)
+    args = worker_or_args(parser, worker)
+    if args is None:
         return
     print(f"overlap benchmark: {args.ranks} ranks, gloo on CPU, torch {torch.__version__}, median of {args.iters}; "
           "delay = latency added to each all-to-all (0, 1x and 2x the measured per-stage compute)")
     print(f"{'phase':8} {'delay ms':>9} {'plain ms':>9} {'overlap ms':>11} {'ratio':>8} {'hidden plain':>12} "
           f"{'hidden overlap':>15}", flush=True)
-    torchrun(args.ranks, [__file__, "--worker", "--iters", str(args.iters)], check=True, stderr=subprocess.DEVNULL)
+    run_workers(__file__, [args.ranks], ["--iters", str(args.iters)])
 
 
 if __name__ == "__main__":
