@@ -89,7 +89,7 @@ def test_fp8_experts_keep_a_checkpoints_blocks_bit_for_bit(tmp_path):
     requantise round trip); without runtime.fp8_experts they load as the dequantised blocks. save_checkpoint
     writes FP8 experts back in the same format."""
     cfg = replace(TINY, hidden_size=128, moe_intermediate_size=128)  # FP8 blocks need widths in 128s
-    path = save_checkpoint(build_model(cfg), tmp_path / "bf16")
+    path = save_checkpoint(build_model(cfg), tmp_path / "ckpt")  # fp32, then its experts rewritten in FP8
     # full-precision experts are quantised on load, as the random source's are
     quantised, reference = load(path, fp8_experts=True), build_model(cfg, fp8_experts=True)
     layer = cfg.first_k_dense_replace
