@@ -31,6 +31,8 @@ class Cluster:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.procs: list[subprocess.Popen] = []
+        self.local: LocalCluster | None = None
+        """launch/local.sh, when the cluster was started through it (Cluster.local)."""
         self.url = ""
 
     # starting -------------------------------------------------------------------------------------------
@@ -38,9 +40,9 @@ class Cluster:
     def local(cls, run_dir: Path, *overrides: str, mode: str = "pd", **env: str) -> "Cluster":
         """launch/local.sh, as a user runs it."""
         cluster = cls(run_dir)
-        local = LocalCluster(run_dir, overrides, mode, env={**_env(), "READY_TIMEOUT": "150", **env})
-        cluster.procs.append(local.proc)
-        cluster.url = local.url
+        cluster.local = LocalCluster(run_dir, overrides, mode, env={**_env(), "READY_TIMEOUT": "150", **env})
+        cluster.procs.append(cluster.local.proc)
+        cluster.url = cluster.local.url
         cluster.wait_ready()
         return cluster
 
@@ -113,14 +115,16 @@ class Cluster:
 
     # stopping ---------------------------------------------------------------------------------------------
     def stop(self) -> None:
-        for proc in self.procs:
+        """local.sh stops through LocalCluster.stop; instances and routers started one by one get SIGTERM to
+        their process groups, then SIGKILL what is left after 20 s."""
+        if self.local is not None:
+            self.local.stop(grace=20)
+        started = [proc for proc in self.procs if self.local is None or proc is not self.local.proc]
+        for proc in started:
             if proc.poll() is None:
-                if "launch/local.sh" in " ".join(map(str, proc.args)):
-                    proc.send_signal(signal.SIGTERM)  # its trap stops the ranks first, then the launchers
-                else:
-                    os.killpg(proc.pid, signal.SIGTERM)
+                os.killpg(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 20
-        for proc in self.procs:
+        for proc in started:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
