@@ -28,24 +28,50 @@ from moe_pd.kernels._common import check, check_tensor, interpreted
 from moe_pd.kernels.permute import ALIGN
 
 SCALE_BLOCK = 128
+"""FP8 scale block: 1x128 activations, 128x128 weights."""
+_SCALE = tl.constexpr(SCALE_BLOCK)
+"""The same inside the kernel: a jitted function may read a module global only when it is a constexpr."""
+
+
+TILES = {
+    ("bf16", False): [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 4), (64, 64, 128, 4, 4)],
+    ("bf16", True): [(128, 128, 64, 8, 3), (128, 64, 128, 8, 3), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4)],
+    ("fp8", False): [(128, 128, 128, 8, 3), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4)],
+    ("fp8", True): [(128, 64, 128, 8, 3), (128, 64, 128, 8, 4), (64, 64, 128, 4, 4), (64, 64, 128, 4, 5)],
+    ("fp32", False): [(32, 32, 32, 4, 2), (64, 64, 32, 4, 2), (64, 32, 32, 4, 3), (64, 64, 32, 8, 3)],
+    ("fp32", True): [(32, 32, 32, 4, 2), (32, 64, 32, 4, 3)],
+}
+"""(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) the autotuner may choose, per operand kind and SwiGLU. Each one
+compiles for sm_90a and sm_100a within shared memory and with no register spilled
+(`python -m moe_pd.kernels.aot`): SwiGLU keeps two accumulators and FP8 a partial product beside each, so
+those take narrower tiles; fp32 operands (the tiny test model) multiply with FMAs, not tensor cores, and
+take small ones. FP8 tiles have BLOCK_K = 128 and BLOCK_N dividing 128 (one scale per K step and tile);
+BLOCK_M divides the contiguous layout's 128-row alignment."""
+
+
+def _kind(fp8: bool, ieee: bool) -> str:
+    return "fp8" if fp8 else "fp32" if ieee else "bf16"
+
+
+def _config(m: int, n: int, k: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
 
 
 def _configs():
     if interpreted():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 4),
-                                  (128, 64, 128, 4, 4), (64, 64, 128, 4, 4)]]
+    return [_config(*tile) for tile in dict.fromkeys(t for tiles in TILES.values() for t in tiles)]
 
 
 def _prune(configs, named_args, **kwargs):
-    """FP8 needs BLOCK_K = 128 (one scale per K step) and BLOCK_N dividing 128; masked tiles any size."""
-    if named_args.get("FP8", kwargs.get("FP8")):
-        kept = [c for c in configs if c.kwargs["BLOCK_K"] == SCALE_BLOCK and SCALE_BLOCK % c.kwargs["BLOCK_N"] == 0]
-        if interpreted():
-            kept = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": SCALE_BLOCK}, num_warps=1)]
-        return kept
-    return configs
+    """The tiles of this call's kind (TILES); under the interpreter one small config (BLOCK_K = 128 for FP8)."""
+    flag = lambda name: bool(named_args.get(name, kwargs.get(name)))  # noqa: E731
+    if interpreted():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": SCALE_BLOCK}, num_warps=1)] if flag("FP8") \
+            else configs
+    wanted = TILES[(_kind(flag("FP8"), flag("IEEE")), flag("SWIGLU"))]
+    key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)  # noqa: E731
+    return [c for c in configs if key(c) in wanted]
 
 
 @triton.autotune(configs=_configs(), key=["N", "K", "MASKED", "SWIGLU", "FP8"],
@@ -82,7 +108,7 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, m_indice
         b_up = b_gate + N * stride_bn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        k_blocks = tl.cdiv(K, SCALE_BLOCK)
+        k_blocks = tl.cdiv(K, _SCALE)
         for k0 in range(0, K, BLOCK_K):
             k_ok = (k0 + ks) < K
             a = tl.load(a_rows + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -95,10 +121,10 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, m_indice
             else:
                 part = tl.dot(a, b)
             if FP8:
-                a_s = tl.load(a_scale_ptr + rows.to(tl.int64) * k_blocks + k0 // SCALE_BLOCK, mask=row_ok, other=0.0)
-                n_blocks = tl.cdiv(N * (2 if SWIGLU else 1), SCALE_BLOCK)
-                b_s = tl.load(b_scale_ptr + (group * n_blocks + (pid_n * BLOCK_N) // SCALE_BLOCK) * k_blocks
-                              + k0 // SCALE_BLOCK)
+                a_s = tl.load(a_scale_ptr + rows.to(tl.int64) * k_blocks + k0 // _SCALE, mask=row_ok, other=0.0)
+                n_blocks = tl.cdiv(N * (2 if SWIGLU else 1), _SCALE)
+                b_s = tl.load(b_scale_ptr + (group * n_blocks + (pid_n * BLOCK_N) // _SCALE) * k_blocks
+                              + k0 // _SCALE)
                 acc += part * a_s[:, None] * b_s
             else:
                 acc += part
@@ -111,8 +137,8 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, m_indice
                 else:
                     part_up = tl.dot(a, b2)
                 if FP8:
-                    b2_s = tl.load(b_scale_ptr + (group * n_blocks + (N + pid_n * BLOCK_N) // SCALE_BLOCK) * k_blocks
-                                   + k0 // SCALE_BLOCK)
+                    b2_s = tl.load(b_scale_ptr + (group * n_blocks + (N + pid_n * BLOCK_N) // _SCALE) * k_blocks
+                                   + k0 // _SCALE)
                     acc_up += part_up * a_s[:, None] * b2_s
                 else:
                     acc_up += part_up

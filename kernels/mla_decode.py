@@ -30,7 +30,13 @@ def _configs():
     if interpreted():
         return [triton.Config({"BLOCK_H": 16, "BLOCK_N": 16}, num_warps=1)]
     return [triton.Config({"BLOCK_H": h, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for h, n, w, s in [(16, 64, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 1)]]
+            for h, n, w, s in TILES]
+
+
+TILES = [(16, 32, 8, 2), (16, 16, 8, 2), (32, 16, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2)]
+"""(BLOCK_H, BLOCK_N, warps, stages): each holds a [BLOCK_H, 512] fp32 accumulator, the query and a
+[BLOCK_N, 576] cache tile without spilling a register on sm_90a or sm_100a (`python -m moe_pd.kernels.aot`);
+wider head blocks (64) spill at every BLOCK_N tried, and 4 warps spill at some of these."""
 
 
 @triton.autotune(configs=_configs(), key=["H", "C", "R", "PAGE", "SPLITS"])

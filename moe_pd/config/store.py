@@ -52,3 +52,15 @@ def to_config(cfg: DictConfig):
         if isinstance(cause, ConfigError):
             raise cause from None
         raise
+
+
+def model_preset(name: str) -> ModelConfig:
+    """A model preset from conf/model/ (deepseek_v3, deepseek_v2_lite, tiny, ...) as a checked ModelConfig."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    if GlobalHydra.instance().is_initialized():
+        return to_config(compose("generate", overrides=[f"model={name}"])).model
+    with initialize_config_module("moe_pd.conf", version_base=None):
+        return to_config(compose("generate", overrides=[f"model={name}"])).model
