@@ -26,8 +26,9 @@ def _quantize_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, D: tl.constexpr, G
     group = tl.program_id(1)
     cols = group * GROUP_SIZE + tl.arange(0, GROUP_SIZE)
     x = tl.load(x_ptr + token * stride_x + cols).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / FP8_MAX_
-    q = tl.clamp(x / scale, -FP8_MAX_, FP8_MAX_)
+    # div_rn: IEEE division, as torch divides (Triton's `/` on fp32 is div.full, about 2 ulp off)
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), FP8_MAX_)
+    q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX_, FP8_MAX_)
     tl.store(q_ptr + token * stride_q + cols, q.to(q_ptr.dtype.element_ty))
     tl.store(s_ptr + token * (D // GROUP_SIZE) + group, scale)
 

@@ -3,8 +3,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch  # imports no kernel module
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+# Before any kernel module is imported: Triton's interpreter on a CPU-only machine (CI), the compiler where
+# a GPU is visible. Interpreted kernels on a GPU copy every tensor through numpy, minutes per call.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 

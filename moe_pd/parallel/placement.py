@@ -9,7 +9,7 @@ the redundant slots replicating experts 0, 1, ... in order (EPLB computes better
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,6 +34,11 @@ class ExpertPlacement:
     @property
     def num_logical(self) -> int:
         return self.logcnt_LE.shape[1]
+
+    def to(self, device: torch.device | str) -> "ExpertPlacement":
+        """The same placement with its maps on `device` (routing indexes them with the gate's ids)."""
+        return replace(self, phy2log_LP=self.phy2log_LP.to(device), log2phy_LEX=self.log2phy_LEX.to(device),
+                       logcnt_LE=self.logcnt_LE.to(device))
 
     def rank_experts(self, rank: int, layer: int) -> list[int]:
         """Logical expert held by each of `rank`'s slots in model layer `layer`, in slot order."""

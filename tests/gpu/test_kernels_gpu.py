@@ -24,6 +24,12 @@ def gen(seed):
     return torch.Generator(device=CUDA).manual_seed(seed)
 
 
+def test_the_kernels_are_compiled_not_interpreted():
+    from moe_pd.kernels._common import interpreted
+
+    assert not interpreted(), "TRITON_INTERPRET=1 on a GPU runs every kernel through numpy (tests/conftest.py)"
+
+
 def test_act_quant_bit_exact():
     x = torch.randn(4096, 7168, device=CUDA, generator=gen(0), dtype=torch.bfloat16) * 3
     q, s = kernels.quantize_act(x)

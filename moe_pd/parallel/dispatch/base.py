@@ -58,6 +58,8 @@ class Dispatcher(ABC):
             self.load_recorder.record(layer, topk_ids_TK)
         if self.placement is None:
             return topk_ids_TK
+        if self.placement.log2phy_LEX.device != topk_ids_TK.device:  # maps are planned on the host
+            self.placement = self.placement.to(topk_ids_TK.device)
         return self.placement.route(topk_ids_TK, layer, self.dynamic_routing, self.routing_salt)
 
     def record_received(self, layer: int, rows: int) -> None:
