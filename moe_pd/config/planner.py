@@ -51,6 +51,10 @@ class HardwareConfig:
     """Fixed cost of one dispatch or combine (a round trip through the network)."""
     step_overhead_ms: float = 0.0
     """Fixed cost of one engine step outside the layers (scheduling, sampling, control exchange)."""
+    comm_latency_per_peer_us: float = 0.0
+    """Added to comm_latency_us once per other rank of the group (gloo's pairwise exchanges on the CPU)."""
+    shared_cores: int = 0
+    """CPU path: every rank of the machine shares this many cores (0: each device is its own)."""
 
     def __post_init__(self) -> None:
         for name in ("flops_bf16", "hbm_bw", "hbm_gb", "nvlink_bw", "rdma_bw"):
@@ -63,7 +67,8 @@ class HardwareConfig:
         for name in ("eff_gemm", "eff_attn", "eff_hbm", "eff_net"):
             value = getattr(self, name)
             check(0 < value <= 1, f"hardware.{name}", value, "must be in (0, 1]")
-        for name in ("op_overhead_us", "comm_latency_us", "step_overhead_ms"):
+        check(self.shared_cores >= 0, "hardware.shared_cores", self.shared_cores, "must be >= 0")
+        for name in ("op_overhead_us", "comm_latency_us", "step_overhead_ms", "comm_latency_per_peer_us"):
             check(getattr(self, name) >= 0, f"hardware.{name}", getattr(self, name), "must be >= 0")
 
 

@@ -86,7 +86,7 @@ def fit(cfg: PlannerConfig | None = None) -> tuple[float, float]:
     """(eff_gemm, eff_net) that reproduce the day-6 prefill and decode figures."""
     cfg = cfg or load(DAY6)
     gemm, net = cfg.hardware.eff_gemm, cfg.hardware.eff_net
-    for _ in range(20):
+    for _ in range(5):
         with_hw = lambda **kw: replace(cfg, hardware=replace(cfg.hardware, **kw))  # noqa: E731
         gemm = _bisect(lambda g: predict(with_hw(eff_gemm=g, eff_net=net), "prefill"), DAY6_PREFILL)
         net = _bisect(lambda n: predict(with_hw(eff_gemm=gemm, eff_net=n), "decode"), DAY6_DECODE)

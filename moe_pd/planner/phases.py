@@ -72,7 +72,7 @@ def prefill_step(costs: LayerCosts, hw: HardwareConfig, cfg: PrefillConfig, prec
     scale = tokens * per_token / cfg.balancedness
     nodes = math.ceil(cfg.ep / hw.gpus_per_node)
     rdma, nvlink = (scale * other_nodes, scale * other_ranks) if nodes > 1 else (0.0, scale * other_ranks)
-    _overlap(moe, dev.link_seconds(rdma, nvlink), cfg.overlap)
+    _overlap(moe, dev.link_seconds(rdma, nvlink, cfg.ep - 1), cfg.overlap)
 
     step = StepTime()
     step.merge(dense, c.first_k_dense_replace)
@@ -81,9 +81,9 @@ def prefill_step(costs: LayerCosts, hw: HardwareConfig, cfg: PrefillConfig, prec
     dev.gemm(step, requests * (1 + costs.mtp_layers), costs.vocab_params, weight_bytes=2.0)
     micro_batches = 2 if cfg.overlap else 1
     step.overhead = (hw.op_overhead_us * 1e-6 * micro_batches * (c.num_hidden_layers + costs.mtp_layers)
-                     + hw.step_overhead_ms * 1e-3)
-    kv_seconds = input_tokens * costs.kv_bytes_per_token(kv_bytes) / (hw.rdma_bw * hw.eff_net * 1e9) \
-        if nodes > 1 or hw.gpus_per_node == 1 else 0.0
+                     + hw.step_overhead_ms * 1e-3 + dev.latency(cfg.ep - 1))
+    # The prompt's whole KV (cached prefix included) leaves for a decode device in another unit, over RDMA.
+    kv_seconds = input_tokens * costs.kv_bytes_per_token(kv_bytes) / (hw.rdma_bw * hw.eff_net * 1e9)
     return step, kv_seconds
 
 
@@ -111,7 +111,7 @@ def decode_step(costs: LayerCosts, hw: HardwareConfig, cfg: DecodeConfig, precis
         pairs = rows * c.num_experts_per_tok * pair / cfg.balancedness
         rdma = pairs * (cfg.ep - local) / cfg.ep if nodes > 1 else 0.0
         nvlink = pairs * (local - 1) / cfg.ep
-        return _overlap(layer, dev.link_seconds(rdma, nvlink), cfg.overlap)
+        return _overlap(layer, dev.link_seconds(rdma, nvlink, cfg.ep - 1), cfg.overlap)
 
     step = StepTime()
     step.merge(dense, c.first_k_dense_replace)
@@ -124,5 +124,6 @@ def decode_step(costs: LayerCosts, hw: HardwareConfig, cfg: DecodeConfig, precis
         step.merge(draft, drafts)
     micro_batches = 2 if cfg.overlap else 1
     layers = c.num_hidden_layers + (drafts if costs.mtp_layers else 0)
-    step.overhead = hw.op_overhead_us * 1e-6 * micro_batches * layers + hw.step_overhead_ms * 1e-3
+    step.overhead = hw.op_overhead_us * 1e-6 * micro_batches * layers + hw.step_overhead_ms * 1e-3 \
+        + dev.latency(cfg.ep - 1)
     return step

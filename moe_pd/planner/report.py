@@ -7,6 +7,11 @@ from moe_pd.planner.plan import Plan
 from moe_pd.planner.roofline import StepTime
 
 
+def _nodes(devices: int, per_node: int) -> str:
+    n = -(-devices // per_node)
+    return f"{n} node{'s' if n > 1 else ''}"
+
+
 def _k(x: float) -> str:
     return f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.1f}"
 
@@ -55,9 +60,9 @@ def to_table(cfg: PlannerConfig, p: Plan) -> str:
         "",
         "| phase | unit | per device | step | per node | bound |",
         "|---|---|---|---|---|---|",
-        f"| prefill | EP{cfg.prefill.ep} ({-(-cfg.prefill.ep // gpn)} nodes) | {pre.tokens_per_step} tokens/step "
+        f"| prefill | EP{cfg.prefill.ep} ({_nodes(cfg.prefill.ep, gpn)}) | {pre.tokens_per_step} tokens/step "
         f"| {pre.step.total:.3f} s | {_k(p.prefill_input_tok_s_per_node)} input tok/s | {pre.bound} |",
-        f"| decode | EP{cfg.decode.ep} ({-(-cfg.decode.ep // gpn)} nodes) | batch {dec.batch} (set by "
+        f"| decode | EP{cfg.decode.ep} ({_nodes(cfg.decode.ep, gpn)}) | batch {dec.batch} (set by "
         f"{dec.batch_limit}; KV room for {dec.kv_capacity_batch}) | {1e3 * dec.step.total:.1f} ms "
         f"| {_k(p.decode_output_tok_s_per_node)} output tok/s | {dec.bound} |",
         "",

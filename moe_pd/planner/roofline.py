@@ -105,9 +105,13 @@ class Device:
     def bf16_gemm_flops(self) -> float:
         return self.hw.flops_bf16 * 1e12 * self.hw.eff_gemm * self.sm_share
 
-    def link_seconds(self, rdma_bytes: float, nvlink_bytes: float) -> float:
+    def latency(self, peers: int) -> float:
+        """Fixed seconds of one collective among 1 + `peers` ranks."""
+        return (self.hw.comm_latency_us + self.hw.comm_latency_per_peer_us * peers) * 1e-6 if peers else 0.0
+
+    def link_seconds(self, rdma_bytes: float, nvlink_bytes: float, peers: int) -> float:
         """Dispatch plus combine: RDMA and NVLink run in parallel, the slower sets the time; each of the
-        two pays the fixed latency once."""
+        two pays the collective's fixed latency once."""
         net = self.hw.eff_net * 1e9
         return (max(rdma_bytes / (self.hw.rdma_bw * net), nvlink_bytes / (self.hw.nvlink_bw * net))
-                + 2 * self.hw.comm_latency_us * 1e-6)
+                + 2 * self.latency(peers))
