@@ -63,13 +63,16 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-measure", action="store_true", help="only print the planner's predictions")
     parser.add_argument("--json", help="also write measured and predicted figures to this file")
-    parser.add_argument("overrides", nargs="*", help="planner overrides (default: hardware=cpu model=tiny)")
+    parser.add_argument("overrides", nargs="*", help="more planner overrides (hardware=cpu model=tiny and the "
+                                                     "cluster's precision and schedule are set)")
     args = parser.parse_args()
     args.rates = [float(r) for r in args.rates.split(",")]
     splits = [tuple(int(x) for x in s.split("+")) for s in args.splits.split(",")]
     lo_in, hi_in = (int(x) for x in args.input_len.split(","))
     lo_out, hi_out = (int(x) for x in args.output_len.split(","))
-    cfg = load(["hardware=cpu", "model=tiny", f"workload.input_len={(lo_in + hi_in) // 2}",
+    # The cluster as launch/local.sh runs it: fp32 weights and cache, no MTP, no micro-batch overlap.
+    cfg = load(["hardware=cpu", "model=tiny", "weights=fp32", "decode.kv_bytes=4", "decode.mtp_draft_tokens=0",
+                "prefill.overlap=false", "decode.overlap=false", f"workload.input_len={(lo_in + hi_in) // 2}",
                 f"workload.output_len={(lo_out + hi_out) // 2}", "workload.cache_hit_rate=0",
                 f"workload.ttft_slo_s={args.ttft_slo}", f"workload.tpot_slo_ms={1000 * args.tpot_slo}",
                 *args.overrides])

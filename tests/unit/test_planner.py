@@ -176,3 +176,30 @@ def test_command_line_json():
     bad = subprocess.run([sys.executable, "-m", "moe_pd.planner", "workload.cache_hit_rate=1.5"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "workload.cache_hit_rate=1.5" in bad.stderr
+
+
+def test_docs_validation_table_is_current():
+    """docs/planner.md shows the calibration and validation table as the presets give it today."""
+    from moe_pd.planner.calibrate import table
+
+    text = (Path(__file__).parents[2] / "docs" / "planner.md").read_text()
+    for case, predicted, err in table():
+        assert f"| {case.name} | {case.published:,.0f} | {predicted:,.0f} | {100 * err:+.1f}% |" in text
+
+
+@pytest.mark.parametrize("preset", ["h800", "h100", "h200", "b200"])
+def test_hardware_presets_compose_and_plan(preset):
+    cfg = load([f"hardware={preset}"])
+    assert cfg.hardware.name == preset and cfg.hardware.eff_gemm == load([]).hardware.eff_gemm  # one Hopper fit
+    assert plan(cfg).decode_output_tok_s_per_node > 0
+
+
+def test_cpu_preset_and_fp8_block_reader():
+    from moe_pd.config.hf import fp8_block_size
+
+    cfg = load(["hardware=cpu", "model=tiny", "weights=fp32", "decode.kv_bytes=4", "decode.mtp_draft_tokens=0",
+                "prefill.ep=2", "decode.ep=4", "prefill.num_redundant_experts=0", "decode.num_redundant_experts=0"])
+    assert cfg.hardware.shared_cores == 2 and plan(cfg).precision == "fp32"
+    v3_quant = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    assert fp8_block_size({"quantization_config": v3_quant}) == (128, 128)
+    assert fp8_block_size({"torch_dtype": "bfloat16"}) is None
