@@ -28,8 +28,9 @@ def expert_slots(costs: LayerCosts, ep: int, redundant: int) -> int:
     return math.ceil((costs.cfg.n_routed_experts + redundant) / ep)
 
 
-def _attention_and_dense(dev: Device, costs: LayerCosts, layer: StepTime, rows: float, attn_flops: float,
-                         attn_bytes: float) -> None:
+def _attention(dev: Device, costs: LayerCosts, layer: StepTime, rows: float, attn_flops: float,
+               attn_bytes: float) -> None:
+    """MLA: its projections as GEMMs, then core attention (BF16) reading `attn_bytes` of cache."""
     dev.gemm(layer, rows, costs.attn_params)
     dev.op(layer, attn_flops, attn_bytes, dev.attn_flops)
 
@@ -61,15 +62,16 @@ def prefill_step(costs: LayerCosts, hw: HardwareConfig, cfg: PrefillConfig, prec
     attn_flops = tokens * costs.prefill_attn_flops(context)
 
     dense = StepTime()
-    _attention_and_dense(dev, costs, dense, tokens, attn_flops, 0.0)
+    _attention(dev, costs, dense, tokens, attn_flops, 0.0)
     dev.gemm(dense, tokens, costs.dense_mlp_params)
 
     moe = StepTime()
-    _attention_and_dense(dev, costs, moe, tokens, attn_flops, 0.0)
+    _attention(dev, costs, moe, tokens, attn_flops, 0.0)
     _moe(dev, costs, moe, tokens, slots, cfg.balancedness)
     other_nodes, other_ranks = destinations(c, cfg.ep, hw.gpus_per_node)
     per_token = costs.dispatch_bytes(dev.fp8, dev.act_bytes) + costs.combine_bytes(dev.act_bytes)
     scale = tokens * per_token / cfg.balancedness
+    # DeepEP's normal kernels: a token crosses RDMA once per other node, then NVLink to each device it needs.
     nodes = math.ceil(cfg.ep / hw.gpus_per_node)
     rdma, nvlink = (scale * other_nodes, scale * other_ranks) if nodes > 1 else (0.0, scale * other_ranks)
     _overlap(moe, dev.link_seconds(rdma, nvlink, cfg.ep - 1), cfg.overlap)
@@ -98,12 +100,12 @@ def decode_step(costs: LayerCosts, hw: HardwareConfig, cfg: DecodeConfig, precis
     attn_flops = rows * costs.decode_attn_flops(kv_len)
 
     dense = StepTime()
-    _attention_and_dense(dev, costs, dense, rows, attn_flops, kv_read)
+    _attention(dev, costs, dense, rows, attn_flops, kv_read)
     dev.gemm(dense, rows, costs.dense_mlp_params)
 
     def moe_layer(rows: float, attn_flops: float) -> StepTime:
         layer = StepTime()
-        _attention_and_dense(dev, costs, layer, rows, attn_flops, kv_read)
+        _attention(dev, costs, layer, rows, attn_flops, kv_read)
         _moe(dev, costs, layer, rows, slots, cfg.balancedness)
         nodes = math.ceil(cfg.ep / hw.gpus_per_node)
         local = min(cfg.ep, hw.gpus_per_node)

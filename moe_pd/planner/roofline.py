@@ -69,8 +69,14 @@ class Device:
 
     @property
     def gemm_flops(self) -> float:
+        """GEMMs in the weights' format: FP8 where the device has it, else the BF16 (CPU: fp32) rate."""
         peak = self.hw.flops_fp8 if self.fp8 and self.hw.flops_fp8 > 0 else self.hw.flops_bf16
         return peak * 1e12 * self.hw.eff_gemm * self.sm_share
+
+    @property
+    def bf16_gemm_flops(self) -> float:
+        """GEMMs kept in BF16 whatever the weights' format (gate, LM head)."""
+        return self.hw.flops_bf16 * 1e12 * self.hw.eff_gemm * self.sm_share
 
     @property
     def attn_flops(self) -> float:
@@ -96,14 +102,13 @@ class Device:
         return max(t_flops, t_bytes)
 
     def gemm(self, step: StepTime, rows: float, params: float, weight_bytes: float | None = None) -> float:
-        """[rows, k] x [k, n] with k*n = params: weights read once, activations in and out ignored."""
-        wb = self.weight_bytes if weight_bytes is None else max(weight_bytes, self.act_bytes)
-        rate = self.gemm_flops if wb == 1.0 else self.bf16_gemm_flops
+        """[rows, k] x [k, n] with k*n = params: weights read once, activations in and out ignored.
+        `weight_bytes` set means a GEMM outside the weights' format (BF16, or fp32 on the CPU path)."""
+        if weight_bytes is None:
+            wb, rate = self.weight_bytes, self.gemm_flops
+        else:
+            wb, rate = max(weight_bytes, self.act_bytes), self.bf16_gemm_flops
         return self.op(step, 2.0 * rows * params, params * wb, rate)
-
-    @property
-    def bf16_gemm_flops(self) -> float:
-        return self.hw.flops_bf16 * 1e12 * self.hw.eff_gemm * self.sm_share
 
     def latency(self, peers: int) -> float:
         """Fixed seconds of one collective among 1 + `peers` ranks."""

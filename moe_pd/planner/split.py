@@ -3,8 +3,8 @@
 The CPU path of the planner (hardware=cpu): P prefill and D decode ranks share `hardware.shared_cores`
 cores, so a rank computes at cores / (busy ranks) of its measured rate. Queueing is arithmetic:
 - prefill: one prompt per rank per step (DP attention), service time t_p = one prefill step of a mean
-  prompt; utilisation rho = rate * t_p / P; TTFT = t_p + the M/D/1 wait rho * t_p / (2 (1 - rho)), or, past
-  saturation, t_p + half the backlog that builds while `requests` arrive;
+  prompt; utilisation rho = rate * t_p / P; TTFT = t_p + the M/D/1 wait rho * t_p / (2 (1 - rho)); past
+  rho = 0.95 the wait there (9.5 t_p) plus half the backlog that builds while the `requests` arrive;
 - decode: Little's law, sequences per rank n = rate * output_len * TPOT / D, with TPOT = one decode step of
   n sequences, solved by fixed-point iteration;
 - goodput, as perf/bench_serving.py measures it: requests / (arrival span + the last request's latency) when
