@@ -97,6 +97,21 @@ def model_config_from_hf(hf: dict[str, Any], path: str | None = None) -> ModelCo
     )
 
 
+def fp8_block_size(hf: dict[str, Any]) -> tuple[int, int] | None:
+    """The FP8 weight block (rows, columns) from config.json's `quantization_config`, None when the
+    checkpoint is not block-quantised FP8 (DeepSeek-V3 ships fp8 with 128x128 blocks)."""
+    quant = hf.get("quantization_config") or {}
+    if quant.get("quant_method") not in (None, "fp8") or "weight_block_size" not in quant:
+        return None
+    rows, cols = quant["weight_block_size"]
+    return int(rows), int(cols)
+
+
+def mtp_layers(hf: dict[str, Any]) -> int:
+    """Multi-token-prediction modules the checkpoint ships (`num_nextn_predict_layers`, 0 when absent)."""
+    return int(hf.get("num_nextn_predict_layers") or 0)
+
+
 def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     """Returns `cfg` itself, or, when `cfg.path` is set, the architecture read from its config.json."""
     if cfg.path is None:

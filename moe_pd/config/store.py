@@ -12,6 +12,7 @@ from moe_pd.config.kvcache import KVCacheConfig
 from moe_pd.config.model import ModelConfig
 from moe_pd.config.overlap import OverlapConfig, ProfileConfig
 from moe_pd.config.parallel import ParallelConfig
+from moe_pd.config.planner import HardwareConfig, PlannerConfig
 from moe_pd.config.runtime import RuntimeConfig
 from moe_pd.config.sampling import SamplingConfig
 from moe_pd.config.serve import RouterConfig, ServeConfig, ServiceConfig
@@ -21,6 +22,7 @@ SCHEMAS = {
     ("", "serve_schema"): ServeConfig,
     ("", "service_schema"): ServiceConfig,
     ("", "router_schema"): RouterConfig,
+    ("", "planner_schema"): PlannerConfig,
     ("model", "model_schema"): ModelConfig,
     ("parallel", "parallel_schema"): ParallelConfig,
     ("sampling", "sampling_schema"): SamplingConfig,
@@ -29,6 +31,7 @@ SCHEMAS = {
     ("eplb", "eplb_schema"): EplbConfig,
     ("overlap", "overlap_schema"): OverlapConfig,
     ("profile", "profile_schema"): ProfileConfig,
+    ("hardware", "hardware_schema"): HardwareConfig,
 }
 
 

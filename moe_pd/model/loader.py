@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 from safetensors import safe_open
 
+from moe_pd.config.hf import fp8_block_size
 from moe_pd.config.model import ModelConfig
 from moe_pd.model.experts import RoutedExperts
 from moe_pd.model.fp8 import FP8_DTYPE, dequantize_block_fp8, quantize_block_fp8
@@ -98,11 +99,8 @@ class SafetensorsSource:
 
     def _block_size(self) -> tuple[int, int]:
         cfg_file = self.path / "config.json"
-        if cfg_file.is_file():
-            quant = json.loads(cfg_file.read_text()).get("quantization_config") or {}
-            if "weight_block_size" in quant:
-                return tuple(quant["weight_block_size"])  # type: ignore[return-value]
-        return (128, 128)
+        block = fp8_block_size(json.loads(cfg_file.read_text())) if cfg_file.is_file() else None
+        return block or (128, 128)
 
     def names(self) -> list[str]:
         return [n for n in self.file_of if not n.endswith("_scale_inv")]
