@@ -8,6 +8,10 @@ EXTRAS="${1:-}"
 VENV="${MOE_PD_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 TORCH_VERSION="${MOE_PD_TORCH:-2.13.0}"
+# NIXL (KV transfer, kvcache.transfer=nixl) without its declared dependencies: the `nixl` meta package
+# requires both CUDA builds and torch (about 6 GB); the cu12 build alone runs host-memory transfers on a
+# CPU-only machine and needs only numpy and torch at import. MOE_PD_NIXL=0 skips it (pyzmq stays available).
+NIXL_WHEELS=(nixl==1.5.2 nixl-cu12==1.5.1)
 
 "$PYTHON" - <<'PY'
 import sys
@@ -20,13 +24,16 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
-STAMP="$VENV/.moe_pd-${EXTRAS:-base}-$(cat pyproject.toml setup.py | sha1sum | cut -c1-12)"
+STAMP="$VENV/.moe_pd-${EXTRAS:-base}-$(cat pyproject.toml setup.py launch/setup_env.sh | sha1sum | cut -c1-12)"
 if [ ! -f "$STAMP" ]; then
     # torch first and pinned: a looser requirement resolved later can pull a multi-GB CUDA build.
     SPEC="."
     [ -n "$EXTRAS" ] && SPEC=".[${EXTRAS}]"
     LOG="$VENV/setup.log"
-    if ! { "${PIP[@]}" install "torch==${TORCH_VERSION}" numpy && "${PIP[@]}" install -e "$SPEC"; } >"$LOG" 2>&1; then
+    NIXL=("${PIP[@]}" install --no-deps "${NIXL_WHEELS[@]}")
+    [ "${MOE_PD_NIXL:-1}" = 0 ] && NIXL=(true)
+    if ! { "${PIP[@]}" install "torch==${TORCH_VERSION}" numpy && "${PIP[@]}" install -e "$SPEC" && "${NIXL[@]}"; } \
+        >"$LOG" 2>&1; then
         cat "$LOG" >&2
         echo "setup failed; the pip output is above and in $LOG" >&2
         exit 1

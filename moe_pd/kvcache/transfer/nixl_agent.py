@@ -1,0 +1,225 @@
+"""One NIXL agent per rank: created once, the KV pool registered once, peers loaded from metadata bytes.
+
+NIXL (github.com/ai-dynamo/nixl) moves registered memory between agents over UCX (RDMA, NVLink, TCP).
+Each rank owns one `NixlAgent`; `metadata()` is the bytes a peer needs to write into this rank's pool (the
+agent's connection info and registered regions, plus the pool's layout), carried by the control path;
+`add_peer` loads them. Notices (small messages that NIXL delivers after a transfer's data) carry the
+transfer's outcome.
+
+NIXL's own progress thread spins a core (measured: 2.4 s of CPU in 3 s idle), so the agent runs without it
+and this module progresses UCX from a Python thread that sleeps `progress_interval_s` between rounds while
+transfers are active and `idle_interval_s` otherwise. Progress matters on both ends: over TCP, UCX emulates
+one-sided writes with messages the target must handle, and NIXL sends a transfer's notice only when the
+initiator checks the transfer after its data completed. The agent is created with NIXL's strict thread
+sync, so the two threads may call it concurrently.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+
+import msgspec
+import torch
+
+from moe_pd.kvcache.transfer.page_map import PoolLayout
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+INSTALL_HINT = "install it without CUDA's dependencies: pip install --no-deps nixl==1.5.2 nixl-cu12==1.5.1"
+UCX_ONE_HOST_CPU = {"UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"}
+"""UCX settings for CPU pools whose peers all run on this host: TCP on loopback. Left alone, UCX picks shared
+memory between processes on one host, or the host's other addresses too."""
+
+
+class NixlUnavailable(RuntimeError):
+    """NIXL's Python package is not installed (or cannot load)."""
+
+
+def import_nixl():
+    try:
+        from nixl import _api
+    except ImportError as exc:
+        raise NixlUnavailable(f"NIXL is not available ({exc}); {INSTALL_HINT}") from exc
+    return _api
+
+
+def nixl_available() -> bool:
+    try:
+        import_nixl()
+    except NixlUnavailable:
+        return False
+    return True
+
+
+class PeerInfo(msgspec.Struct, frozen=True):
+    """What a rank publishes so that peers can write into its pool."""
+
+    version: int
+    name: str
+    agent_metadata: bytes
+    layout: PoolLayout
+
+
+class Delivered(msgspec.Struct, frozen=True, tag="kv1.delivered"):
+    """Sent by NIXL after every byte of the transfer landed."""
+
+    transfer_id: str
+    dst_pages: list[int]
+    """The destination pages written, in token order (the reservation's first pages)."""
+    num_tokens: int
+    payload: bytes
+    """The caller's own header (first token, sampler state...)."""
+
+
+class Abandoned(msgspec.Struct, frozen=True, tag="kv1.abandoned"):
+    """The initiator gave up on a transfer (failed, timed out or cancelled)."""
+
+    transfer_id: str
+    posted: bool
+    """Whether any data was posted: if so, bytes already on the wire may still land."""
+    reason: str
+
+
+Notice = Delivered | Abandoned
+_encoder = msgspec.msgpack.Encoder()
+_notice_decoder = msgspec.msgpack.Decoder(Notice)
+_peer_decoder = msgspec.msgpack.Decoder(PeerInfo)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_notice(raw: bytes) -> Notice:
+    """Raises msgspec.DecodeError / ValidationError on anything that is not one of ours."""
+    return _notice_decoder.decode(raw)
+
+
+class NixlAgent:
+    """A rank's NIXL agent with its KV pool registered and a progress thread."""
+
+    def __init__(self, name: str, kv_LPSW: torch.Tensor, ucx_env: Mapping[str, str] | None = None,
+                 progress_interval_s: float = 0.001, idle_interval_s: float = 0.05) -> None:
+        for key, value in (ucx_env or {}).items():
+            if os.environ.setdefault(key, value) != value:
+                log.info("%s=%s from the environment kept (moe_pd would set %s)", key, os.environ[key], value)
+        api = import_nixl()
+        self.name = f"{name}-{uuid.uuid4().hex[:8]}"
+        config = api.nixl_agent_config(enable_prog_thread=False, backends=["UCX"],
+                                       sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+        self.agent = api.nixl_agent(self.name, config)
+        self.kv_LPSW = kv_LPSW
+        self.layout = PoolLayout.of(kv_LPSW)
+        self.registered = self.agent.register_memory(kv_LPSW)  # DRAM or VRAM (with its device) from the tensor
+        self.peers: dict[str, PeerInfo] = {}
+        self.notices: collections.deque[tuple[str, bytes]] = collections.deque()
+        self.lock = threading.Lock()
+        """Held while a transfer handle is checked or released, so neither thread uses a freed handle."""
+        self.handles: dict[str, object] = {}
+        """Posted transfers the progress thread checks: transfer id -> NIXL handle."""
+        self.finished: collections.deque[tuple[str, str, str]] = collections.deque()
+        """(transfer id, "DONE" | "ERR", detail) of handles the progress thread saw end (and released)."""
+        self.busy: Callable[[], bool] = lambda: bool(self.handles)
+        self.progress_interval_s, self.idle_interval_s = progress_interval_s, idle_interval_s
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._progress, name=f"nixl-progress-{self.name}", daemon=True)
+        self._thread.start()
+
+    def metadata(self) -> bytes:
+        """This rank's agent and pool, for peers that will write into it (send over the control path)."""
+        return encode(PeerInfo(PROTOCOL_VERSION, self.name, self.agent.get_agent_metadata(), self.layout))
+
+    def add_peer(self, raw: bytes) -> PeerInfo:
+        """Loads a peer's metadata once (again only if it changed); raises ValueError on metadata that is not
+        ours, of another protocol version, or of a pool KV cannot move to."""
+        try:
+            info = _peer_decoder.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ValueError(f"malformed NIXL peer metadata: {exc}") from exc
+        if info.version != PROTOCOL_VERSION:
+            raise ValueError(f"peer {info.name} speaks KV protocol {info.version}, this rank {PROTOCOL_VERSION}")
+        if why := self.layout.mismatch(info.layout):
+            raise ValueError(f"peer {info.name}'s KV pool does not fit this one: {why}")
+        if self.peers.get(info.name) != info:
+            if info.name in self.peers:
+                self.agent.remove_remote_agent(info.name)
+            loaded = self.agent.add_remote_agent(info.agent_metadata)
+            loaded = loaded.decode() if isinstance(loaded, bytes) else loaded
+            if loaded != info.name:
+                raise ValueError(f"peer metadata names agent {loaded!r}, its header {info.name!r}")
+            self.peers[info.name] = info
+        return info
+
+    def forget_peer(self, name: str) -> None:
+        if self.peers.pop(name, None) is not None:
+            try:
+                self.agent.remove_remote_agent(name)
+            except Exception as exc:  # a peer that is gone may already be disconnected
+                log.debug("removing NIXL peer %s: %s", name, exc)
+
+    def post(self, transfer_id: str, handle) -> str:
+        """Starts a created transfer and hands it to the progress thread; returns NIXL's first state."""
+        with self.lock:
+            state = self.agent.transfer(handle)
+            if state != "ERR":
+                self.handles[transfer_id] = handle
+        self._wake.set()
+        return state
+
+    def abort(self, transfer_id: str) -> bool:
+        """Releases a posted transfer that has not ended (NIXL cancels what it can); False if it had ended."""
+        with self.lock:
+            handle = self.handles.pop(transfer_id, None)
+            if handle is not None:
+                self._release(transfer_id, handle)
+        return handle is not None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _release(self, transfer_id: str, handle) -> None:
+        try:
+            self.agent.release_xfer_handle(handle)
+        except Exception as exc:
+            log.warning("NIXL could not release transfer %s: %s", transfer_id, exc)
+
+    def _progress(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for peer, messages in self.agent.get_new_notifs().items():
+                    self.notices.extend((peer, message) for message in messages)
+                with self.lock:
+                    for transfer_id, handle in list(self.handles.items()):
+                        try:
+                            state, detail = self.agent.check_xfer_state(handle), ""
+                        except Exception as exc:  # NIXL raises e.g. nixlRemoteDisconnectError when the peer died
+                            state, detail = "ERR", f"{type(exc).__name__}: {exc}"
+                        if state != "PROC":
+                            del self.handles[transfer_id]
+                            self._release(transfer_id, handle)
+                            self.finished.append((transfer_id, state, detail))
+            except Exception:
+                log.exception("NIXL progress round failed")
+            if self.busy():
+                self._stop.wait(self.progress_interval_s)
+            else:
+                self._wake.wait(self.idle_interval_s)
+                self._wake.clear()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+        with self.lock:
+            for transfer_id, handle in self.handles.items():
+                self._release(transfer_id, handle)
+            self.handles.clear()
+        for name in list(self.peers):
+            self.forget_peer(name)
+        self.agent.deregister_memory(self.registered)
