@@ -95,15 +95,16 @@ def main() -> None:
         lines += [f"KV transfer per request, DeepSeek-V3 pages ({LAYERS} layers x {WIDTH} bf16 per token, "
                   f"{BLOCK}-token pages), prefill and decode processes on one host; torch {torch.__version__}, "
                   f"python {platform.python_version()}; median of --repeats {' '.join(map(str, args.repeats))}",
-                  "", "| tokens | MB | zmq ms | nixl ms | zmq MB/s | nixl MB/s | zmq/nixl | nixl descriptors |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "", "| tokens | MB | zmq ms | nixl ms | zmq MB/s | nixl MB/s | zmq/nixl | nixl descriptors "
+                  "| nixl post ms |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         print("\n".join(lines), flush=True)
         for n, repeats in zip(args.tokens, args.repeats, strict=True):
             pages = -(-n // BLOCK)
             src = torch.randperm(num_pages, generator=gen)[:pages].tolist()
             dst = torch.randperm(num_pages, generator=gen)[:pages].tolist()
             want = checksum(pool, src, n)
-            times: dict[str, list[float]] = {"zmq": [], "nixl": []}
+            times: dict[str, list[float]] = {"zmq": [], "nixl": [], "post": []}
             descs = 0
             for rep in range(repeats + 1):  # the first round warms both up (connections, page faults)
                 for backend in ("zmq", "nixl") if rep % 2 else ("nixl", "zmq"):
@@ -116,6 +117,7 @@ def main() -> None:
                         poll_until_final(lambda: sender.poll(timeout_ms=1))
                     else:
                         sent = engine.write(rid, peer, src, dst, n, b"first-token", timeout_s=120)
+                        posted = time.monotonic()
                         poll_until_final(lambda: engine.poll().writes)
                         descs = sent.num_descs
                     landed, state, got = conn.recv()
@@ -124,10 +126,13 @@ def main() -> None:
                                            f"checksum {got} != {want}")
                     if rep:
                         times[backend].append(landed - start)
+                        if backend == "nixl":
+                            times["post"].append(posted - start)
             zmq_s, nixl_s = statistics.median(times["zmq"]), statistics.median(times["nixl"])
             mb = n * TOKEN_BYTES / 1e6
+            post_s = statistics.median(times["post"])
             line = (f"| {n} | {mb:.0f} | {zmq_s * 1e3:.1f} | {nixl_s * 1e3:.1f} | {mb / zmq_s:.0f} | "
-                    f"{mb / nixl_s:.0f} | {zmq_s / nixl_s:.2f}x | {descs} |")
+                    f"{mb / nixl_s:.0f} | {zmq_s / nixl_s:.2f}x | {descs} | {post_s * 1e3:.1f} |")
             lines.append(line)
             print(line, flush=True)
     finally:

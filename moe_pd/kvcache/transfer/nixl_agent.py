@@ -190,6 +190,8 @@ class NixlAgent:
             log.warning("NIXL could not release transfer %s: %s", transfer_id, exc)
 
     def _progress(self) -> None:
+        if self.layout.mem_type == "VRAM":  # UCX's CUDA transports copy on the calling thread's device
+            torch.cuda.set_device(self.layout.device_id)
         while not self._stop.is_set():
             try:
                 for peer, messages in self.agent.get_new_notifs().items():
