@@ -177,13 +177,13 @@ class NixlAgent:
         with self.lock:
             handle = self.handles.pop(transfer_id, None)
             if handle is not None:
-                self._release(transfer_id, handle)
+                self.release(transfer_id, handle)
         return handle is not None
 
     def wake(self) -> None:
         self._wake.set()
 
-    def _release(self, transfer_id: str, handle) -> None:
+    def release(self, transfer_id: str, handle) -> None:
         try:
             self.agent.release_xfer_handle(handle)
         except Exception as exc:
@@ -204,7 +204,7 @@ class NixlAgent:
                             state, detail = "ERR", f"{type(exc).__name__}: {exc}"
                         if state != "PROC":
                             del self.handles[transfer_id]
-                            self._release(transfer_id, handle)
+                            self.release(transfer_id, handle)
                             self.finished.append((transfer_id, state, detail))
             except Exception:
                 log.exception("NIXL progress round failed")
@@ -220,7 +220,7 @@ class NixlAgent:
         self._thread.join(timeout=5)
         with self.lock:
             for transfer_id, handle in self.handles.items():
-                self._release(transfer_id, handle)
+                self.release(transfer_id, handle)
             self.handles.clear()
         for name in list(self.peers):
             self.forget_peer(name)

@@ -155,7 +155,7 @@ class NixlEngine:
         except Exception as exc:
             state = f"ERR ({type(exc).__name__}: {exc})"
         if state.startswith("ERR"):
-            self.agent._release(transfer_id, handle)
+            self.agent.release(transfer_id, handle)
             return self._give_up(write, XferState.FAILED, f"posting failed: {state}", True)
         self.writes[transfer_id] = write
         return write
