@@ -1,15 +1,23 @@
-"""EPLB placement quality and planning time, DeepSeek's policy vs ours, plus a live rebalance on CPU.
+"""EPLB when the load moves: plan on the windows up to t, score on window t+1, DeepSeek's greedy on the last
+window as the baseline in the same run; plus a live rebalance of the tiny model on 4 CPU ranks.
 
-    python perf/bench_eplb.py [--skip-live]
+    python perf/bench_eplb.py [--layers 58] [--scored 16] [--skip-live] [--png perf/results/eplb_temporal.png]
 
-1. Zipf-skewed loads with DeepSeek-V3 shapes (58 MoE layers, 256 experts, 32 redundant slots) at EP 32 on
-   4 nodes (hierarchical policy) and EP 144 on 18 nodes (global policy): balancedness (mean / max GPU
-   load; 1 is perfect) with no replication, DeepSeek's policy and ours, and both planning times.
-2. Recorded loads: DeepSeek-V3's router (sigmoid, correction bias, 8 groups, top-4 groups, top-8) on
-   random hidden states with a per-layer skewed bias, counted by moe_pd's load recorder, same comparison.
-3. Live: the tiny model, 4 ranks on gloo, a gate bias that sends most tokens to rank 0's experts, online
-   rebalancing: the most loaded rank's received rows per window before and after the switch.
-All ratios are measured in the same run.
+Loads: DeepSeek-V3 shapes (58 MoE layers, 256 experts in 8 groups, 32 redundant slots), EP 32 on 4 nodes
+(hierarchical policy) and EP 144 on 18 nodes (global policy), windows from the drift generator in
+moe_pd/eplb/drift.py (Zipf base popularity, per-window log-normal drift, optional reversion, bursts and
+group co-variation; CASES below lists each case's parameters). Every plan sees the last HISTORY windows.
+
+Columns (balancedness = mean / max GPU load, 1 is perfect; next = scored on the window after the plan):
+- ds in: DeepSeek's greedy on window t, scored on window t (what a static benchmark reports);
+- ds: DeepSeek's greedy on window t, scored on t+1 (the baseline);
+- ours: rebalance_experts(policy="ours") on the history, scored on t+1;
+- +route: the same placements with run-time replica routing (moe_pd/eplb/replica_routing.py) on t+1's counts;
+- ideal: DeepSeek's greedy replanned on t+1 itself (with routing for the +route ideal);
+- p10: the 10th percentile over layers of the per-layer mean;
+- every k: time-averaged balancedness when replanning only every k windows;
+- moved: expert weights moved per rebalance (slots whose expert is not already on that GPU) at DeepSeek-V3's
+  FP8 expert size.
 """
 
 from __future__ import annotations
@@ -18,50 +26,131 @@ import argparse
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchrun_launch import torchrun
 
-from moe_pd.eplb.recorder import ExpertLoadRecorder
-from moe_pd.eplb.replay import compare
-from moe_pd.model.gate import gate_scores, select_experts
+from moe_pd.eplb import rebalance_experts
+from moe_pd.eplb.drift import DriftSpec, drift_windows
+from moe_pd.eplb.metrics import balancedness, gpu_loads
+from moe_pd.eplb.replay import moved_slots
+from moe_pd.eplb.replica_routing import gpu_loads_routed
 
-LAYERS, EXPERTS, REDUNDANT, GROUPS = 58, 256, 32, 8
-CASES = ((32, 4), (144, 18))
-
-
-def zipf_loads(skew: float, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    ranks = torch.arange(1, EXPERTS + 1).float()
-    return torch.stack([(1e6 / ranks**skew)[torch.randperm(EXPERTS, generator=gen)] for _ in range(LAYERS)]).round()
-
-
-def recorded_loads(tokens: int = 4096, hidden: int = 256, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    recorder = ExpertLoadRecorder(LAYERS, EXPERTS, window=1)
-    recorder.begin_step()
-    for layer in range(LAYERS):
-        x = torch.randn(tokens, hidden, generator=gen)
-        gate = torch.randn(EXPERTS, hidden, generator=gen) / hidden**0.5
-        bias = 0.3 * torch.randn(EXPERTS, generator=gen).clamp(min=0) ** 2  # a few hot experts per layer
-        scores = gate_scores(x @ gate.t(), "sigmoid")
-        recorder.record(layer, select_experts(scores, 8, "noaux_tc", GROUPS, 4, bias))
-    return recorder.window_load()
+EXPERTS, REDUNDANT, GROUPS, HISTORY = 256, 32, 8, 8
+EP_CASES = ((32, 4), (144, 18))
+ZIPF = 0.6
+CASES = (
+    DriftSpec("walk s=0.1", zipf=ZIPF, sigma=0.1),
+    DriftSpec("walk s=0.2", zipf=ZIPF, sigma=0.2),
+    DriftSpec("walk s=0.3", zipf=ZIPF, sigma=0.3),
+    DriftSpec("revert s=0.3 r=0.5", zipf=ZIPF, sigma=0.3, reversion=0.5),
+    DriftSpec("bursts s=0.2 x8", zipf=ZIPF, sigma=0.2, burst_rate=0.1, burst_gain=8.0, burst_windows=3),
+    DriftSpec("groups s=0.1 g=0.2", zipf=ZIPF, sigma=0.1, group_sigma=0.2),
+)
+EXPERT_BYTES = 3 * 7168 * 2048 + 3 * (7168 // 128) * (2048 // 128) * 4  # FP8 blocks + fp32 block scales
+INTERVALS = (1, 4)
 
 
-def report(title: str, weight: torch.Tensor) -> list[tuple]:
-    rows = []
-    for gpus, nodes in CASES:
-        r = compare(weight, gpus, REDUNDANT, nodes, GROUPS)
-        rows.append((title, gpus, nodes, r["none"].mean().item(), r["deepseek"].mean().item(), r["ours"].mean().item(),
-                     r["deepseek_s"], r["ours_s"], bool((r["ours"] >= r["deepseek"] - 1e-6).all())))
-    return rows
+def score(load_LE: torch.Tensor, plan, gpus: int, routed: bool) -> torch.Tensor:
+    phy2log, log2phy, logcnt = plan
+    loads = gpu_loads_routed(load_LE, phy2log, log2phy, gpus) if routed else gpu_loads(load_LE, phy2log, logcnt, gpus)
+    return balancedness(loads)  # [L]
+
+
+def run_case(spec: DriftSpec, gpus: int, nodes: int, layers: int, scored: int, seed: int = 1) -> dict:
+    windows = drift_windows(spec, HISTORY + scored, layers, EXPERTS, seed).float()
+    replicas = EXPERTS + REDUNDANT
+    per = {k: [] for k in ("ds_in", "ds", "ours", "ds+route", "ours+route", "ideal", "ideal+route")}
+    plans = {"ds": [], "ours": []}
+    plan_s = []
+    for t in range(HISTORY - 1, HISTORY + scored - 1):
+        nxt = windows[t + 1]
+        ds = rebalance_experts(windows[t], replicas, GROUPS, nodes, gpus, policy="deepseek")
+        t0 = time.perf_counter()
+        ours = rebalance_experts(windows[t], replicas, GROUPS, nodes, gpus, policy="ours")
+        plan_s.append(time.perf_counter() - t0)
+        ideal = rebalance_experts(nxt, replicas, GROUPS, nodes, gpus, policy="deepseek")
+        plans["ds"].append(ds)
+        plans["ours"].append(ours)
+        per["ds_in"].append(score(windows[t], ds, gpus, False))
+        for name, plan in (("ds", ds), ("ours", ours), ("ideal", ideal)):
+            per[name].append(score(nxt, plan, gpus, False))
+            per[name + "+route"].append(score(nxt, plan, gpus, True))
+    out = {name: torch.stack(v).mean(0) for name, v in per.items()}  # per-layer mean over windows: [L]
+    for k in INTERVALS:  # replan every k windows; plan i serves windows i+1 .. i+k
+        for name in ("ds", "ours"):
+            for routed in (False, True):
+                vals = [score(windows[HISTORY + i], plans[name][i - i % k], gpus, routed).mean()
+                        for i in range(scored)]
+                out[f"{name}{'+route' if routed else ''} every {k}"] = torch.stack(vals).mean()
+    for name in ("ds", "ours"):
+        moves = [moved_slots(a[0], b[0], gpus) for a, b in zip(plans[name], plans[name][1:])]
+        out[f"{name} moved GB"] = float(np.mean(moves)) * EXPERT_BYTES / 1e9
+    out["plan_s"] = float(np.mean(plan_s))
+    return out
+
+
+def table(results: list[tuple[str, int, int, dict]]) -> None:
+    print(f"DeepSeek-V3 shapes: {EXPERTS} experts, {REDUNDANT} redundant, {GROUPS} groups; history {HISTORY} windows")
+    print("next-window balancedness, mean over layers (p10 over layers)")
+    head = ["case", "EP", "ds in", "ds", "ours", "ours/ds", "ds+route", "ours+route", "+route/ds", "ideal",
+            "ideal+route"]
+    print(" | ".join(head))
+    for name, gpus, _, r in results:
+        cells = [name, str(gpus), f"{r['ds_in'].mean():.4f}"]
+        for key in ("ds", "ours"):
+            cells.append(f"{r[key].mean():.4f} ({r[key].quantile(0.1):.3f})")
+        cells.append(f"{r['ours'].mean() / r['ds'].mean():.4f}x")
+        for key in ("ds+route", "ours+route"):
+            cells.append(f"{r[key].mean():.4f} ({r[key].quantile(0.1):.3f})")
+        cells.append(f"{r['ours+route'].mean() / r['ds'].mean():.4f}x")
+        cells += [f"{r['ideal'].mean():.4f}", f"{r['ideal+route'].mean():.4f}"]
+        print(" | ".join(cells))
+    print("\ntime-averaged balancedness when replanning every k windows; weights moved per rebalance; plan time")
+    cols = [f"{n} every {k}" for k in INTERVALS for n in ("ds", "ours", "ours+route")]
+    print(" | ".join(["case", "EP", *cols, "ds moved GB", "ours moved GB", "ours plan s"]))
+    for name, gpus, _, r in results:
+        print(" | ".join([name, str(gpus), *(f"{float(r[c]):.4f}" for c in cols), f"{r['ds moved GB']:.1f}",
+                          f"{r['ours moved GB']:.1f}", f"{r['plan_s']:.3f}"]))
+    for gpus, _ in EP_CASES:
+        rows = [r for _, g, _, r in results if g == gpus]
+        plan = [float(r["ours"].mean() / r["ds"].mean()) for r in rows]
+        route = [float(r["ours+route"].mean() / r["ds"].mean()) for r in rows]
+        print(f"EP {gpus}: ours / ds mean {np.mean(plan):.4f}x (worst {min(plan):.4f}x); ours+route / ds mean "
+              f"{np.mean(route):.4f}x (worst {min(route):.4f}x)")
+
+
+def plot(results, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("ds", "ours", "ds+route", "ours+route", "ideal")
+    fig, axes = plt.subplots(1, len(EP_CASES), figsize=(14, 4.5), sharey=True)
+    for ax, (gpus, nodes) in zip(axes, EP_CASES):
+        rows = [(n, r) for n, g, _, r in results if g == gpus]
+        x = np.arange(len(rows))
+        for i, key in enumerate(keys):
+            ax.bar(x + (i - 2) * 0.16, [float(r[key].mean()) for _, r in rows], 0.16, label=key)
+        ax.set_xticks(x, [n for n, _ in rows], rotation=25, ha="right", fontsize=8)
+        ax.set_title(f"EP {gpus} on {nodes} nodes: balancedness on the next window")
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("mean / max GPU load")
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def live_rebalance() -> tuple[tuple[int, float], tuple[int, float]] | None:
-    """Returns ((max, mean) rows per rank in the window before the first switch, (max, mean) in the last
-    window), or None on failure."""
+    """The tiny model on 4 ranks with a gate bias that sends most tokens to rank 0's experts and online
+    rebalancing: ((max, mean) rows per rank in the window before the first switch, (max, mean) in the last)."""
     from hydra import compose, initialize_config_module
 
     from moe_pd.config.store import register_configs, to_config
@@ -82,8 +171,7 @@ def live_rebalance() -> tuple[tuple[int, float], tuple[int, float]] | None:
                "max_batch_size=4", f"hydra.run.dir={tmp}/run"]
         proc = torchrun(4, cmd, capture_output=True, text=True, timeout=600)
     rows = [(int(a), float(b)) for a, b in re.findall(r"window rows per rank max (\d+), mean ([\d.]+)", proc.stderr)]
-    switched = [m.start() for m in re.finditer("switched placement", proc.stderr)]
-    if proc.returncode != 0 or len(rows) < 2 or not switched:
+    if proc.returncode != 0 or len(rows) < 2 or "switched placement" not in proc.stderr:
         print(proc.stderr[-2000:], file=sys.stderr)
         return None
     return rows[0], rows[-1]
@@ -91,20 +179,20 @@ def live_rebalance() -> tuple[tuple[int, float], tuple[int, float]] | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=58)
+    parser.add_argument("--scored", type=int, default=16, help="windows scored per case")
+    parser.add_argument("--png", default="perf/results/eplb_temporal.png")
     parser.add_argument("--skip-live", action="store_true", help="skip the 4-rank tiny-model run")
     args = parser.parse_args()
-    rows = []
-    for skew in (0.8, 1.0, 1.2):
-        rows += report(f"zipf s={skew}", zipf_loads(skew))
-    rows += report("recorded (V3 router)", recorded_loads())
-    print(f"DeepSeek-V3 shapes: {LAYERS} MoE layers, {EXPERTS} experts, {REDUNDANT} redundant, {GROUPS} groups")
-    print(f"{'loads':22} {'EP':>4} {'nodes':>5} {'none':>7} {'deepseek':>9} {'ours':>7} {'ours/ds':>8} "
-          f"{'ds plan s':>9} {'ours plan s':>11} {'never worse':>11}")
-    for title, gpus, nodes, none, ds, ours, ds_s, ours_s, ok in rows:
-        print(f"{title:22} {gpus:4d} {nodes:5d} {none:7.4f} {ds:9.4f} {ours:7.4f} {ours / ds:7.4f}x "
-              f"{ds_s:9.3f} {ours_s:11.3f} {str(ok):>11}")
-    mean_gain = sum(r[5] / r[4] for r in rows) / len(rows)
-    print(f"ours / deepseek balancedness, mean over cases: {mean_gain:.4f}x")
+    for spec in CASES:
+        print(spec)
+    results = []
+    for gpus, nodes in EP_CASES:
+        for spec in CASES:
+            results.append((spec.name, gpus, nodes, run_case(spec, gpus, nodes, args.layers, args.scored)))
+    table(results)
+    if args.png:
+        plot(results, args.png)
     if not args.skip_live:
         live = live_rebalance()
         if live is None:
