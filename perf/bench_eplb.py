@@ -11,7 +11,8 @@ group co-variation; CASES below lists each case's parameters). Every plan sees t
 Columns (balancedness = mean / max GPU load, 1 is perfect; next = scored on the window after the plan):
 - ds in: DeepSeek's greedy on window t, scored on window t (what a static benchmark reports);
 - ds: DeepSeek's greedy on window t, scored on t+1 (the baseline);
-- ours: rebalance_experts(policy="ours") on the history, scored on t+1;
+- ours: rebalance_experts(policy="ours") on the history, with the previous plan as `current` (hysteresis and
+  move cost below), scored on t+1;
 - +route: the same placements with run-time replica routing (moe_pd/eplb/replica_routing.py) on t+1's counts;
 - ideal: DeepSeek's greedy replanned on t+1 itself (with routing for the +route ideal);
 - p10: the 10th percentile over layers of the per-layer mean;
@@ -52,6 +53,9 @@ CASES = (
 )
 EXPERT_BYTES = 3 * 7168 * 2048 + 3 * (7168 // 128) * (2048 // 128) * 4  # FP8 blocks + fp32 block scales
 INTERVALS = (1, 4)
+MIN_GAIN, MOVE_COST = 0.0, 0.02
+"""ours replans a layer only if its expected balancedness gain exceeds MIN_GAIN + MOVE_COST x (fraction of the
+layer's slots fetched): moving every slot of a layer must buy 2 points of balancedness."""
 
 
 def score(load_LE: torch.Tensor, plan, gpus: int, routed: bool) -> torch.Tensor:
@@ -70,7 +74,9 @@ def run_case(spec: DriftSpec, gpus: int, nodes: int, layers: int, scored: int, s
         nxt = windows[t + 1]
         ds = rebalance_experts(windows[t], replicas, GROUPS, nodes, gpus, policy="deepseek")
         t0 = time.perf_counter()
-        ours = rebalance_experts(windows[t], replicas, GROUPS, nodes, gpus, policy="ours")
+        current = plans["ours"][-1][0] if plans["ours"] else None
+        ours = rebalance_experts(windows[t + 1 - HISTORY:t + 1], replicas, GROUPS, nodes, gpus, policy="ours",
+                                 current=current, min_gain=MIN_GAIN, move_cost=MOVE_COST)
         plan_s.append(time.perf_counter() - t0)
         ideal = rebalance_experts(nxt, replicas, GROUPS, nodes, gpus, policy="deepseek")
         plans["ds"].append(ds)

@@ -113,7 +113,7 @@ def _place_domain(w: np.ndarray, slots: int, gpus: int) -> np.ndarray:
     return experts[order]
 
 
-def _replica_ranks(phy2log_LP: torch.Tensor, num_log: int) -> tuple[torch.Tensor, torch.Tensor]:
+def replica_ranks(phy2log_LP: torch.Tensor, num_log: int) -> tuple[torch.Tensor, torch.Tensor]:
     layers, slots = phy2log_LP.shape
     rank = torch.zeros_like(phy2log_LP)
     logcnt = torch.zeros(layers, num_log, dtype=torch.int64)
@@ -145,7 +145,7 @@ def rebalance(weight_LE: torch.Tensor, num_replicas: int, num_groups: int, num_n
         for n, experts in enumerate(node_experts):
             local = _place_domain(w_all[layer, experts], slots_per_node, gpus_per_node)
             phy2log[layer, n * slots_per_node:(n + 1) * slots_per_node] = torch.from_numpy(experts[local])
-    rank, logcnt = _replica_ranks(phy2log, num_log)
+    rank, logcnt = replica_ranks(phy2log, num_log)
     ours_peak = gpu_loads(weight_LE, phy2log, logcnt, num_gpus).max(-1).values
     ds_peak = gpu_loads(weight_LE, ds_phy2log, ds_cnt, num_gpus).max(-1).values
     worse = ours_peak > ds_peak

@@ -1,5 +1,6 @@
 """EPLB policies: DeepSeek's published example, invariants as property tests, ours never worse."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -98,3 +99,72 @@ def test_ours_better_on_skewed_loads_at_ep32():
 def test_bad_arguments(args, message):
     with pytest.raises(ValueError, match=message):
         rebalance_experts(README_WEIGHT, *args)
+
+
+# --- history input and hysteresis (next_window.py) ---------------------------------------------------------
+
+def _zipf(layers, experts, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ranks = torch.arange(1, experts + 1).float()
+    return torch.stack([(1e4 / ranks)[torch.randperm(experts, generator=gen)] for _ in range(layers)]).round()
+
+
+def test_one_window_history_is_the_plain_call():
+    weight = _zipf(3, 64, 0)
+    plain = rebalance_experts(weight, 80, 8, 2, 8)
+    for got, want in zip(rebalance_experts(weight[None], 80, 8, 2, 8), plain):
+        assert torch.equal(got, want)
+    history = torch.stack([_zipf(3, 64, 1), weight])
+    ds = rebalance_experts(history, 80, 8, 2, 8, policy="deepseek")  # DeepSeek: the last window
+    assert torch.equal(ds[0], rebalance_experts(weight, 80, 8, 2, 8, policy="deepseek")[0])
+
+
+def test_history_beats_the_last_window_when_load_reverts():
+    from moe_pd.eplb.drift import DriftSpec, drift_windows
+
+    spec = DriftSpec("revert", zipf=0.6, sigma=0.3, reversion=0.5)
+    windows = drift_windows(spec, 14, 6, 64, seed=1).float()
+    ours, ds = [], []
+    for t in range(7, 13):  # two slots per GPU, as DeepSeek's decode (EP 144, 288 slots)
+        nxt = windows[t + 1]
+        for out, plan in ((ours, rebalance_experts(windows[t - 7:t + 1], 72, 1, 1, 36)),
+                          (ds, rebalance_experts(windows[t], 72, 1, 1, 36, policy="deepseek"))):
+            out.append(balancedness(gpu_loads(nxt, plan[0], plan[2], 36)).mean())
+    gain = torch.stack(ours).mean() / torch.stack(ds).mean()
+    assert gain > 1.02, gain  # the forecast (an average of past windows) is worth more than a point
+
+
+def test_hysteresis_keeps_the_current_placement_and_moves_nothing():
+    from moe_pd.eplb.next_window import fetched_slots
+
+    history = torch.stack([_zipf(2, 64, s) for s in range(4)])
+    current = rebalance_experts(history[:1], 80, 1, 1, 8)[0]
+    kept = rebalance_experts(history, 80, 1, 1, 8, current=current, min_gain=1.0)[0]
+    assert torch.equal(kept, current)  # no plan can gain a whole point of balancedness
+    costly = rebalance_experts(history, 80, 1, 1, 8, current=current, move_cost=1e6)[0]
+    assert torch.equal(costly, current)
+    free = rebalance_experts(history, 80, 1, 1, 8, current=current)[0]
+    assert not torch.equal(free, current)  # the load changed, so a free move is taken
+    fresh = rebalance_experts(history, 80, 1, 1, 8)[0]
+    for layer in range(2):  # aligned to the current labels: fewer fetches than the fresh plan's labels
+        aligned = fetched_slots(current[layer].numpy(), free[layer].numpy(), 8, 64)
+        assert aligned <= fetched_slots(current[layer].numpy(), fresh[layer].numpy(), 8, 64)
+
+
+def test_alignment_undoes_a_relabelling():
+    from moe_pd.eplb.next_window import align, fetched_slots
+
+    row = rebalance_experts(_zipf(1, 64, 5), 96, 8, 4, 16)[0][0].numpy()
+    gpus = row.reshape(16, 6)
+    # swap nodes 0 and 2, reverse the GPUs inside every node, rotate the slots of every GPU
+    perm = np.concatenate([np.arange(8, 12), np.arange(4, 8), np.arange(0, 4), np.arange(12, 16)])
+    shuffled = np.roll(gpus[perm].reshape(4, 4, 6)[:, ::-1].reshape(16, 6), 1, axis=1).reshape(-1)
+    assert fetched_slots(row, shuffled, 16, 64) > 0
+    assert np.array_equal(align(row, shuffled, 16, 4, 64), row)
+
+
+def test_history_shape_is_checked():
+    with pytest.raises(ValueError, match="weight must be"):
+        rebalance_experts(torch.ones(64), 80, 1, 1, 8)
+    with pytest.raises(ValueError, match="current placement"):
+        rebalance_experts(torch.ones(2, 64), 80, 1, 1, 8, current=torch.zeros(3, 80, dtype=torch.int64))
