@@ -38,7 +38,8 @@ from moe_pd.eplb import rebalance_experts
 from moe_pd.eplb.drift import DriftSpec, drift_windows
 from moe_pd.eplb.metrics import balancedness, gpu_loads
 from moe_pd.eplb.replay import moved_slots
-from moe_pd.eplb.replica_routing import gpu_loads_routed
+from moe_pd.eplb.replica_routing import ReplicaRouter, gpu_loads_routed
+from moe_pd.parallel.placement import ExpertPlacement
 
 EXPERTS, REDUNDANT, GROUPS, HISTORY = 256, 32, 8, 8
 EP_CASES = ((32, 4), (144, 18))
@@ -154,6 +155,32 @@ def plot(results, path: str) -> None:
     print(f"wrote {path}")
 
 
+def routing_cost(repeats: int = 20) -> None:
+    """CPU time of ReplicaRouter.route per MoE layer (one process: no all_reduce) against the static map."""
+    windows = drift_windows(CASES[1], 1, 1, EXPERTS, seed=0).float()
+    print("\nrun-time replica routing cost per MoE layer on this CPU (one rank, no all_reduce), median of "
+          f"{repeats}: tokens on the rank x top-8")
+    for gpus, nodes in EP_CASES:
+        plan = rebalance_experts(windows[0], EXPERTS + REDUNDANT, GROUPS, nodes, gpus, policy="deepseek")
+        placement = ExpertPlacement.from_phy2log(plan[0], EXPERTS, gpus)
+        router = ReplicaRouter()
+        probs = windows[0, 0] / windows[0, 0].sum()
+        for tokens in (128, 4096):
+            ids = torch.multinomial(probs, tokens * 8, replacement=True, generator=torch.Generator().manual_seed(0))
+            ids = ids.view(tokens, 8)
+            times = {}
+            for name, fn in (("static", lambda: placement.route(ids, 0)),
+                             ("balanced", lambda: router.route(ids, placement, 0))):
+                fn()
+                samples = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    fn()
+                    samples.append(time.perf_counter() - t0)
+                times[name] = float(np.median(samples)) * 1e3
+            print(f"EP {gpus}, {tokens} tokens: static {times['static']:.3f} ms, balanced {times['balanced']:.3f} ms")
+
+
 def live_rebalance() -> tuple[tuple[int, float], tuple[int, float]] | None:
     """The tiny model on 4 ranks with a gate bias that sends most tokens to rank 0's experts and online
     rebalancing: ((max, mean) rows per rank in the window before the first switch, (max, mean) in the last)."""
@@ -199,6 +226,7 @@ def main() -> None:
     table(results)
     if args.png:
         plot(results, args.png)
+    routing_cost()
     if not args.skip_live:
         live = live_rebalance()
         if live is None:

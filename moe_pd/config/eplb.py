@@ -15,8 +15,9 @@ class EplbConfig:
     enabled: bool = False
     """Record per-expert load every step (on device, no host sync) and allow rebalancing."""
     routing: str = "static"
-    """How a logical expert's tokens pick among its replicas: 'static' (fixed by the (token, k) position)
-    or 'dynamic' (spread evenly over the replicas within each step's batch)."""
+    """How a logical expert's tokens pick among its replicas: 'static' (fixed by the (token, k) position),
+    'dynamic' (spread evenly over the replicas within each rank's batch) or 'balanced' (split so that the
+    step's per-GPU load is level, from the gate's counts summed over the EP group; eplb/replica_routing.py)."""
     policy: str = "ours"
     """Placement policy: 'ours' (local search, never worse than DeepSeek's) or 'deepseek'."""
     num_nodes: int = 1
@@ -33,7 +34,7 @@ class EplbConfig:
     """Write the recorded window (safetensors + JSON metadata) here when the run ends."""
 
     def __post_init__(self) -> None:
-        check_choice("eplb.routing", self.routing, ("static", "dynamic"))
+        check_choice("eplb.routing", self.routing, ("static", "dynamic", "balanced"))
         check_choice("eplb.policy", self.policy, ("ours", "deepseek"))
         check(self.num_nodes > 0, "eplb.num_nodes", self.num_nodes, "must be > 0")
         check(self.window_steps > 0, "eplb.window_steps", self.window_steps, "must be > 0")

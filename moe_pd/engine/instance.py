@@ -16,6 +16,7 @@ from moe_pd.config.model import ModelConfig
 from moe_pd.config.parallel import ParallelConfig
 from moe_pd.config.runtime import RuntimeConfig
 from moe_pd.eplb.manager import initial_placement, make_eplb_manager
+from moe_pd.eplb.replica_routing import ReplicaRouter
 from moe_pd.model.loader import build_model
 from moe_pd.model.ops import select_ops
 from moe_pd.model.transformer import DeepseekForCausalLM
@@ -44,6 +45,8 @@ def build_instance_model(model_cfg: ModelConfig, parallel: ParallelConfig, eplb:
     dispatcher = make_dispatcher(parallel, state, model_cfg.hidden_size, placement, recorder,
                                  model_cfg.num_experts_per_tok, dtype)
     dispatcher.dynamic_routing = eplb.routing == "dynamic"
+    if eplb.routing == "balanced":
+        dispatcher.replica_router = ReplicaRouter(state.group, state.ep_rank, state.ep_size)
     model = build_model(model_cfg, device=state.device, dtype=dtype, dispatcher=dispatcher,
                         expert_ids=lambda layer: placement.rank_experts(state.ep_rank, layer),
                         ops=select_ops(runtime.kernels, state.device), fp8_experts=runtime.fp8_experts)

@@ -89,12 +89,12 @@ class ReplicaRouter:
         self.group, self.rank, self.world_size = group, rank, world_size
 
     def route(self, topk_ids_TK: torch.Tensor, placement, layer: int) -> torch.Tensor:
+        """`placement`'s maps on the ids' device (Dispatcher.to_physical moves them there)."""
         row = layer - placement.first_layer
-        log2phy_EX = placement.log2phy_LEX[row].to(topk_ids_TK.device)
         ids = topk_ids_TK.reshape(-1)
         counts_E = torch.bincount(ids[ids >= 0], minlength=placement.num_logical)
         if self.world_size > 1:
             dist.all_reduce(counts_E, group=self.group)
-        share_P = replica_shares(counts_E[None], placement.phy2log_LP[row:row + 1].to(counts_E.device),
-                                 log2phy_EX[None], placement.num_ranks)[0]
-        return assign_replicas(topk_ids_TK, share_P, log2phy_EX, self.rank)
+        share_P = replica_shares(counts_E[None], placement.phy2log_LP[row:row + 1],
+                                 placement.log2phy_LEX[row:row + 1], placement.num_ranks)[0]
+        return assign_replicas(topk_ids_TK, share_P, placement.log2phy_LEX[row], self.rank)

@@ -46,7 +46,9 @@ FP8 = ["model.hidden_size=128", "model.moe_intermediate_size=128", "runtime.fp8_
 @pytest.mark.parametrize("eplb, log_line, model", [
     (["eplb=record"], "", []),  # static replica choice, load recorded
     (["eplb=record", "eplb.routing=dynamic"], "", []),
+    (["eplb=record", "eplb.routing=balanced"], "", []),  # replicas chosen from the group's gate counts
     (["eplb=online", "eplb.rebalance_every=3", "eplb.min_gain=0"], "switched placement", []),  # weights move mid-run
+    # (eplb=online routes with routing=balanced)
     (["eplb=online", "eplb.rebalance_every=3", "eplb.min_gain=0"], "switched placement", FP8),  # + block scales
 ])
 def test_eplb_keeps_tokens_identical(eplb, log_line, model, tmp_path):

@@ -51,6 +51,9 @@ class Dispatcher(ABC):
     dynamic_routing: bool = False
     """Spread each expert's tokens evenly over its replicas within a batch (else a fixed choice)."""
     routing_salt: int = 0
+    replica_router: Any = None
+    """eplb.routing='balanced': eplb.replica_routing.ReplicaRouter, which splits each step's tokens of a
+    replicated expert over its replicas to level the GPUs (one all_reduce of the gate's counts per layer)."""
 
     def to_physical(self, topk_ids_TK: torch.Tensor, layer: int) -> torch.Tensor:
         """Records the logical load, then maps logical ids to physical slots (before counts are exchanged)."""
@@ -60,6 +63,8 @@ class Dispatcher(ABC):
             return topk_ids_TK
         if self.placement.log2phy_LEX.device != topk_ids_TK.device:  # maps are planned on the host
             self.placement = self.placement.to(topk_ids_TK.device)
+        if self.replica_router is not None and layer >= 0:
+            return self.replica_router.route(topk_ids_TK, self.placement, layer)
         return self.placement.route(topk_ids_TK, layer, self.dynamic_routing, self.routing_salt)
 
     def record_received(self, layer: int, rows: int) -> None:
