@@ -4,7 +4,7 @@
 contract: weight [L, E] load per logical expert; returns phy2log [L, num_replicas], log2phy
 [L, E, max replicas] padded with -1, and logcnt [L, E]. `weight` may also be a history of load windows
 [T, L, E], oldest first: policy "ours" then plans for its forecast of the next window, "deepseek" for the
-last window. With `current` (the phy2log in service), "ours" also keeps each layer's current placement
+last window. With `current` (the phy2log in service), either policy also keeps each layer's current placement
 unless the new one is expected to gain more than `min_gain` + `move_cost` x (fraction of slots fetched),
 and labels its GPUs so that as few experts as possible move (next_window.py).
 """
@@ -56,10 +56,12 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
     if policy == "deepseek":
         phy2log, phyrank, logcnt = policy_deepseek.rebalance(history[-1], num_replicas, num_groups, num_nodes,
                                                              num_gpus)
-        return phy2log, log2phy_from(phy2log, phyrank, logcnt), logcnt
+        if current is None:
+            return phy2log, log2phy_from(phy2log, phyrank, logcnt), logcnt
     fc = forecast(history.double().cpu().numpy())
-    load = torch.from_numpy(fc.mean_LE).float() if history.shape[0] > 1 else history[-1].float()
-    phy2log, phyrank, logcnt = policy_ours.rebalance(load, num_replicas, num_groups, num_nodes, num_gpus)
+    if policy == "ours":
+        load = torch.from_numpy(fc.mean_LE).float() if history.shape[0] > 1 else history[-1].float()
+        phy2log, phyrank, logcnt = policy_ours.rebalance(load, num_replicas, num_groups, num_nodes, num_gpus)
     if current is not None:
         if tuple(current.shape) != tuple(phy2log.shape):
             raise ValueError(f"current placement {tuple(current.shape)} does not match {tuple(phy2log.shape)}")

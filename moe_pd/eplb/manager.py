@@ -1,11 +1,13 @@
 """Runs EPLB inside a serving or generation loop: initial placement, recording, online rebalancing.
 
 Every rank calls `on_step` at the same step (StepSync runs it after the per-step all-reduce). Every
-`rebalance_every` steps the ranks sum their load windows, compute the same new placement (the policy is
-deterministic), and, if the predicted balancedness gain reaches `min_gain`, move only the expert weights
-whose slot changes owner (point-to-point, from a rank that already holds that expert), then switch the
-dispatcher's maps, all before the next forward. Predicted and achieved balancedness, bytes moved and the
-time the switch took are logged.
+`rebalance_every` steps the ranks sum their load windows into a history of `history_windows` windows and
+compute the same plan for the next window (the planner is deterministic): a layer is replanned only where
+the expected gain pays for its weight moves (rebalance_experts with `current`, next_window.py). The
+changed layers then move `layers_per_step` at a time, one chunk per step between forwards: each chunk's
+experts are fetched point-to-point from a rank that already holds them and its layers' maps switch as
+it lands, so requests in flight keep running on a placement that is whole for every layer. Predicted and
+measured balancedness, bytes moved and the time each switch took are logged and kept for /metrics.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from moe_pd.parallel.state import ParallelState, default_placement
 log = logging.getLogger(__name__)
 
 
-def plan_placement(load_LE: torch.Tensor, eplb: EplbConfig, state: ParallelState,
-                   model: ModelConfig) -> ExpertPlacement:
-    phy2log, _, _ = rebalance_experts(load_LE.float(), state.num_experts, model.n_group, eplb.num_nodes,
-                                      state.ep_size, eplb.policy)
+def plan_placement(load: torch.Tensor, eplb: EplbConfig, state: ParallelState, model: ModelConfig,
+                   current: ExpertPlacement | None = None) -> ExpertPlacement:
+    """A placement for `load` ([L, E], or a history [T, L, E]); with `current`, only where it pays."""
+    phy2log, _, _ = rebalance_experts(load.float(), state.num_experts, model.n_group, eplb.num_nodes,
+                                      state.ep_size, eplb.policy, None if current is None else current.phy2log_LP,
+                                      eplb.min_gain, eplb.move_cost)
     return ExpertPlacement.from_phy2log(phy2log, model.n_routed_experts, state.ep_size, model.first_k_dense_replace)
 
 
@@ -56,6 +60,12 @@ class EplbManager:
         self.dispatcher, self.recorder = dispatcher, recorder
         self.steps = 0
         self.rebalances: list[dict] = []
+        self.history: list[torch.Tensor] = []
+        self._pending: tuple[ExpertPlacement, list[int]] | None = None  # target, model layers still to move
+        self.bytes_moved = 0
+        """Bytes of expert weights moved between ranks since start-up (all ranks together)."""
+        self.balancedness = {"window": [], "step": []}
+        """Measured per MoE layer at the last rebalance check: over its window and in its last step."""
         self._experts = {i: layer.mlp.experts for i, layer in enumerate(model.model.layers)
                          if model_cfg.is_moe_layer(i)}
 
@@ -64,10 +74,19 @@ class EplbManager:
 
     def on_step(self) -> None:
         self.steps += 1
+        last = self.recorder.last_received()
         self.recorder.begin_step()
+        if self._pending is not None:
+            self._advance()
+            return
         every = self.eplb.rebalance_every
         if every and self.steps % every == 0:
-            self.rebalance()
+            self.rebalance(last)
+
+    def metrics(self) -> dict:
+        """What /metrics shows: balancedness per MoE layer (window and last step), rebalances, bytes moved."""
+        return {"balancedness": self.balancedness, "rebalances": sum(r["switched"] for r in self.rebalances),
+                "checks": len(self.rebalances), "bytes_moved": self.bytes_moved}
 
     # load over the group --------------------------------------------------------------------------------
     def _group_load(self) -> torch.Tensor:
@@ -77,8 +96,11 @@ class EplbManager:
             dist.all_reduce(load, group=self.state.group)
         return load.cpu()
 
-    def _group_received(self) -> torch.Tensor:
+    def _group_received(self, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows each rank received per layer over the window [R, L], or [R, 2, L] with the last step's."""
         recv = self.recorder.window_received()
+        if last is not None:
+            recv = torch.stack([recv, last])
         if self.state.world_size == 1:
             return recv[None]
         parts = [torch.zeros_like(recv) for _ in range(self.state.world_size)]
@@ -100,41 +122,68 @@ class EplbManager:
             log.info("EPLB: wrote load statistics to %s", path)
 
     # rebalancing ------------------------------------------------------------------------------------------
-    def rebalance(self) -> dict:
+    def rebalance(self, last_step_rows: torch.Tensor | None = None) -> dict:
         load = self._group_load()
-        received = self._group_received().float()  # [R, L]
-        achieved = float(balancedness(received.t()).mean())  # measured: rows each rank received, per layer
+        last = self.recorder.last_received() if last_step_rows is None else last_step_rows
+        rows = self._group_received(last).float()  # [R, 2, L]: rows each rank received, window and last step
+        received, step_rows = rows[:, 0], rows[:, 1]
+        self.balancedness = {"window": balancedness(received.t()).tolist(),
+                             "step": balancedness(step_rows.t()).tolist()}
+        achieved = float(balancedness(received.t()).mean())
         rank_rows = received.sum(1)  # rows each rank's experts processed over the window
+        self.history = [*self.history, load][-self.eplb.history_windows:]
         old = self.dispatcher.placement
-        new = plan_placement(load, self.eplb, self.state, self.model_cfg)
+        new = plan_placement(torch.stack(self.history), self.eplb, self.state, self.model_cfg, old)
         ranks = self.state.ep_size
         predicted_old = float(balancedness(gpu_loads(load, old.phy2log_LP, old.logcnt_LE, ranks)).mean())
         predicted_new = float(balancedness(gpu_loads(load, new.phy2log_LP, new.logcnt_LE, ranks)).mean())
+        changed = [layer + new.first_layer for layer in range(new.phy2log_LP.shape[0])
+                   if not torch.equal(new.phy2log_LP[layer], old.phy2log_LP[layer])]
         record = {"step": self.steps, "achieved": achieved, "predicted_old": predicted_old,
-                  "predicted_new": predicted_new, "switched": False, "bytes_moved": 0, "switch_s": 0.0,
+                  "predicted_new": predicted_new, "switched": bool(changed), "layers": len(changed),
+                  "bytes_moved": 0, "switch_s": 0.0,
                   "max_rank_rows": int(rank_rows.max()), "mean_rank_rows": float(rank_rows.mean())}
+        self.rebalances.append(record)
         log.info("EPLB step %d: window rows per rank max %d, mean %.1f", self.steps, record["max_rank_rows"],
                  record["mean_rank_rows"])
-        if predicted_new - predicted_old < self.eplb.min_gain:
-            log.info("EPLB step %d: skip (balancedness now %.3f measured, %.3f predicted; new placement %.3f, "
-                     "gain below eplb.min_gain=%g)", self.steps, achieved, predicted_old, predicted_new,
-                     self.eplb.min_gain)
-        else:
-            t0 = time.perf_counter()
-            record["bytes_moved"] = self._move_weights(old, new)
-            self.dispatcher.placement = new
-            record["switch_s"], record["switched"] = time.perf_counter() - t0, True
-            log.info("EPLB step %d: switched placement; balancedness %.3f measured, predicted %.3f -> %.3f; "
-                     "moved %.1f MiB in %.3f s", self.steps, achieved, predicted_old, predicted_new,
-                     record["bytes_moved"] / 2**20, record["switch_s"])
-        self.rebalances.append(record)
+        if not changed:
+            log.info("EPLB step %d: skip (balancedness now %.3f measured, %.3f predicted on the window; no layer "
+                     "gains more than eplb.min_gain=%g + eplb.move_cost=%g x its moves)", self.steps, achieved,
+                     predicted_old, self.eplb.min_gain, self.eplb.move_cost)
+            return record
+        log.info("EPLB step %d: replanning %d layers; balancedness %.3f measured, predicted on the window %.3f -> "
+                 "%.3f", self.steps, len(changed), achieved, predicted_old, predicted_new)
+        self._pending = (new, changed)
+        self._advance()
         return record
 
-    def _move_weights(self, old: ExpertPlacement, new: ExpertPlacement) -> int:
-        """Fetches the experts of every changed slot from a rank that holds them now; returns bytes received
-        by this rank. Every rank computes the same plan, so sends and receives pair up in order."""
+    def _advance(self) -> None:
+        """Moves the next chunk of changed layers and switches their maps."""
+        target, layers = self._pending
+        chunk = layers[: self.eplb.layers_per_step or len(layers)]
+        current = self.dispatcher.placement
+        rows = current.phy2log_LP.clone()
+        for layer in chunk:
+            rows[layer - current.first_layer] = target.phy2log_LP[layer - target.first_layer]
+        step_target = ExpertPlacement.from_phy2log(rows, current.num_logical, current.num_ranks, current.first_layer)
+        t0 = time.perf_counter()
+        received, group_bytes = self._move_weights(current, step_target)
+        self.dispatcher.placement = step_target
+        self._pending = (target, layers[len(chunk):]) if len(chunk) < len(layers) else None
+        self.bytes_moved += group_bytes
+        record = self.rebalances[-1]
+        record["bytes_moved"] += group_bytes
+        record["switch_s"] += time.perf_counter() - t0
+        log.info("EPLB step %d: switched placement of layers %s; moved %.1f MiB over the group (%.1f MiB to this "
+                 "rank) in %.3f s%s", self.steps, chunk, group_bytes / 2**20, received / 2**20,
+                 time.perf_counter() - t0, "" if self._pending is None else f", {len(self._pending[1])} layers to go")
+
+    def _move_weights(self, old: ExpertPlacement, new: ExpertPlacement) -> tuple[int, int]:
+        """Fetches the experts of every changed slot from a rank that holds them now; returns (bytes received
+        by this rank, bytes sent between ranks in all). Every rank computes the same plan, so sends and
+        receives pair up in order."""
         me, ranks, slots = self.state.rank, self.state.ep_size, new.slots_per_rank
-        moved = 0
+        moved = group = 0
         for layer, experts in self._experts.items():
             row_old = old.phy2log_LP[layer - old.first_layer].tolist()
             row_new = new.phy2log_LP[layer - new.first_layer].tolist()
@@ -150,6 +199,7 @@ class EplbManager:
                 continue
             # Per-slot tensors as raw bytes: FP8 weights and their scales move exactly, on any backend.
             tensors = [t.view(torch.uint8) for t in experts.slot_tensors()]
+            group += sum(t[0].numel() for t in tensors) * sum(src // slots != dst // slots for dst, src in plan)
             ops, incoming = [], []
             for dst, src in plan:
                 if src // slots == me and dst // slots != me:
@@ -171,7 +221,7 @@ class EplbManager:
                     for t, value in zip(tensors, values):
                         t[slot].copy_(value)
             experts.expert_ids = new.rank_experts(me, layer)
-        return moved
+        return moved, group
 
 
 def make_eplb_manager(eplb: EplbConfig, state: ParallelState, model_cfg: ModelConfig, model: torch.nn.Module,

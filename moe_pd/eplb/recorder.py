@@ -58,6 +58,10 @@ class ExpertLoadRecorder:
     def window_received(self) -> torch.Tensor:
         return self.recv_WL.sum(0)
 
+    def last_received(self) -> torch.Tensor:
+        """Rows this rank received per layer in the last completed step: [L]."""
+        return self.recv_WL[(self.step - 1) % self.window].clone()
+
 
 def save_stats(path: str | Path, stats: LoadStats) -> None:
     tensors = {"expert_load": stats.expert_load_LE.cpu().contiguous()}

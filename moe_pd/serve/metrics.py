@@ -34,11 +34,24 @@ class Metrics:
                                                                0.1, 0.25, 0.5, 1, 5, 30))
         self.transfers = Gauge("moe_pd_kv_transfers", "KV transfers a prefill instance finished since it started, "
                                "by final state", [*labels, "state"], registry=r)
+        self.eplb_balancedness = Gauge("moe_pd_eplb_balancedness", "Mean / max rows received per rank, per MoE "
+                                       "layer, at the last EPLB check: over its window or in its last step",
+                                       [*labels, "layer", "scope"], registry=r)
+        self.eplb_rebalances = Gauge("moe_pd_eplb_rebalances", "EPLB checks that moved experts since start-up",
+                                     labels, registry=r)
+        self.eplb_bytes = Gauge("moe_pd_eplb_bytes_moved", "Expert weight bytes EPLB moved between ranks since "
+                                "start-up", labels, registry=r)
         self.retries = Counter("moe_pd_retries", "Requests re-run on another decode rank after a failed transfer",
                                registry=r)
 
-    def instance(self, name: str, role: str, up: bool, ranks: list[dict]) -> None:
-        """One instance's gauges from its latest status (ranks: RankLoad dicts)."""
+    def instance(self, name: str, role: str, up: bool, ranks: list[dict], eplb: dict | None = None) -> None:
+        """One instance's gauges from its latest status (ranks: RankLoad dicts; eplb: EplbManager.metrics())."""
+        if eplb:
+            self.eplb_rebalances.labels(name, role).set(eplb["rebalances"])
+            self.eplb_bytes.labels(name, role).set(eplb["bytes_moved"])
+            for scope, values in eplb["balancedness"].items():
+                for layer, value in enumerate(values):
+                    self.eplb_balancedness.labels(name, role, str(layer), scope).set(value)
         used = sum(x["kv_used"] for x in ranks)
         total = sum(x["kv_total"] for x in ranks)
         self.up.labels(name, role).set(int(up))

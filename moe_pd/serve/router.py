@@ -170,7 +170,7 @@ class ClusterBackend:
 
     def refresh(self, metrics: Metrics) -> None:
         for inst in self.instances:
-            metrics.instance(inst.address, inst.role, inst.up, inst.ranks)
+            metrics.instance(inst.address, inst.role, inst.up, inst.ranks, inst.status.get("eplb"))
 
     # request flows ----------------------------------------------------------------------------------------
     async def _run(self, serve, stream: Stream, request: GenerationRequest) -> None:

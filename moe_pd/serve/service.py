@@ -191,6 +191,8 @@ class Leader:
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.routers: set[bytes] = set()
         self.owner: dict[str, tuple[bytes, int]] = {}
+        self.eplb_metrics = None
+        """EplbManager.metrics of this rank, added to every status for the routers' /metrics."""
         """rid -> (router identity, rank) while the request lives here."""
         self.loads: list[RankLoad] = []
         self.prefix = PrefixIndex(engine.cache.block_size)
@@ -276,8 +278,11 @@ class Leader:
                 del self.owner[event["rid"]]
 
     def status(self) -> dict:
-        return {"op": "status", "service": self.name, "role": self.cfg.role, "block_size": self.engine.cache.block_size,
-                "ranks": [asdict(load) for load in self.loads]}
+        status = {"op": "status", "service": self.name, "role": self.cfg.role,
+                  "block_size": self.engine.cache.block_size, "ranks": [asdict(load) for load in self.loads]}
+        if self.eplb_metrics is not None:
+            status["eplb"] = self.eplb_metrics()
+        return status
 
     def heartbeat(self) -> None:
         now = time.monotonic()
@@ -339,11 +344,13 @@ _LEN_BYTES = 8  # the int64 payload length in front of each exchanged buffer
 
 
 def serve_rank(cfg: ServiceConfig, engine: LLMEngine, rank: int, world_size: int, backend: str,
-               should_stop) -> None:
+               should_stop, eplb_metrics=None) -> None:
     """The loop every rank runs until a rank asks to stop (SIGTERM/SIGINT)."""
     worker = RankWorker(cfg, engine, rank)
     plane = ControlPlane(world_size, backend)
     leader = Leader(cfg, engine, world_size, f"{cfg.role}@{cfg.host}:{cfg.port}") if rank == 0 else None
+    if leader is not None:
+        leader.eplb_metrics = eplb_metrics
     if leader is not None:
         print(f"moe_pd {cfg.role} instance of {world_size} rank(s) listening at {leader.address}", flush=True)
     events: list[dict] = []
@@ -394,7 +401,8 @@ def run(cfg: ServiceConfig, run_dir: str | None = None) -> None:
                            sync, cfg.overlap, hold_finished_pages=cfg.role == "prefill",
                            decode_graphs=graphs_wanted(cfg.runtime, state, built.model) and cfg.role != "prefill")
         with profiler:
-            serve_rank(cfg, engine, state.rank, state.world_size, state.backend, lambda: stop["requested"])
+            serve_rank(cfg, engine, state.rank, state.world_size, state.backend, lambda: stop["requested"],
+                       built.eplb.metrics if built.eplb else None)
         log.info("%s rank %d stopped after %d engine steps", cfg.role, state.rank, engine.stats.steps)
     finally:
         if watchdog is not None:

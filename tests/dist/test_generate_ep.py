@@ -47,9 +47,11 @@ FP8 = ["model.hidden_size=128", "model.moe_intermediate_size=128", "runtime.fp8_
     (["eplb=record"], "", []),  # static replica choice, load recorded
     (["eplb=record", "eplb.routing=dynamic"], "", []),
     (["eplb=record", "eplb.routing=balanced"], "", []),  # replicas chosen from the group's gate counts
-    (["eplb=online", "eplb.rebalance_every=3", "eplb.min_gain=0"], "switched placement", []),  # weights move mid-run
-    # (eplb=online routes with routing=balanced)
-    (["eplb=online", "eplb.rebalance_every=3", "eplb.min_gain=0"], "switched placement", FP8),  # + block scales
+    # weights move mid-run, one layer per step (eplb=online routes with routing=balanced)
+    (["eplb=online", "eplb.rebalance_every=3", "eplb.min_gain=0", "eplb.move_cost=0", "eplb.layers_per_step=1"],
+     "layers to go", []),
+    (["eplb=online", "eplb.rebalance_every=3", "eplb.min_gain=0", "eplb.move_cost=0"], "switched placement",
+     FP8),  # + block scales
 ])
 def test_eplb_keeps_tokens_identical(eplb, log_line, model, tmp_path):
     ref = single_process(COMMON + model)

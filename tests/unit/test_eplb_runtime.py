@@ -99,3 +99,19 @@ def test_replay_tool(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "moe_pd.eplb.replay", str(tmp_path / "s.safetensors"),
                           "--num-gpus", "7", "--num-redundant", "8"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "divisible by num_gpus=7" in bad.stderr
+
+
+def test_metrics_show_eplb_balancedness_rebalances_and_bytes():
+    from prometheus_client import generate_latest
+
+    from moe_pd.serve.metrics import Metrics
+
+    metrics = Metrics()
+    eplb = {"balancedness": {"window": [0.5, 0.75], "step": [0.25, 1.0]}, "rebalances": 3, "checks": 5,
+            "bytes_moved": 4096}
+    metrics.instance("decode@x:1", "decode", True, [], eplb)
+    text = generate_latest(metrics.registry).decode()
+    assert 'moe_pd_eplb_balancedness{instance="decode@x:1",layer="1",role="decode",scope="window"} 0.75' in text
+    assert 'moe_pd_eplb_balancedness{instance="decode@x:1",layer="0",role="decode",scope="step"} 0.25' in text
+    assert 'moe_pd_eplb_rebalances{instance="decode@x:1",role="decode"} 3.0' in text
+    assert 'moe_pd_eplb_bytes_moved{instance="decode@x:1",role="decode"} 4096.0' in text
