@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +38,7 @@ from torchrun_launch import torchrun
 from moe_pd.eplb import rebalance_experts
 from moe_pd.eplb.drift import DriftSpec, drift_windows
 from moe_pd.eplb.metrics import balancedness, gpu_loads
+from moe_pd.eplb.recorder import load_stats
 from moe_pd.eplb.replay import moved_slots
 from moe_pd.eplb.replica_routing import ReplicaRouter, gpu_loads_routed
 from moe_pd.parallel.placement import ExpertPlacement
@@ -66,20 +68,26 @@ def score(load_LE: torch.Tensor, plan, gpus: int, routed: bool) -> torch.Tensor:
 
 
 def run_case(spec: DriftSpec, gpus: int, nodes: int, layers: int, scored: int, seed: int = 1) -> dict:
-    windows = drift_windows(spec, HISTORY + scored, layers, EXPERTS, seed).float()
-    replicas = EXPERTS + REDUNDANT
+    return run_windows(drift_windows(spec, HISTORY + scored, layers, EXPERTS, seed).float(), gpus, nodes)
+
+
+def run_windows(windows: torch.Tensor, gpus: int, nodes: int, groups: int = GROUPS, redundant: int = REDUNDANT,
+                history: int = HISTORY) -> dict:
+    """Scores windows[history:] (each planned on the `history` windows before it) for both policies."""
+    scored = windows.shape[0] - history
+    replicas = windows.shape[-1] + redundant
     per = {k: [] for k in ("ds_in", "ds", "ours", "ds+route", "ours+route", "ideal", "ideal+route")}
     plans = {"ds": [], "ours": []}
     plan_s = []
-    for t in range(HISTORY - 1, HISTORY + scored - 1):
+    for t in range(history - 1, history + scored - 1):
         nxt = windows[t + 1]
-        ds = rebalance_experts(windows[t], replicas, GROUPS, nodes, gpus, policy="deepseek")
+        ds = rebalance_experts(windows[t], replicas, groups, nodes, gpus, policy="deepseek")
         t0 = time.perf_counter()
         current = plans["ours"][-1][0] if plans["ours"] else None
-        ours = rebalance_experts(windows[t + 1 - HISTORY:t + 1], replicas, GROUPS, nodes, gpus, policy="ours",
+        ours = rebalance_experts(windows[max(t + 1 - HISTORY, 0):t + 1], replicas, groups, nodes, gpus, policy="ours",
                                  current=current, min_gain=MIN_GAIN, move_cost=MOVE_COST)
         plan_s.append(time.perf_counter() - t0)
-        ideal = rebalance_experts(nxt, replicas, GROUPS, nodes, gpus, policy="deepseek")
+        ideal = rebalance_experts(nxt, replicas, groups, nodes, gpus, policy="deepseek")
         plans["ds"].append(ds)
         plans["ours"].append(ours)
         per["ds_in"].append(score(windows[t], ds, gpus, False))
@@ -90,7 +98,7 @@ def run_case(spec: DriftSpec, gpus: int, nodes: int, layers: int, scored: int, s
     for k in INTERVALS:  # replan every k windows; plan i serves windows i+1 .. i+k
         for name in ("ds", "ours"):
             for routed in (False, True):
-                vals = [score(windows[HISTORY + i], plans[name][i - i % k], gpus, routed).mean()
+                vals = [score(windows[history + i], plans[name][i - i % k], gpus, routed).mean()
                         for i in range(scored)]
                 out[f"{name}{'+route' if routed else ''} every {k}"] = torch.stack(vals).mean()
     for name in ("ds", "ours"):
@@ -181,9 +189,9 @@ def routing_cost(repeats: int = 20) -> None:
             print(f"EP {gpus}, {tokens} tokens: static {times['static']:.3f} ms, balanced {times['balanced']:.3f} ms")
 
 
-def live_rebalance() -> tuple[tuple[int, float], tuple[int, float]] | None:
-    """The tiny model on 4 ranks with a gate bias that sends most tokens to rank 0's experts and online
-    rebalancing: ((max, mean) rows per rank in the window before the first switch, (max, mean) in the last)."""
+def _tiny_run(tmp: str, skew: bool, extra: list[str]) -> tuple[subprocess.CompletedProcess, torch.Tensor | None]:
+    """moe_pd.generate on 4 ranks with the tiny model (experts 0-3, rank 0's, favoured by the gate with
+    `skew`), online EPLB on 3-step windows; returns the process and the load windows it recorded."""
     from hydra import compose, initialize_config_module
 
     from moe_pd.config.store import register_configs, to_config
@@ -193,21 +201,39 @@ def live_rebalance() -> tuple[tuple[int, float], tuple[int, float]] | None:
     with initialize_config_module("moe_pd.conf", version_base=None):
         tiny = to_config(compose("generate")).model
     model = build_model(tiny)
-    for layer in model.model.layers[tiny.first_k_dense_replace:]:
-        layer.mlp.gate.e_score_correction_bias[:4] += 1.0  # experts 0-3 (rank 0's) win most routings
+    if skew:
+        for layer in model.model.layers[tiny.first_k_dense_replace:]:
+            layer.mlp.gate.e_score_correction_bias[:4] += 1.0
+    save_checkpoint(model, Path(tmp) / "ckpt")
+    prompts = ",".join(str([256, *f"prompt number {i} about load balancing".encode()]) for i in range(16))
+    cmd = ["-m", "moe_pd.generate", "model=path", f"model.path={Path(tmp) / 'ckpt'}", f"prompt_ids=[{prompts}]",
+           "sampling.ignore_eos=true", "parallel.num_redundant_experts=16", "eplb=online", "eplb.rebalance_every=3",
+           "eplb.window_steps=3", "eplb.history_windows=64", f"eplb.dump_stats={tmp}/stats.safetensors",
+           "max_batch_size=4", f"hydra.run.dir={tmp}/run", *extra]
+    proc = torchrun(4, cmd, capture_output=True, text=True, timeout=600)
+    history = load_stats(f"{tmp}/stats.safetensors").load_history_TLE if proc.returncode == 0 else None
+    return proc, history
+
+
+def live_rebalance() -> tuple[tuple[int, float], tuple[int, float]] | None:
+    """The skewed tiny model with online rebalancing: ((max, mean) rows per rank in the window before the
+    first switch, (max, mean) in the last window)."""
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(model, Path(tmp) / "skewed")
-        prompts = ",".join(str([256, *f"prompt number {i} about load balancing".encode()]) for i in range(16))
-        cmd = ["-m", "moe_pd.generate", "model=path", f"model.path={Path(tmp) / 'skewed'}", f"prompt_ids=[{prompts}]",
-               "sampling.max_new_tokens=24", "sampling.ignore_eos=true", "parallel.num_redundant_experts=16",
-               "eplb=online", "eplb.rebalance_every=6", "eplb.window_steps=6", "eplb.min_gain=0.01",
-               "max_batch_size=4", f"hydra.run.dir={tmp}/run"]
-        proc = torchrun(4, cmd, capture_output=True, text=True, timeout=600)
+        proc, _ = _tiny_run(tmp, True, ["sampling.max_new_tokens=24", "eplb.min_gain=0.01"])
     rows = [(int(a), float(b)) for a, b in re.findall(r"window rows per rank max (\d+), mean ([\d.]+)", proc.stderr)]
     if proc.returncode != 0 or len(rows) < 2 or "switched placement" not in proc.stderr:
         print(proc.stderr[-2000:], file=sys.stderr)
         return None
     return rows[0], rows[-1]
+
+
+def recorded_windows() -> torch.Tensor | None:
+    """Load windows [T, L, E] the recorder kept in a run of the unskewed tiny model (random weights)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, history = _tiny_run(tmp, False, ["sampling.max_new_tokens=64"])
+    if history is None:
+        print(proc.stderr[-2000:], file=sys.stderr)
+    return None if history is None else history.float()
 
 
 def main() -> None:
@@ -233,9 +259,17 @@ def main() -> None:
             print("live rebalance: failed (see stderr)")
         else:
             (b_max, b_mean), (a_max, a_mean) = live
-            print(f"live rebalance (tiny model, 4 ranks, skewed gate, 6-step windows): most loaded rank's rows / mean "
-                  f"rank's rows = {b_max}/{b_mean:.0f} = {b_max / b_mean:.2f} before the switch, "
-                  f"{a_max}/{a_mean:.0f} = {a_max / a_mean:.2f} after")
+            print(f"\nlive rebalance (tiny model, 4 ranks, skewed gate, 3-step windows): most loaded rank's rows / "
+                  f"mean rank's rows = {b_max}/{b_mean:.0f} = {b_max / b_mean:.2f} before the first switch, "
+                  f"{a_max}/{a_mean:.0f} = {a_max / a_mean:.2f} in the last window")
+        recorded = recorded_windows()
+        if recorded is not None:
+            r = run_windows(recorded, 4, 1, groups=4, redundant=16, history=1)
+            print(f"recorded windows (the recorder in a 4-rank run of the tiny model, random weights, no skew: "
+                  f"{recorded.shape[0]} windows of 3 steps, {recorded.shape[1]} MoE layers x {recorded.shape[2]} "
+                  f"experts, EP 4, 16 redundant), next-window balancedness: ds {r['ds'].mean():.4f}, ours "
+                  f"{r['ours'].mean():.4f}, ds+route {r['ds+route'].mean():.4f}, ours+route "
+                  f"{r['ours+route'].mean():.4f}, ideal {r['ideal'].mean():.4f}")
 
 
 if __name__ == "__main__":

@@ -113,7 +113,8 @@ class EplbManager:
                 "n_group": self.model_cfg.n_group, "hidden_size": self.model_cfg.hidden_size,
                 "moe_intermediate_size": self.model_cfg.moe_intermediate_size, "window_steps": self.eplb.window_steps,
                 "steps_recorded": min(self.steps, self.eplb.window_steps), "ep_size": self.state.ep_size}
-        return LoadStats(self._group_load(), meta, self._group_received())
+        history = torch.stack(self.history) if self.history else None
+        return LoadStats(self._group_load(), meta, self._group_received(), history)
 
     def dump(self, path: str) -> None:
         stats = self.stats()  # collective: every rank calls it
@@ -133,6 +134,8 @@ class EplbManager:
         rank_rows = received.sum(1)  # rows each rank's experts processed over the window
         self.history = [*self.history, load][-self.eplb.history_windows:]
         old = self.dispatcher.placement
+        if old is None:  # one rank, no redundant slots: nothing to place
+            return {"step": self.steps, "achieved": achieved, "switched": False}
         new = plan_placement(torch.stack(self.history), self.eplb, self.state, self.model_cfg, old)
         ranks = self.state.ep_size
         predicted_old = float(balancedness(gpu_loads(load, old.phy2log_LP, old.logcnt_LE, ranks)).mean())

@@ -3,8 +3,8 @@
 Legend: W window steps, L MoE layers, E logical experts. Counting is a scatter_add on the device that
 holds the routing ids (no host sync per step); the window is a ring of W per-step count tables. Received
 row counts per layer (this rank's expert work) are kept on the host, where the dispatcher knows them.
-Files: safetensors with `expert_load` [L, E] (and `rank_recv_rows` [R, L] when gathered), JSON metadata
-under the key "moe_pd".
+Files: safetensors with `expert_load` [L, E] (and `rank_recv_rows` [R, L] when gathered, and
+`expert_load_history` [T, L, E] when the online planner kept windows), JSON metadata under the key "moe_pd".
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ class LoadStats:
     expert_load_LE: torch.Tensor
     meta: dict
     rank_recv_rows_RL: torch.Tensor | None = None
+    load_history_TLE: torch.Tensor | None = None
+    """The windows the online planner kept (one per rebalance check, oldest first), when it ran."""
 
 
 class ExpertLoadRecorder:
@@ -67,6 +69,8 @@ def save_stats(path: str | Path, stats: LoadStats) -> None:
     tensors = {"expert_load": stats.expert_load_LE.cpu().contiguous()}
     if stats.rank_recv_rows_RL is not None:
         tensors["rank_recv_rows"] = stats.rank_recv_rows_RL.cpu().contiguous()
+    if stats.load_history_TLE is not None:
+        tensors["expert_load_history"] = stats.load_history_TLE.cpu().contiguous()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"moe_pd": json.dumps(stats.meta)})
 
@@ -79,4 +83,5 @@ def load_stats(path: str | Path) -> LoadStats:
         meta = json.loads((f.metadata() or {}).get("moe_pd", "{}"))
         load = f.get_tensor("expert_load")
         recv = f.get_tensor("rank_recv_rows") if "rank_recv_rows" in f.keys() else None
-    return LoadStats(load, meta, recv)
+        history = f.get_tensor("expert_load_history") if "expert_load_history" in f.keys() else None
+    return LoadStats(load, meta, recv, history)

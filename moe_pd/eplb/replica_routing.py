@@ -7,8 +7,11 @@ X max replicas per expert, G GPUs (ranks), T tokens, K top-k.
 A placement fixes which GPUs hold an expert; how its tokens divide among them is free, and it never changes
 the math (every replica holds the same weights). DeepSeek's LPLB solves a small linear program per batch for
 that split; here it is water-filling: starting from an even split, every replicated expert pours its step
-count over its replicas so that they end level with the lowest of their GPUs' other loads, all experts at
-once (Jacobi sweeps, half steps for stability), a fixed number of sweeps so every rank does the same work.
+count over its replicas so that they end level with the lowest of their GPUs' other loads. That best
+response minimises the sum of squared GPU loads over the expert's GPUs, so taking all experts' responses at
+once with a step of 1 / (most replicated experts sharing one GPU) never raises the sum of squares over all
+GPUs (a convex combination per GPU); a fixed number of sweeps keeps every rank's work the same, and a layer
+keeps the even split in the rare case it has the lower peak.
 The inputs are the gate's counts summed over the EP group (one all_reduce of E integers per layer), so every
 rank computes the same split. Each rank then sends its own tokens of an expert to the replicas in those
 proportions: its j-th token of the expert takes the replica whose cumulative share first passes
@@ -21,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-SWEEPS = 8
+SWEEPS = 16
 _GOLDEN = 0.6180339887498949
 
 
@@ -35,9 +38,12 @@ def replica_shares(counts_LE: torch.Tensor, phy2log_LP: torch.Tensor, log2phy_LE
     share_LP = (counts_LE / logcnt_LE).gather(1, phy2log_LP)
     slot_gpu_P = torch.arange(slots, device=phy2log_LP.device) // (slots // num_gpus)
     idx_LEX = log2phy_LEX.clamp(min=0)
+    per_gpu = lambda x_LP: torch.zeros(layers, num_gpus, device=x_LP.device).index_add_(1, slot_gpu_P, x_LP)
+    step_L1 = 1.0 / per_gpu((logcnt_LE.gather(1, phy2log_LP) > 1).float()).max(-1, keepdim=True).values.clamp(min=1)
+    even_LP = share_LP
     pad = 1e30
     for _ in range(sweeps):
-        gpu_LG = torch.zeros(layers, num_gpus, device=share_LP.device).index_add_(1, slot_gpu_P, share_LP)
+        gpu_LG = per_gpu(share_LP)
         other_LP = gpu_LG[:, slot_gpu_P] - share_LP  # load of the slot's GPU without this slot's share
         base_LEX = torch.where(valid_LEX, other_LP.gather(1, idx_LEX.flatten(1)).view_as(idx_LEX), pad)
         sorted_LEX, _ = base_LEX.sort(-1)
@@ -49,8 +55,9 @@ def replica_shares(counts_LE: torch.Tensor, phy2log_LP: torch.Tensor, log2phy_LE
         target_LEX = torch.where(valid_LEX, (level_LE[..., None] - base_LEX).clamp(min=0), 0.0)
         target_LP = torch.zeros_like(share_LP).scatter_add_(1, idx_LEX.flatten(1),
                                                             target_LEX.flatten(1) * valid_LEX.flatten(1))
-        share_LP = 0.5 * (share_LP + target_LP)
-    return share_LP
+        share_LP = share_LP + step_L1 * (target_LP - share_LP)
+    better_L1 = per_gpu(share_LP).max(-1, keepdim=True).values <= per_gpu(even_LP).max(-1, keepdim=True).values
+    return torch.where(better_L1, share_LP, even_LP)
 
 
 def gpu_loads_routed(counts_LE: torch.Tensor, phy2log_LP: torch.Tensor, log2phy_LEX: torch.Tensor,

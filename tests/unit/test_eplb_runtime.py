@@ -31,11 +31,13 @@ def test_recorder_window_is_a_ring():
 
 
 def test_stats_file_round_trip(tmp_path):
-    stats = LoadStats(torch.arange(12).view(2, 6), {"model": "x", "n_group": 2}, torch.ones(4, 2, dtype=torch.int64))
+    stats = LoadStats(torch.arange(12).view(2, 6), {"model": "x", "n_group": 2}, torch.ones(4, 2, dtype=torch.int64),
+                      torch.arange(36).view(3, 2, 6))
     save_stats(tmp_path / "s.safetensors", stats)
     back = load_stats(tmp_path / "s.safetensors")
     assert torch.equal(back.expert_load_LE, stats.expert_load_LE) and back.meta == stats.meta
     assert torch.equal(back.rank_recv_rows_RL, stats.rank_recv_rows_RL)
+    assert torch.equal(back.load_history_TLE, stats.load_history_TLE)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_stats(tmp_path / "missing.safetensors")
 

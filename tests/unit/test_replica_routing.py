@@ -49,3 +49,15 @@ def test_router_on_one_rank_routes_every_token_to_a_replica_of_its_expert():
     valid = ids >= 0
     assert torch.equal(p.phy2log_LP[1][phys[valid]], ids[valid])
     assert torch.bincount(phys[valid], minlength=16).float().std() < 3  # spread, not one replica each
+
+
+def test_routing_never_raises_the_peak_when_many_replicated_experts_share_gpus():
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        perm = torch.randperm(32, generator=gen) % 16  # 16 experts twice each, 8 slots on each of 4 GPUs
+        p = ExpertPlacement.from_phy2log(perm[None], 16, 4)
+        counts = (torch.rand(1, 16, generator=gen) ** 3 * 1000).round()
+        routed = gpu_loads_routed(counts, p.phy2log_LP, p.log2phy_LEX, 4)
+        even = (counts / p.logcnt_LE).gather(1, p.phy2log_LP).view(1, 4, 8).sum(-1)
+        assert routed.max() <= even.max() + 1e-3
+        assert torch.isclose(routed.sum(), counts.sum())
