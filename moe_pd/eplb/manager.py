@@ -88,6 +88,11 @@ class EplbManager:
         return {"balancedness": self.balancedness, "rebalances": sum(r["switched"] for r in self.rebalances),
                 "checks": len(self.rebalances), "bytes_moved": self.bytes_moved}
 
+    def _placement(self) -> ExpertPlacement | None:
+        """The placement in service, its maps on the host (the dispatcher keeps them on the ids' device)."""
+        placement = self.dispatcher.placement
+        return None if placement is None else placement.to(torch.device("cpu"))
+
     # load over the group --------------------------------------------------------------------------------
     def _group_load(self) -> torch.Tensor:
         load = self.recorder.window_load().clone()
@@ -133,7 +138,7 @@ class EplbManager:
         achieved = float(balancedness(received.t()).mean())
         rank_rows = received.sum(1)  # rows each rank's experts processed over the window
         self.history = [*self.history, load][-self.eplb.history_windows:]
-        old = self.dispatcher.placement
+        old = self._placement()
         if old is None:  # one rank, no redundant slots: nothing to place
             return {"step": self.steps, "achieved": achieved, "switched": False}
         new = plan_placement(torch.stack(self.history), self.eplb, self.state, self.model_cfg, old)
@@ -164,7 +169,7 @@ class EplbManager:
         """Moves the next chunk of changed layers and switches their maps."""
         target, layers = self._pending
         chunk = layers[: self.eplb.layers_per_step or len(layers)]
-        current = self.dispatcher.placement
+        current = self._placement()
         rows = current.phy2log_LP.clone()
         for layer in chunk:
             rows[layer - current.first_layer] = target.phy2log_LP[layer - target.first_layer]
