@@ -8,10 +8,11 @@ A placement fixes which GPUs hold an expert; how its tokens divide among them is
 the math (every replica holds the same weights). DeepSeek's LPLB solves a small linear program per batch for
 that split; here it is water-filling: starting from an even split, every replicated expert pours its step
 count over its replicas so that they end level with the lowest of their GPUs' other loads. That best
-response minimises the sum of squared GPU loads over the expert's GPUs, so taking all experts' responses at
-once with a step of 1 / (most replicated experts sharing one GPU) never raises the sum of squares over all
-GPUs (a convex combination per GPU); a fixed number of sweeps keeps every rank's work the same, and a layer
-keeps the even split in the rare case it has the lower peak.
+response minimises the sum of squared GPU loads over the expert's GPUs, so all experts' responses together
+point downhill for the sum of squares over all GPUs; each sweep moves along them by the step that minimises
+it exactly (it is quadratic along the line; the step stays in [0, 1], so shares stay between the old and
+the responses). A fixed number of sweeps keeps every rank's work the same, and a layer keeps the even split
+in the rare case it has the lower peak.
 The inputs are the gate's counts summed over the EP group (one all_reduce of E integers per layer), so every
 rank computes the same split. Each rank then sends its own tokens of an expert to the replicas in those
 proportions: its j-th token of the expert takes the replica whose cumulative share first passes
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-SWEEPS = 16
+SWEEPS = 8
 _GOLDEN = 0.6180339887498949
 
 
@@ -39,7 +40,6 @@ def replica_shares(counts_LE: torch.Tensor, phy2log_LP: torch.Tensor, log2phy_LE
     slot_gpu_P = torch.arange(slots, device=phy2log_LP.device) // (slots // num_gpus)
     idx_LEX = log2phy_LEX.clamp(min=0)
     per_gpu = lambda x_LP: torch.zeros(layers, num_gpus, device=x_LP.device).index_add_(1, slot_gpu_P, x_LP)
-    step_L1 = 1.0 / per_gpu((logcnt_LE.gather(1, phy2log_LP) > 1).float()).max(-1, keepdim=True).values.clamp(min=1)
     even_LP = share_LP
     pad = 1e30
     for _ in range(sweeps):
@@ -55,7 +55,11 @@ def replica_shares(counts_LE: torch.Tensor, phy2log_LP: torch.Tensor, log2phy_LE
         target_LEX = torch.where(valid_LEX, (level_LE[..., None] - base_LEX).clamp(min=0), 0.0)
         target_LP = torch.zeros_like(share_LP).scatter_add_(1, idx_LEX.flatten(1),
                                                             target_LEX.flatten(1) * valid_LEX.flatten(1))
-        share_LP = share_LP + step_L1 * (target_LP - share_LP)
+        # exact line search on the sum of squared GPU loads, which is quadratic along the step
+        step_LP = target_LP - share_LP
+        d_LG = per_gpu(step_LP)
+        a_L1 = (-(gpu_LG * d_LG).sum(-1, keepdim=True) / (d_LG * d_LG).sum(-1, keepdim=True).clamp(min=1e-30))
+        share_LP = share_LP + a_L1.clamp(0.0, 1.0) * step_LP
     better_L1 = per_gpu(share_LP).max(-1, keepdim=True).values <= per_gpu(even_LP).max(-1, keepdim=True).values
     return torch.where(better_L1, share_LP, even_LP)
 
