@@ -4,6 +4,11 @@ A full page is identified by a chained hash: hash((hash of the previous page, th
 page matches only when its whole prefix matches. A hit is confirmed by comparing the tokens, so a hash
 collision can never hand a sequence someone else's latents. Pages nobody references stay cached, in LRU
 order, until a new allocation needs them.
+
+With KV tiers below the device (kvcache/tiers/), a manager built with the model's identity digest as
+`tier_root` also gives every full page its tier entry (a strong chained key, the parent's key, the
+tokens) and records the pages that became full (`take_new_pages`, for write-through) and the cached
+pages it evicted (`take_evicted`, for write-back; their latents are intact until the next step writes).
 """
 
 from __future__ import annotations
@@ -11,6 +16,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from moe_pd.kvcache.tiers.identity import chain_keys, page_key
+
+TierEntry = tuple[bytes, bytes, tuple[int, ...]]
+"""(page key, parent key, tokens): how the KV tiers name a full page."""
 
 
 class OutOfBlocks(RuntimeError):
@@ -22,6 +32,8 @@ class Page:
     ref_count: int = 0
     hash: int | None = None
     tokens: tuple[int, ...] | None = None
+    entry: TierEntry | None = None
+    """The page's tier entry (only when the manager has a tier root)."""
 
 
 def chain_hash(previous: int | None, tokens: tuple[int, ...]) -> int:
@@ -38,10 +50,14 @@ def full_pages(token_ids: list[int], block_size: int) -> Iterator[tuple[int, tup
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_cache: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_cache: bool = True,
+                 tier_root: bytes | None = None) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be > 0")
         self.num_blocks, self.block_size, self.enabled = num_blocks, block_size, enable_prefix_cache
+        self.tier_root = tier_root if enable_prefix_cache else None
+        self._new_full: list[tuple[int, TierEntry]] = []
+        self._evicted: list[tuple[int, TierEntry]] = []
         self.pages = [Page() for _ in range(num_blocks)]
         self._free = list(range(num_blocks - 1, -1, -1))  # never used or holding nothing worth keeping
         self._evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced but cached, oldest first
@@ -68,6 +84,8 @@ class BlockManager:
             old = self.pages[page]
             if old.hash is not None and self._by_hash.get(old.hash) == page:
                 del self._by_hash[old.hash]
+            if old.entry is not None:
+                self._evicted.append((page, old.entry))
         else:
             raise OutOfBlocks(f"no free pages ({self.num_blocks} in use)")
         self.pages[page] = Page(ref_count=1)
@@ -124,14 +142,17 @@ class BlockManager:
         """Registers the full pages among the first `num_computed` tokens in the prefix cache."""
         if not self.enabled:
             return
-        previous = None
+        previous, parent = None, self.tier_root
         for i in range(num_computed // self.block_size):
             page = self.pages[table[i]]
             if page.hash is None:  # pages registered before keep their hash: only new full pages are hashed
                 tokens = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
                 page.hash, page.tokens = chain_hash(previous, tokens), tokens
                 self._by_hash.setdefault(page.hash, table[i])
-            previous = page.hash
+                if parent is not None:
+                    page.entry = (page_key(parent, tokens), parent, tokens)
+                    self._new_full.append((table[i], page.entry))
+            previous, parent = page.hash, page.entry[0] if page.entry else None
 
     def free(self, table: list[int]) -> None:
         """Drops the sequence's references; cached pages become evictable (LRU), others free."""
@@ -147,3 +168,24 @@ class BlockManager:
                     self.pages[page_id] = Page()
                     self._free.append(page_id)
         table.clear()
+
+    # tiers ----------------------------------------------------------------------------------------------
+    def tier_entries(self, token_ids: list[int], hits: list[int]) -> Iterator[TierEntry]:
+        """Tier entries of the pages after the device hits `hits` (from cached_prefix) that a new sequence
+        could still take from the tiers (stopping a token before the end, as cached_prefix does), lazily."""
+        if self.tier_root is None:
+            return iter(())
+        parent = self.pages[hits[-1]].entry[0] if hits else self.tier_root
+        limit = (len(token_ids) - 1) // self.block_size - len(hits)
+        return chain_keys(parent, token_ids, self.block_size, len(hits), max(limit, 0))
+
+    def take_new_pages(self) -> list[tuple[int, TierEntry]]:
+        """(page, entry) of the pages that became full since the last call (write-through offers)."""
+        out, self._new_full = self._new_full, []
+        return out
+
+    def take_evicted(self) -> list[tuple[int, TierEntry]]:
+        """(page, entry) of the cached pages evicted since the last call; their latents are intact until the
+        next step runs (write-back offers must be issued before it)."""
+        out, self._evicted = self._evicted, []
+        return out

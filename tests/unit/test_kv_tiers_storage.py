@@ -155,11 +155,14 @@ def test_a_leased_slot_is_not_evicted_and_a_reclaimed_one_fails_validation(tmp_p
     assert p.validate(leased).count(False) == 1  # the reclaimed page is detected, the others still hold
 
 
-def test_pool_shape_mismatch_in_use_is_refused_and_the_last_close_removes_the_file(tmp_path):
+def test_pool_format_mismatch_in_use_is_refused_and_the_last_close_removes_the_file(tmp_path):
     a = pool(tmp_path)
-    with pytest.raises(ValueError, match="another shape"):
-        HostPool(str(tmp_path / "pool"), 16, PAGE, BS, ROOT)
-    b = pool(tmp_path)
+    with pytest.raises(ValueError, match="another model or page format"):
+        HostPool(str(tmp_path / "pool"), 8, PAGE * 2, BS, ROOT)
+    with pytest.raises(ValueError, match="another model or page format"):
+        HostPool(str(tmp_path / "pool"), 8, PAGE, BS, b"o" * 16)
+    b = HostPool(str(tmp_path / "pool"), 16, PAGE, BS, ROOT)  # another size: joins the pool as it is
+    assert b.num_slots == 8
     put(a, entries(list(range(4))))
     assert len(b.lookup(entries(list(range(4))))) == 1  # one pool, seen through both handles
     a.close()

@@ -62,8 +62,9 @@ def _aligned(n: int) -> int:
 
 class HostPool:
     def __init__(self, path: str, num_slots: int, page_bytes: int, block_size: int, identity: bytes) -> None:
-        """Maps the pool at `path`, creating it when absent (or when an incompatible one nobody uses is
-        there). Raises ValueError when a pool of another shape is in use at that path."""
+        """Maps the pool at `path`, creating it with `num_slots` when absent. An existing pool of the same
+        model and page format is joined whatever its size (the first process sized it); one of another
+        format is replaced when nobody maps it, else this raises ValueError."""
         if num_slots <= 0 or page_bytes <= 0:
             raise ValueError(f"host pool {path}: num_slots={num_slots} and page_bytes={page_bytes} must be > 0")
         self.path, self.block_size, self.page_bytes = path, block_size, page_bytes
@@ -97,23 +98,26 @@ class HostPool:
 
     def _header(self) -> bytes:
         num_slots, page_bytes, block_size, num_buckets, identity = self._shape
-        fields = (num_slots, page_bytes, block_size, num_buckets, self.slot_stride)
-        return MAGIC + b"".join(v.to_bytes(8, "little") for v in fields) + identity
+        fields = (page_bytes, block_size, self.slot_stride, num_slots, num_buckets)
+        return MAGIC + identity + b"".join(v.to_bytes(8, "little") for v in fields)
 
     def _open_or_create(self) -> int:
-        """Under the file lock: the existing pool if it has our shape, else a new one."""
+        """Under the file lock: the existing pool if it holds our pages (adopting its size), else a new one."""
         try:
             fd = os.open(self.path, os.O_RDWR)
         except FileNotFoundError:
             return self._create()
-        if os.pread(fd, len(self._header()), 0) == self._header():
+        header, fixed = os.pread(fd, len(self._header()), 0), len(MAGIC) + 16 + 24
+        if header[:fixed] == self._header()[:fixed]:
+            num_slots, num_buckets = (int.from_bytes(header[i : i + 8], "little") for i in (fixed, fixed + 8))
+            self._shape = (num_slots, *self._shape[1:3], num_buckets, self._shape[4])
             return fd
-        try:  # another shape: replace it only if nobody maps it
+        try:  # another model or page format: replace it only if nobody maps it
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise ValueError(f"host tier {self.path} is in use with another shape (model, page size or "
-                             f"capacity); name another kvcache.host_tier_path") from None
+            raise ValueError(f"host tier {self.path} is in use by another model or page format; name "
+                             f"another kvcache.host_tier_path") from None
         os.close(fd)
         return self._create()
 

@@ -1,0 +1,340 @@
+"""Moves pages between one rank's device cache and the node's tiers: offers down, promotions up.
+
+The rank's engine calls three things, all keyed by the entries (key, parent key, tokens) the block
+manager derives for its full pages:
+
+- `lookup(entries)`: which tier holds each page of the leading run beyond the device's own prefix cache
+  (no data moves; the scheduler sizes an admission by it).
+- `offer(pages)`: device pages whose latents are final (write-through: when a page fills; write-back:
+  when the device evicts it). The copy out of the device is issued at once, in stream order before any
+  later step can overwrite the page; making the pages readable in DRAM, or writing them to disk when
+  there is no DRAM tier, happens on the tier thread.
+- `promote(pages)` -> Promotion: copies tier pages into device pages the block manager allocated,
+  on the tier thread (a disk page goes through a DRAM slot, so other ranks then hit it in DRAM too).
+  The scheduler carries on; `Promotion.wait()` later says how many leading pages arrived intact. The
+  rest are recomputed, so a page reclaimed or damaged on the way costs a recompute, never a wrong token.
+
+The tier thread also demotes: when the DRAM pool passes its high watermark it writes the coldest slots
+to disk in batches and frees them (HostPool.pick_for_demotion).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+from moe_pd.kvcache.paged import PagedLatentCache
+from moe_pd.kvcache.tiers.disk_store import DiskStore, Entry
+from moe_pd.kvcache.tiers.host_pool import HostPool, SlotRef
+from moe_pd.kvcache.tiers.identity import ModelIdentity
+from moe_pd.kvcache.tiers.stats import TierStats
+
+log = logging.getLogger(__name__)
+PROMOTE, COMMIT, WRITE, STOP = 0, 1, 2, 9
+"""Tier-thread job priorities: a promotion never waits behind writes."""
+
+
+class Promotion:
+    """Pages of one sequence on their way from the tiers into its device pages, in chain order."""
+
+    def __init__(self, pages: Sequence[tuple[int, Entry]], sources: list[str], refs: list[SlotRef | None],
+                 pool: HostPool | None, stats: TierStats) -> None:
+        self.pages, self.sources, self.refs = list(pages), sources, refs
+        self.copied = [False] * len(sources)
+        self._pool, self._stats, self._started = pool, stats, time.perf_counter()
+        self._done = threading.Event()
+        self._event: torch.cuda.Event | None = None
+        self._keep: list[torch.Tensor] = []  # staging buffers the copies read, alive until they finish
+        self._result: int | None = None
+        if not sources:
+            self._done.set()
+
+    @property
+    def num_pages(self) -> int:
+        """Pages found in the tiers when the promotion started (an upper bound on wait()'s answer)."""
+        return len(self.sources)
+
+    def ready(self) -> bool:
+        return self._done.is_set() and (self._event is None or self._event.query())
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Blocks until the copies end; returns how many leading pages are in their device pages intact."""
+        if self._result is not None:
+            return self._result
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"promotion of {len(self.sources)} pages still running after {timeout} s")
+        if self._event is not None:
+            self._event.synchronize()
+        self._keep.clear()
+        held = [i for i, r in enumerate(self.refs) if r is not None and self.copied[i]]
+        valid = dict(zip(held, self._pool.validate([self.refs[i] for i in held]))) if held else {}
+        n = 0
+        while n < len(self.sources) and self.copied[n] and valid.get(n, self.refs[n] is None):
+            n += 1
+        for tier in set(self.sources[:n]):
+            self._stats.add("promoted_pages", self.sources[:n].count(tier), tier=tier)
+        self._stats.add("promotion_misses", len(self.sources) - n)
+        self._stats.add("promotions")
+        self._stats.add("load_seconds", time.perf_counter() - self._started)
+        self._result = n
+        return n
+
+
+class TierManager:
+    def __init__(self, cache: PagedLatentCache, identity: ModelIdentity, host_bytes: int, host_path: str,
+                 disk_dir: str, disk_bytes: int, lease_s: float = 10.0, demote_high: float = 0.9,
+                 demote_low: float = 0.8, demote_interval_s: float = 0.05) -> None:
+        self.cache, self.identity, self.lease_s = cache, identity, lease_s
+        kv = cache.kv_LPSW
+        num_layers, _, block_size, width = kv.shape
+        self.page_shape = (num_layers, block_size, width)
+        self.page_bytes = num_layers * block_size * width * kv.element_size()
+        self.cuda = kv.device.type == "cuda"
+        self.stats = TierStats()
+        digest = identity.digest
+        self.host: HostPool | None = None
+        self.host_NLSW: torch.Tensor | None = None
+        num_slots = host_bytes // self.page_bytes
+        if num_slots > 0:
+            path = host_path or f"/dev/shm/moe_pd_kv_{digest.hex()[:16]}"
+            self.host = HostPool(path, num_slots, self.page_bytes, block_size, digest)
+            if self.cuda:
+                self.host.allocate_all()  # pinning maps every page; take them now, never SIGBUS later
+            flat = torch.frombuffer(self.host.data(), dtype=torch.uint8, count=num_slots * self.host.slot_stride)
+            self.host_NLSW = flat.view(num_slots, -1)[:, : self.page_bytes].view(kv.dtype).view(num_slots,
+                                                                                                *self.page_shape)
+            if self.cuda:
+                torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), flat.numel(), 0)
+        self.disk = (DiskStore(disk_dir, digest, identity.describe(), disk_bytes, self.page_bytes, block_size)
+                     if disk_dir else None)
+        self.stream = torch.cuda.Stream(kv.device) if self.cuda else None
+        self.demote = (demote_high, demote_low, demote_interval_s)
+        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="kv-tiers", daemon=True)
+        self._thread.start()
+
+    @property
+    def enabled(self) -> bool:
+        return self.host is not None or self.disk is not None
+
+    # lookups --------------------------------------------------------------------------------------------
+    def _locate(self, entries: Sequence[Entry], lease_s: float) -> tuple[list[str], list[SlotRef | None]]:
+        sources: list[str] = []
+        refs: list[SlotRef | None] = []
+        while len(sources) < len(entries):
+            run = self.host.lookup(entries[len(sources) :], lease_s) if self.host else []
+            sources += ["dram"] * len(run)
+            refs += run
+            i = len(sources)
+            if i == len(entries):
+                break
+            if not (self.disk and self.disk.contains(entries[i : i + 1])):
+                break
+            sources.append("disk")
+            refs.append(None)
+        return sources, refs
+
+    def lookup(self, entries: Iterable[Entry], chunk: int = 32) -> list[tuple[str, Entry]]:
+        """(tier, entry) for each page of the leading run of `entries` held below the device, "dram" or
+        "disk". `entries` may be lazy (BlockManager.tier_entries): keys are derived a chunk at a time and
+        no further than the first miss."""
+        hits: list[tuple[str, Entry]] = []
+        it = iter(entries)
+        while self.enabled and (batch := list(itertools.islice(it, chunk))):
+            sources, _ = self._locate(batch, 0.0)
+            hits += zip(sources, batch)
+            if len(sources) < len(batch):
+                break
+        for tier in {t for t, _ in hits}:
+            self.stats.add("lookup_pages", sum(t == tier for t, _ in hits), tier=tier)
+        return hits
+
+    # offers ---------------------------------------------------------------------------------------------
+    def offer(self, pages: Sequence[tuple[int, Entry]]) -> None:
+        """Device pages (page id, entry) whose latents are final; copies them out before returning on CPU,
+        in stream order on CUDA (so a later step that reuses a page cannot overwrite them first)."""
+        if not pages or not self.enabled:
+            return
+        self.stats.add("offered_pages", len(pages))
+        if self.host is not None:
+            refs = self.host.reserve([entry for _, entry in pages])
+            todo = [(page, ref) for (page, _), ref in zip(pages, refs) if ref is not None]
+            if not todo:
+                return
+            copied = self._copy_out([page for page, _ in todo], [self.host_NLSW[ref.slot] for _, ref in todo])
+            if copied is None:
+                self._commit([ref for _, ref in todo], None)  # copied already: readable at once
+            else:
+                self._submit(COMMIT, lambda: self._commit([ref for _, ref in todo], copied))
+        else:
+            staging = torch.empty((len(pages), *self.page_shape), dtype=self.cache.kv_LPSW.dtype,
+                                  pin_memory=self.cuda)
+            copied = self._copy_out([page for page, _ in pages], list(staging))
+            items = [(entry, _bytes(staging[i])) for i, (_, entry) in enumerate(pages)]
+            self._submit(WRITE, lambda: (_sync(copied), self.stats.add("disk_writes", sum(self.disk.write(items)))))
+
+    def _copy_out(self, pages: list[int], targets: list[torch.Tensor]) -> torch.cuda.Event | None:
+        kv = self.cache.kv_LPSW
+        if not self.cuda:
+            for page, target in zip(pages, targets):
+                target.copy_(kv[:, page])
+            return None
+        # gathered on the compute stream, so it reads the pages before any later kernel can write them
+        gathered = kv[:, torch.tensor(pages, device=kv.device)].transpose(0, 1).contiguous()
+        self.stream.wait_stream(torch.cuda.current_stream(kv.device))
+        with torch.cuda.stream(self.stream):
+            for i, target in enumerate(targets):
+                target.copy_(gathered[i], non_blocking=True)
+            gathered.record_stream(self.stream)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return event
+
+    def _commit(self, refs: list[SlotRef], copied: torch.cuda.Event | None) -> None:
+        _sync(copied)
+        ok = self.host.commit(refs)
+        self.stats.add("dram_writes", sum(ok))
+        self.stats.add("dram_write_failures", len(ok) - sum(ok))
+
+    # promotions -----------------------------------------------------------------------------------------
+    def promote(self, pages: Sequence[tuple[int, Entry]]) -> Promotion:
+        """Starts copying the leading run of `pages` (device page id, entry) found in the tiers into those
+        device pages; the sequence's other work goes on meanwhile (see Promotion.wait)."""
+        sources, refs = self._locate([entry for _, entry in pages], self.lease_s) if self.enabled else ([], [])
+        promotion = Promotion(pages[: len(sources)], sources, refs, self.host, self.stats)
+        if sources:
+            self._submit(PROMOTE, lambda: self._load(promotion))
+        return promotion
+
+    def _load(self, promotion: Promotion) -> None:
+        kv = self.cache.kv_LPSW
+        try:
+            with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
+                for i, (page, entry) in enumerate(promotion.pages):
+                    source = self._source(promotion, i, entry)
+                    if source is None:
+                        break
+                    kv[:, page].copy_(source, non_blocking=self.cuda)
+                    promotion.copied[i] = True
+                if self.cuda:
+                    promotion._event = torch.cuda.Event()
+                    promotion._event.record(self.stream)
+        finally:
+            promotion._done.set()
+
+    def _source(self, promotion: Promotion, i: int, entry: Entry) -> torch.Tensor | None:
+        """The host tensor page i is copied from: its DRAM slot, or a disk read staged through DRAM (or a
+        private buffer when there is no DRAM tier). None when the page cannot be had."""
+        if promotion.sources[i] == "dram":
+            return self.host_NLSW[promotion.refs[i].slot]
+        if self.host is not None:
+            ref = self.host.reserve([entry])[0]
+            if ref is not None:
+                ok = self.disk.read(entry, _bytes(self.host_NLSW[ref.slot]))
+                if not (ok and self.host.commit([ref])[0]):
+                    self.host.abort([ref])
+                    return None
+                self.stats.add("dram_writes")
+            run = self.host.lookup([entry], self.lease_s)  # leased, and validated like any DRAM page
+            promotion.refs[i] = run[0] if run else None
+            return self.host_NLSW[run[0].slot] if run else None
+        buffer = torch.empty(self.page_shape, dtype=self.cache.kv_LPSW.dtype, pin_memory=self.cuda)
+        if not self.disk.read(entry, _bytes(buffer)):
+            return None
+        promotion._keep.append(buffer)
+        return buffer
+
+    # tier thread ----------------------------------------------------------------------------------------
+    def _submit(self, priority: int, job: Callable[[], object]) -> None:
+        self._jobs.put((priority, next(self._order), job))
+
+    def _run(self) -> None:
+        high, low, interval = self.demote
+        last = time.monotonic()
+        while True:
+            try:
+                priority, _, job = self._jobs.get(timeout=interval)
+            except queue.Empty:
+                priority, job = None, None
+            if priority == STOP:
+                return
+            if job is not None:
+                try:
+                    job()
+                except Exception:  # a tier failure costs hits, never the rank
+                    log.exception("KV tier job failed")
+            if self.host is not None and self.disk is not None and time.monotonic() - last >= interval:
+                last = time.monotonic()
+                try:
+                    self._demote_once(high, low)
+                except Exception:
+                    log.exception("KV tier demotion failed")
+
+    def _demote_once(self, high: float, low: float, max_pages: int = 256) -> int:
+        picked = self.host.pick_for_demotion(high, low, max_pages)
+        if not picked:
+            return 0
+        written = self.disk.write([(entry, _bytes(self.host_NLSW[ref.slot])) for ref, entry, _ in picked])
+        self.stats.add("demoted_pages", sum(written))
+        self.stats.add("disk_writes", sum(written))
+        return self.host.finish_demotion(picked, written)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Waits until every job submitted so far has run (tests and shutdown)."""
+        done = threading.Event()
+        self._submit(STOP - 1, done.set)
+        if not done.wait(timeout):
+            raise TimeoutError(f"KV tier jobs still running after {timeout} s")
+
+    def usage(self) -> dict[str, dict[str, int]]:
+        """Bytes and entries per tier (DRAM: the node's pool; disk: the whole directory)."""
+        out = {}
+        if self.host is not None:
+            taken = self.host.num_slots - self.host.counts()["free"]
+            out["dram"] = {"bytes": taken * self.page_bytes, "entries": taken}
+        if self.disk is not None:
+            used, entries = self.disk.usage()
+            out["disk"] = {"bytes": used, "entries": entries}
+        return out
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self.flush()
+            self._submit(STOP, lambda: None)
+            self._thread.join(timeout=30)
+        if self.host is not None:
+            if self.cuda:
+                torch.cuda.cudart().cudaHostUnregister(self.host_NLSW.data_ptr())
+            self.host_NLSW = None
+            self.host.close()
+            self.host = None
+        if self.disk is not None:
+            self.disk.close()
+
+
+def host_tier_bytes(gib: float, device_pool_bytes: int, local_ranks: int, path: str) -> int:
+    """kvcache.host_tier_gib in bytes; -1 is twice the device pools of the node's ranks (SGLang's
+    default host-to-device ratio), at most half the free space of the file system under `path`."""
+    if gib >= 0:
+        return int(gib * (1 << 30))
+    free = shutil.disk_usage(path or "/dev/shm").free
+    return min(2 * device_pool_bytes * local_ranks, free // 2)
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    """A contiguous host tensor's bytes, writable, without a copy."""
+    return memoryview(t.view(-1).view(torch.uint8).numpy())
+
+
+def _sync(event: torch.cuda.Event | None) -> None:
+    if event is not None:
+        event.synchronize()
