@@ -90,15 +90,16 @@ def test_block_manager_names_new_and_evicted_pages_for_the_tiers():
 
 @pytest.mark.parametrize("tiers_on", ["dram", "disk", "dram+disk"])
 def test_offer_then_promote_is_byte_exact(tmp_path, tiers_on):
-    cache, alloc, tiers = setup(tmp_path, host_slots=0 if tiers_on == "disk" else 16, disk="disk" in tiers_on,
-                                demote_high=0.0, demote_low=0.0)
+    cache, alloc, tiers = setup(tmp_path, host_slots=0 if tiers_on == "disk" else 16, disk="disk" in tiers_on)
     table = prefill(cache, alloc, PROMPT)
     tiers.offer(alloc.take_new_pages())
     tiers.flush()
     if tiers_on == "dram+disk":
-        tiers._submit(1, lambda: tiers._demote_once(0.0, 0.0))  # every DRAM page goes down to disk
-        tiers.flush()
-        assert tiers.stats.demoted_pages == 6 and tiers.usage()["dram"]["entries"] == 0
+        assert tiers.stats.disk_writes == 6  # written through: the disk holds what DRAM holds
+        other = HostPool(str(tmp_path / "pool"), 16, tiers.page_bytes, BS, IDENTITY.digest)
+        other.commit([r for r in other.reserve(list(chain_keys(IDENTITY.digest, list(range(700, 764)), BS)))])
+        other.close()  # another process's pages pushed every page of ours out of DRAM
+        assert tiers.lookup(alloc.tier_entries(PROMPT, []))[0][0] == "disk"
     evict_everything(cache, alloc, table)
     assert alloc.cached_prefix(PROMPT) == []
     n, table, found = revisit(cache, alloc, tiers, PROMPT)
@@ -106,7 +107,8 @@ def test_offer_then_promote_is_byte_exact(tmp_path, tiers_on):
     assert_pages_hold(cache, alloc, table, PROMPT, 6)
     assert len(alloc.cached_prefix(PROMPT)) == 6  # promoted pages are registered like computed ones
     if tiers_on == "dram+disk":
-        assert tiers.usage()["dram"]["entries"] == 6  # the disk hit was staged through DRAM for everyone
+        assert len(tiers.lookup(alloc.tier_entries(PROMPT, []))) == 6  # staged through DRAM for everyone
+        assert {t for t, _ in tiers.lookup(alloc.tier_entries(PROMPT, []))} == {"dram"}
     tiers.close()
 
 
@@ -230,3 +232,34 @@ def test_host_tier_size_is_explicit_or_twice_the_node_device_pools_within_free_m
     free = __import__("shutil").disk_usage(tmp_path).free
     assert host_tier_bytes(-1, 1 << 20, 4, str(tmp_path)) == min(8 << 20, free // 2)
     assert host_tier_bytes(-1, free, 4, str(tmp_path)) == free // 2
+
+
+def test_pages_wait_in_dram_for_their_disk_write_and_a_lapsed_hold_writes_nothing_wrong(tmp_path, monkeypatch):
+    cache, alloc, tiers = setup(tmp_path, disk=True)
+    other = HostPool(str(tmp_path / "pool"), 16, tiers.page_bytes, BS, IDENTITY.digest)  # another process
+    intruders = list(chain_keys(IDENTITY.digest, list(range(700, 764)), BS))
+    gate = _gated(tiers)  # the disk writes wait behind this
+    prefill(cache, alloc, PROMPT)
+    tiers.offer(alloc.take_new_pages())
+    refs = other.reserve(intruders)
+    assert sum(r is not None for r in refs) == 10  # 16 slots, 6 held for their disk write
+    other.abort([r for r in refs if r is not None])
+    gate.set()
+    tiers.flush()
+    assert tiers.stats.disk_writes == 6 and tiers.disk.contains(alloc.tier_entries(PROMPT, [])) == 6
+
+    # a write stalled past its hold: the slots are taken and rewritten before the copy; nothing is written
+    cache, alloc, tiers2 = setup(tmp_path, disk=True, name="pool2")
+    gate = _gated(tiers2)
+    prompt = list(range(300, 325))
+    prefill(cache, alloc, prompt)
+    tiers2.offer(alloc.take_new_pages())
+    now = time.monotonic()
+    monkeypatch.setattr(host_pool_module.time, "monotonic", lambda: now + 60)
+    other2 = HostPool(str(tmp_path / "pool2"), 16, tiers.page_bytes, BS, IDENTITY.digest)
+    other2.commit([r for r in other2.reserve(intruders)])
+    gate.set()
+    tiers2.flush()
+    assert tiers2.stats.disk_writes == 0 and tiers2.disk.contains(alloc.tier_entries(prompt, [])) == 0
+    for handle in (other, other2, tiers, tiers2):
+        handle.close()

@@ -26,7 +26,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from moe_pd.kvcache.tiers.entry import check_header, header_size, pack_header
@@ -99,12 +99,14 @@ class DiskStore:
         return os.path.join(self.dir, f"{key[0]:02x}", key.hex() + ".kv")
 
     # reading --------------------------------------------------------------------------------------------
-    def contains(self, entries: Sequence[Entry]) -> int:
+    def contains(self, entries: Iterable[Entry]) -> int:
         """How many leading entries have a file (their content is checked when read)."""
-        for i, (key, _, _) in enumerate(entries):
+        n = 0
+        for key, _, _ in entries:
             if not os.path.exists(self.path(key)):
-                return i
-        return len(entries)
+                break
+            n += 1
+        return n
 
     def read(self, entry: Entry, out: memoryview) -> bool:
         """Reads the page into `out` (page_bytes); False on a miss. A damaged entry is removed and counted."""

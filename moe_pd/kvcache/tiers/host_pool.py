@@ -12,11 +12,10 @@ process that dies releases it); page bytes are copied outside the lock:
   in flight keeps its source. Each slot also carries a generation, bumped whenever the slot is reclaimed;
   `validate` after the copy confirms the generation is unchanged, so even a copy that outlived its lease
   is detected and treated as a miss, never served.
-- eviction is least recently used among READY, unleased slots. A background demoter (TierManager) moves
-  the coldest slots to disk before the pool fills (`pick_for_demotion` / `finish_demotion`, high and low
-  watermarks as Mooncake's master uses); a writer that finds no free slot drops the coldest instead.
+- eviction is least recently used among READY, unleased slots, done by the writer that needs a slot
+  (with a disk tier, every page was also written through to disk, so an evicted page is still there).
 
-A slot whose writer or demoter died keeps its lease until it expires, then is reclaimed. Times are
+A slot whose writer died keeps its lease until it expires, then is reclaimed. Times are
 CLOCK_MONOTONIC, which all processes of a boot share. The last process to close the pool removes its file.
 """
 
@@ -38,9 +37,9 @@ from moe_pd.kvcache.tiers.slot_table import EMPTY, SlotTable, key_words
 MAGIC = b"MPDKVHP1"
 HEADER_BYTES = 4096
 ALIGN = 256
-FREE, WRITING, READY, DEMOTING = 0, 1, 2, 3
+FREE, WRITING, READY = 0, 1, 2
 WRITE_LEASE_S = 30.0
-"""How long a writer or a demoter may hold a slot before others may reclaim it (it died, or hangs)."""
+"""How long a writer may hold a slot before others may reclaim it (it died, or hangs)."""
 
 TAIL_FIRST_S = 1e-6
 """Pages of one batch (a chain, in order) are stamped this much apart, the first as the most recent: a
@@ -54,6 +53,8 @@ Entry = tuple[bytes, bytes, Sequence[int]]
 class SlotRef:
     slot: int
     gen: int
+    lease: float = 0.0
+    """The lease this reference set (0: none); `release` ends it early."""
 
 
 def _aligned(n: int) -> int:
@@ -181,25 +182,45 @@ class HostPool:
                 and self.tokens[slot].tolist() == list(tokens))
 
     def lookup(self, entries: Sequence[Entry], lease_s: float = 0.0) -> list[SlotRef]:
-        """The slots holding the leading run of `entries` that are READY (or being demoted, still intact),
-        each confirmed by its parent key and tokens. Touches them (LRU) and, with `lease_s`, leases them."""
+        """The slots holding the leading run of `entries` that are READY, each confirmed by its parent key and
+        tokens. Touches them (LRU) and, with `lease_s`, leases them."""
         found = []
-        now = time.monotonic()
         with self._locked():
-            for i, (key, parent, tokens) in enumerate(entries):
-                slot = self.table.find(key_words(key))
-                if slot == EMPTY or self.state[slot] not in (READY, DEMOTING) or not self._match(slot, parent, tokens):
+            for ref in self._find(entries, lease_s):
+                if ref is None:
                     break
-                self.last_used[slot] = now - i * TAIL_FIRST_S
-                if lease_s:
-                    self.lease[slot] = max(self.lease[slot], now + lease_s)
-                found.append(SlotRef(slot, int(self.gen[slot])))
+                found.append(ref)
         return found
+
+    def find(self, entries: Sequence[Entry], lease_s: float = 0.0) -> list[SlotRef | None]:
+        """lookup() for each entry on its own: None where an entry is not READY here."""
+        with self._locked():
+            return list(self._find(entries, lease_s))
+
+    def _find(self, entries: Sequence[Entry], lease_s: float) -> Iterator[SlotRef | None]:
+        now = time.monotonic()
+        for i, (key, parent, tokens) in enumerate(entries):
+            slot = self.table.find(key_words(key))
+            if slot == EMPTY or self.state[slot] != READY or not self._match(slot, parent, tokens):
+                yield None
+                continue
+            self.last_used[slot] = now - i * TAIL_FIRST_S
+            if lease_s:
+                self.lease[slot] = max(self.lease[slot], now + lease_s)
+            yield SlotRef(slot, int(self.gen[slot]), float(self.lease[slot]) if lease_s else 0.0)
 
     def validate(self, refs: Sequence[SlotRef]) -> list[bool]:
         """Whether each slot still holds what it held when it was looked up (not reclaimed since)."""
         with self._locked():
-            return [bool(int(self.gen[r.slot]) == r.gen and self.state[r.slot] in (READY, DEMOTING)) for r in refs]
+            return [bool(int(self.gen[r.slot]) == r.gen and self.state[r.slot] == READY) for r in refs]
+
+    def release(self, refs: Sequence[SlotRef]) -> None:
+        """Ends the leases these references set, once their copies are done, so a promoted page can be
+        evicted again at once. A lease another reader extended past ours is left alone (theirs)."""
+        with self._locked():
+            for r in refs:
+                if r.lease and int(self.gen[r.slot]) == r.gen and float(self.lease[r.slot]) == r.lease:
+                    self.lease[r.slot] = 0.0
 
     # writing --------------------------------------------------------------------------------------------
     def reserve(self, entries: Sequence[Entry]) -> list[SlotRef | None]:
@@ -235,24 +256,23 @@ class HostPool:
 
     def _claim(self, n: int, now: float) -> list[int]:
         """Up to n slots: free ones first, then the least recently used READY unleased ones (dropped),
-        then WRITING or DEMOTING ones whose holder let the lease lapse."""
+        then WRITING ones whose writer let the lease lapse."""
         if n == 0:
             return []
         free = np.flatnonzero(self.state == FREE)[:n].tolist()
         if len(free) < n:
-            free += self._evict(n - len(free), now, (READY,), drop=True)
+            free += self._evict(n - len(free), now, (READY,))
         if len(free) < n:
-            free += self._evict(n - len(free), now, (WRITING, DEMOTING), drop=True)
+            free += self._evict(n - len(free), now, (WRITING,))
         return free
 
-    def _evict(self, n: int, now: float, states: tuple[int, ...], drop: bool) -> list[int]:
+    def _evict(self, n: int, now: float, states: tuple[int, ...]) -> list[int]:
         candidates = np.flatnonzero(np.isin(self.state, states) & (self.lease < now))
         if candidates.size > n:
             candidates = candidates[np.argpartition(self.last_used[candidates], n - 1)[:n]]
         chosen = candidates[np.argsort(self.last_used[candidates], kind="stable")].tolist()
-        if drop:
-            for slot in chosen:
-                self._free(slot)
+        for slot in chosen:
+            self._free(slot)
         return chosen
 
     def _free(self, slot: int) -> None:
@@ -279,14 +299,16 @@ class HostPool:
             os.posix_fallocate(self._fd, self.data_offset, self.slot_stride * self.num_slots)
             self.allocated[:] = 1
 
-    def commit(self, refs: Sequence[SlotRef]) -> list[bool]:
-        """Makes written slots READY; False for a slot reclaimed meanwhile (its write lease ran out)."""
+    def commit(self, refs: Sequence[SlotRef], hold_until: float = 0.0) -> list[bool]:
+        """Makes written slots READY; False for a slot reclaimed meanwhile (its write lease ran out). With
+        `hold_until` (a time.monotonic() value) the slots stay leased until then, or until released with
+        SlotRef(slot, gen, hold_until): how a page not yet written through to disk stays in DRAM."""
         with self._locked():
             ok = []
             for r in refs:
                 live = bool(int(self.gen[r.slot]) == r.gen and self.state[r.slot] == WRITING)
                 if live:
-                    self.state[r.slot], self.lease[r.slot] = READY, 0.0
+                    self.state[r.slot], self.lease[r.slot] = READY, hold_until
                 ok.append(live)
             return ok
 
@@ -296,44 +318,10 @@ class HostPool:
                 if int(self.gen[r.slot]) == r.gen and self.state[r.slot] == WRITING:
                     self._free(r.slot)
 
-    # demotion -------------------------------------------------------------------------------------------
-    def pick_for_demotion(self, high: float, low: float, max_slots: int) -> list[tuple[SlotRef, Entry, float]]:
-        """When more than `high` of the slots are taken: the coldest READY unleased slots down to `low`
-        (at most max_slots), marked DEMOTING (still readable). Returns (ref, entry, last use) for each."""
-        now = time.monotonic()
-        with self._locked():
-            taken = int(np.count_nonzero(self.state != FREE))
-            if taken <= high * self.num_slots:
-                return []
-            n = min(max_slots, taken - int(low * self.num_slots))
-            out = []
-            for slot in self._evict(n, now, (READY,), drop=False):
-                self.state[slot], self.lease[slot] = DEMOTING, now + WRITE_LEASE_S
-                key = self.keys[slot].astype("<u8").tobytes()
-                entry = (key, self.parents[slot].astype("<u8").tobytes(), tuple(self.tokens[slot].tolist()))
-                out.append((SlotRef(slot, int(self.gen[slot])), entry, float(self.last_used[slot])))
-            return out
-
-    def finish_demotion(self, picked: Sequence[tuple[SlotRef, Entry, float]], written: Sequence[bool]) -> int:
-        """Frees the demoted slots that reached disk, except those read since they were picked (hot again);
-        those and the ones that could not be written go back to READY. Returns how many were freed."""
-        freed = 0
-        with self._locked():
-            for (ref, _, used), ok in zip(picked, written, strict=True):
-                if int(self.gen[ref.slot]) != ref.gen or self.state[ref.slot] != DEMOTING:
-                    continue
-                if not ok or self.last_used[ref.slot] > used:
-                    self.state[ref.slot], self.lease[ref.slot] = READY, 0.0
-                else:
-                    self._free(ref.slot)
-                    freed += 1
-        return freed
-
     # accounting -----------------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        states = np.bincount(self.state, minlength=4)
-        return {"free": int(states[FREE]), "writing": int(states[WRITING]), "ready": int(states[READY]),
-                "demoting": int(states[DEMOTING])}
+        states = np.bincount(self.state, minlength=3)
+        return {"free": int(states[FREE]), "writing": int(states[WRITING]), "ready": int(states[READY])}
 
     def check_consistency(self) -> None:
         """Raises AssertionError unless the table and the slots agree (tests call it)."""

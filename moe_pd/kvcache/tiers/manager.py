@@ -7,15 +7,19 @@ manager derives for its full pages:
   (no data moves; the scheduler sizes an admission by it).
 - `offer(pages)`: device pages whose latents are final (write-through: when a page fills; write-back:
   when the device evicts it). The copy out of the device is issued at once, in stream order before any
-  later step can overwrite the page; making the pages readable in DRAM, or writing them to disk when
-  there is no DRAM tier, happens on the tier thread.
+  later step can overwrite the page, into the page's DRAM slot (into a private buffer when there is no
+  DRAM tier). On the tier thread the DRAM slots become readable (CUDA) and the pages are written through
+  to disk in batches, so the disk holds everything DRAM does and a DRAM eviction loses nothing.
 - `promote(pages)` -> Promotion: copies tier pages into device pages the block manager allocated,
   on the tier thread (a disk page goes through a DRAM slot, so other ranks then hit it in DRAM too).
   The scheduler carries on; `Promotion.wait()` later says how many leading pages arrived intact. The
   rest are recomputed, so a page reclaimed or damaged on the way costs a recompute, never a wrong token.
 
-The tier thread also demotes: when the DRAM pool passes its high watermark it writes the coldest slots
-to disk in batches and frees them (HostPool.pick_for_demotion).
+Writing through to disk (rather than demoting from DRAM when it fills) keeps the disk complete whatever
+the timing: a demoter that falls behind a fast producer would have to drop pages DRAM evicts before
+they reach disk. The disk sees every page once either way; a backlog past `max_disk_backlog` pages is
+dropped (counted) rather than queued without bound; pages waiting for their disk write are held in DRAM
+(leased, at most half the pool), so a fast producer cannot evict them before the disk has them.
 """
 
 from __future__ import annotations
@@ -33,12 +37,12 @@ import torch
 
 from moe_pd.kvcache.paged import PagedLatentCache
 from moe_pd.kvcache.tiers.disk_store import DiskStore, Entry
-from moe_pd.kvcache.tiers.host_pool import HostPool, SlotRef
+from moe_pd.kvcache.tiers.host_pool import WRITE_LEASE_S, HostPool, SlotRef
 from moe_pd.kvcache.tiers.identity import ModelIdentity
 from moe_pd.kvcache.tiers.stats import TierStats
 
 log = logging.getLogger(__name__)
-PROMOTE, COMMIT, WRITE, STOP = 0, 1, 2, 9
+PROMOTE, COMMIT, WRITE, FLUSH, STOP = 0, 1, 2, 8, 9
 """Tier-thread job priorities: a promotion never waits behind writes."""
 
 
@@ -76,6 +80,8 @@ class Promotion:
         self._keep.clear()
         held = [i for i, r in enumerate(self.refs) if r is not None and self.copied[i]]
         valid = dict(zip(held, self._pool.validate([self.refs[i] for i in held]))) if held else {}
+        if self._pool is not None:
+            self._pool.release([r for r in self.refs if r is not None])
         n = 0
         while n < len(self.sources) and self.copied[n] and valid.get(n, self.refs[n] is None):
             n += 1
@@ -90,8 +96,7 @@ class Promotion:
 
 class TierManager:
     def __init__(self, cache: PagedLatentCache, identity: ModelIdentity, host_bytes: int, host_path: str,
-                 disk_dir: str, disk_bytes: int, lease_s: float = 10.0, demote_high: float = 0.9,
-                 demote_low: float = 0.8, demote_interval_s: float = 0.05) -> None:
+                 disk_dir: str, disk_bytes: int, lease_s: float = 10.0, max_disk_backlog: int = 4096) -> None:
         self.cache, self.identity, self.lease_s = cache, identity, lease_s
         kv = cache.kv_LPSW
         num_layers, _, block_size, width = kv.shape
@@ -116,7 +121,9 @@ class TierManager:
         self.disk = (DiskStore(disk_dir, digest, identity.describe(), disk_bytes, self.page_bytes, block_size)
                      if disk_dir else None)
         self.stream = torch.cuda.Stream(kv.device) if self.cuda else None
-        self.demote = (demote_high, demote_low, demote_interval_s)
+        # pages waiting for disk stay held in DRAM: at most half the pool
+        self.max_disk_backlog = min(max_disk_backlog, num_slots // 2) if num_slots > 0 else max_disk_backlog
+        self._backlog = 0
         self._jobs: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         self._thread = threading.Thread(target=self._run, name="kv-tiers", daemon=True)
@@ -166,21 +173,60 @@ class TierManager:
             return
         self.stats.add("offered_pages", len(pages))
         if self.host is not None:
-            refs = self.host.reserve([entry for _, entry in pages])
-            todo = [(page, ref) for (page, _), ref in zip(pages, refs) if ref is not None]
+            refs_all = self.host.reserve([entry for _, entry in pages])
+            todo = [(page, ref) for (page, _), ref in zip(pages, refs_all) if ref is not None]
             if not todo:
                 return
             copied = self._copy_out([page for page, _ in todo], [self.host_NLSW[ref.slot] for _, ref in todo])
+            refs = [ref for _, ref in todo]
+            hold = 0.0
+            if self.disk is not None and self._admit_backlog(len(refs)):
+                # held in DRAM until written through: a fast producer cannot evict them before the disk has them
+                hold = time.monotonic() + WRITE_LEASE_S
+                entries = [entry for (_, entry), ref in zip(pages, refs_all) if ref is not None]
+                held = [SlotRef(ref.slot, ref.gen, hold) for ref in refs]
             if copied is None:
-                self._commit([ref for _, ref in todo], None)  # copied already: readable at once
+                self._commit(refs, None, hold)  # copied already: readable at once
             else:
-                self._submit(COMMIT, lambda: self._commit([ref for _, ref in todo], copied))
+                self._submit(COMMIT, lambda: self._commit(refs, copied, hold))
+            if hold:
+                self._submit(WRITE, lambda: self._write_from_dram(entries, held))
         else:
+            if not self._admit_backlog(len(pages)):
+                return
             staging = torch.empty((len(pages), *self.page_shape), dtype=self.cache.kv_LPSW.dtype,
                                   pin_memory=self.cuda)
             copied = self._copy_out([page for page, _ in pages], list(staging))
             items = [(entry, _bytes(staging[i])) for i, (_, entry) in enumerate(pages)]
-            self._submit(WRITE, lambda: (_sync(copied), self.stats.add("disk_writes", sum(self.disk.write(items)))))
+            self._submit(WRITE, lambda: (_sync(copied), self._write_disk(items)))
+
+    def _admit_backlog(self, n: int) -> bool:
+        with self.stats._lock:
+            if self._backlog + n > self.max_disk_backlog:
+                self.stats.disk_backlog_dropped += n
+                return False
+            self._backlog += n
+            return True
+
+    def _write_disk(self, items: list[tuple[Entry, memoryview]]) -> None:
+        try:
+            self.stats.add("disk_writes", sum(self.disk.write(items)))
+        finally:
+            with self.stats._lock:
+                self._backlog -= len(items)
+
+    def _write_from_dram(self, entries: list[Entry], refs: list[SlotRef]) -> None:
+        """Writes pages through from the DRAM slots that hold them: copied out, then checked, so a slot
+        reclaimed meanwhile (its hold ran out) never puts another page's bytes on disk under this key."""
+        try:
+            copies = self.host_NLSW[torch.tensor([ref.slot for ref in refs])]  # indexing copies
+            valid = self.host.validate(refs)
+            self.stats.add("disk_writes", sum(self.disk.write(
+                [(entry, _bytes(copies[i])) for i, (entry, ok) in enumerate(zip(entries, valid)) if ok])))
+        finally:
+            self.host.release(refs)
+            with self.stats._lock:
+                self._backlog -= len(refs)
 
     def _copy_out(self, pages: list[int], targets: list[torch.Tensor]) -> torch.cuda.Event | None:
         kv = self.cache.kv_LPSW
@@ -199,9 +245,9 @@ class TierManager:
             event.record(self.stream)
         return event
 
-    def _commit(self, refs: list[SlotRef], copied: torch.cuda.Event | None) -> None:
+    def _commit(self, refs: list[SlotRef], copied: torch.cuda.Event | None, hold_until: float = 0.0) -> None:
         _sync(copied)
-        ok = self.host.commit(refs)
+        ok = self.host.commit(refs, hold_until)
         self.stats.add("dram_writes", sum(ok))
         self.stats.add("dram_write_failures", len(ok) - sum(ok))
 
@@ -258,40 +304,19 @@ class TierManager:
         self._jobs.put((priority, next(self._order), job))
 
     def _run(self) -> None:
-        high, low, interval = self.demote
-        last = time.monotonic()
         while True:
-            try:
-                priority, _, job = self._jobs.get(timeout=interval)
-            except queue.Empty:
-                priority, job = None, None
+            priority, _, job = self._jobs.get()
             if priority == STOP:
                 return
-            if job is not None:
-                try:
-                    job()
-                except Exception:  # a tier failure costs hits, never the rank
-                    log.exception("KV tier job failed")
-            if self.host is not None and self.disk is not None and time.monotonic() - last >= interval:
-                last = time.monotonic()
-                try:
-                    self._demote_once(high, low)
-                except Exception:
-                    log.exception("KV tier demotion failed")
-
-    def _demote_once(self, high: float, low: float, max_pages: int = 256) -> int:
-        picked = self.host.pick_for_demotion(high, low, max_pages)
-        if not picked:
-            return 0
-        written = self.disk.write([(entry, _bytes(self.host_NLSW[ref.slot])) for ref, entry, _ in picked])
-        self.stats.add("demoted_pages", sum(written))
-        self.stats.add("disk_writes", sum(written))
-        return self.host.finish_demotion(picked, written)
+            try:
+                job()
+            except Exception:  # a tier failure costs hits, never the rank
+                log.exception("KV tier job failed")
 
     def flush(self, timeout: float = 30.0) -> None:
         """Waits until every job submitted so far has run (tests and shutdown)."""
         done = threading.Event()
-        self._submit(STOP - 1, done.set)
+        self._submit(FLUSH, done.set)
         if not done.wait(timeout):
             raise TimeoutError(f"KV tier jobs still running after {timeout} s")
 

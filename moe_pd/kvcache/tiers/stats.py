@@ -22,9 +22,10 @@ class TierStats:
     """Pages written into the DRAM tier (offers and disk hits; pages already there are not rewritten)."""
     dram_write_failures: int = 0
     """Pages the DRAM tier could not take (no slot could be had, or the shared memory is full)."""
-    demoted_pages: int = 0
-    """Pages moved from DRAM to disk by the demoter."""
     disk_writes: int = 0
+    """Pages written to disk (written through from DRAM, or offered straight to disk without DRAM)."""
+    disk_backlog_dropped: int = 0
+    """Pages not written to disk because the write backlog was full (the disk is slower than the device)."""
     promotions: int = 0
     """Promotion batches (one per admitted sequence with a tier hit)."""
     load_seconds: float = 0.0
