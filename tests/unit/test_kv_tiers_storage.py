@@ -178,3 +178,17 @@ def test_pool_format_mismatch_in_use_is_refused_and_the_last_close_removes_the_f
     c = HostPool(str(tmp_path / "pool"), 16, PAGE, BS, ROOT)  # nobody uses it now: any shape may be made
     assert c.num_slots == 16
     c.close()
+
+
+def test_a_reader_releases_only_the_lease_it_set(tmp_path):
+    p = pool(tmp_path, slots=2)
+    ents = entries(list(range(8)))
+    refs = p.reserve(ents)
+    hold = time.monotonic() + 60  # held until written through to disk
+    p.commit(refs, hold_until=hold)
+    reader = p.lookup(ents, lease_s=5)  # a shorter lease: the hold stays the one in force
+    assert [r.lease for r in reader] == [0.0, 0.0]
+    p.release(reader)
+    assert p.reserve(entries(list(range(50, 54)))) == [None]  # still held
+    p.release([host_pool_module.SlotRef(r.slot, r.gen, hold) for r in refs])  # the disk write is done
+    assert p.reserve(entries(list(range(50, 54)))) != [None]

@@ -205,9 +205,10 @@ class HostPool:
                 yield None
                 continue
             self.last_used[slot] = now - i * TAIL_FIRST_S
-            if lease_s:
-                self.lease[slot] = max(self.lease[slot], now + lease_s)
-            yield SlotRef(slot, int(self.gen[slot]), float(self.lease[slot]) if lease_s else 0.0)
+            until = 0.0
+            if lease_s and now + lease_s > self.lease[slot]:  # a longer lease held by another stays theirs
+                until = self.lease[slot] = now + lease_s
+            yield SlotRef(slot, int(self.gen[slot]), until)
 
     def validate(self, refs: Sequence[SlotRef]) -> list[bool]:
         """Whether each slot still holds what it held when it was looked up (not reclaimed since)."""
@@ -216,7 +217,7 @@ class HostPool:
 
     def release(self, refs: Sequence[SlotRef]) -> None:
         """Ends the leases these references set, once their copies are done, so a promoted page can be
-        evicted again at once. A lease another reader extended past ours is left alone (theirs)."""
+        evicted again at once. A lease another holder set later or longer is left alone (theirs)."""
         with self._locked():
             for r in refs:
                 if r.lease and int(self.gen[r.slot]) == r.gen and float(self.lease[r.slot]) == r.lease:

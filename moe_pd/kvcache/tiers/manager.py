@@ -258,12 +258,18 @@ class TierManager:
         sources, refs = self._locate([entry for _, entry in pages], self.lease_s) if self.enabled else ([], [])
         promotion = Promotion(pages[: len(sources)], sources, refs, self.host, self.stats)
         if sources:
-            self._submit(PROMOTE, lambda: self._load(promotion))
+            issued = None
+            if self.cuda:  # the pages' earlier owners may still have kernels writing them on the compute stream
+                issued = torch.cuda.Event()
+                issued.record(torch.cuda.current_stream(self.cache.kv_LPSW.device))
+            self._submit(PROMOTE, lambda: self._load(promotion, issued))
         return promotion
 
-    def _load(self, promotion: Promotion) -> None:
+    def _load(self, promotion: Promotion, issued: torch.cuda.Event | None) -> None:
         kv = self.cache.kv_LPSW
         try:
+            if issued is not None:
+                self.stream.wait_event(issued)
             with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
                 for i, (page, entry) in enumerate(promotion.pages):
                     source = self._source(promotion, i, entry)
@@ -304,6 +310,8 @@ class TierManager:
         self._jobs.put((priority, next(self._order), job))
 
     def _run(self) -> None:
+        if self.cuda:
+            torch.cuda.set_device(self.cache.kv_LPSW.device)
         while True:
             priority, _, job = self._jobs.get()
             if priority == STOP:
