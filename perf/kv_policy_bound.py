@@ -48,7 +48,8 @@ def replay(turns: list[Turn], bs: int, capacity: int, policy: str) -> float:
         return seq[i] if i < len(seq) else NEVER
 
     lru: OrderedDict[int, None] = OrderedDict()
-    heap: list[tuple[float, int]] = []  # (-next use, page); stale entries skipped
+    heap: list[tuple[float, int, int]] = []  # (-next use, insertion order, page); stale entries skipped
+    order = 0
     due: dict[int, float] = {}
     served = total = 0
     for r, t in enumerate(turns):
@@ -68,9 +69,10 @@ def replay(turns: list[Turn], bs: int, capacity: int, policy: str) -> float:
                     lru.popitem(last=False)
             else:
                 due[h] = next_use(h, r)
-                heapq.heappush(heap, (-due[h], h))
+                heapq.heappush(heap, (-due[h], order, h))  # ties by insertion order, not by hash value
+                order += 1
                 while len(due) > capacity:
-                    neg, victim = heapq.heappop(heap)
+                    neg, _, victim = heapq.heappop(heap)
                     if due.get(victim) == -neg:
                         del due[victim]
     return served / max(total, 1)
