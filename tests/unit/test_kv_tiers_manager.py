@@ -213,7 +213,8 @@ def test_two_processes_share_the_node_dram_tier(tmp_path):
     proc.start()
     try:
         assert ready.wait(120), "the other process did not offer its pages"
-        cache, alloc, tiers = setup(tmp_path)  # this process never computed the prompt
+        cache, alloc, tiers = setup(tmp_path, host_slots=32)  # never computed the prompt; asks another size
+        assert tiers.host.num_slots == 16 and tiers.host_NLSW.shape[0] == 16  # joins the pool as it is
         n, table, found = revisit(cache, alloc, tiers, PROMPT)
         assert n == 6 and found == ["dram"] * 6
         assert_pages_hold(cache, alloc, table, PROMPT, 6)

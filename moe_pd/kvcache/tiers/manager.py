@@ -111,6 +111,7 @@ class TierManager:
         if num_slots > 0:
             path = host_path or f"/dev/shm/moe_pd_kv_{digest.hex()[:16]}"
             self.host = HostPool(path, num_slots, self.page_bytes, block_size, digest)
+            num_slots = self.host.num_slots  # a pool another process made keeps its size
             if self.cuda:
                 self.host.allocate_all()  # pinning maps every page; take them now, never SIGBUS later
             flat = torch.frombuffer(self.host.data(), dtype=torch.uint8, count=num_slots * self.host.slot_stride)
