@@ -2,7 +2,7 @@
 
     q_TD, scales_TG = quantize_act(x_TD)     # G = D / 128; x ~= q * scales (per group)
 
-Reference: moe_pd.model.fp8.quantize_act_1x128 (the same formula: scale = max(amax, 1e-12) / 448).
+Reference: moe_pd.fp8.quantize_act_1x128 (the same formula: scale = max(amax, 1e-12) / 448).
 Triton's interpreter rounds fp32 -> e4m3 stores wrongly, so interpreted runs store the scaled fp32 values
 and cast them with torch (DEVELOPERS.md); compiled runs store e4m3 directly.
 """

@@ -207,7 +207,7 @@ def grouped_gemm_reference(a: torch.Tensor, b: torch.Tensor, *, m_indices: torch
                            a_scale: torch.Tensor | None = None, b_scale: torch.Tensor | None = None,
                            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The same contract in fp32 torch ops (rows outside the layout are 0)."""
-    from moe_pd.model.fp8 import dequantize_act_1x128, dequantize_block_fp8
+    from moe_pd.fp8 import dequantize_act_1x128, dequantize_block_fp8
 
     fp8 = a.dtype == torch.float8_e4m3fn
     a32 = dequantize_act_1x128(a, a_scale, torch.float32) if fp8 else a.float()

@@ -65,7 +65,7 @@ def layout(rows_total: int, experts: int, seed: int):
 
 def grouped(bandwidth: float, quick: bool) -> None:
     from moe_pd import kernels
-    from moe_pd.model.fp8 import quantize_act_1x128, quantize_block_fp8
+    from moe_pd.fp8 import quantize_act_1x128, quantize_block_fp8
 
     hidden, inter = 7168, 2048
     cases = [(4096, 8), (16384, 32)] if quick else [(4096, 8), (8192, 16), (16384, 16), (16384, 32)]

@@ -43,7 +43,7 @@ class ParallelConfig:
     flight_recorder_size: int = 512
     """Collectives remembered per rank for the hang report."""
     dry_run_world_size: Optional[int] = None
-    """For `python -m moe_pd.parallel.dry_run`: ranks to lay out in one process on a fake process group."""
+    """For `python -m moe_pd.dry_run`: ranks to lay out in one process on a fake process group."""
 
     def __post_init__(self) -> None:
         check_choice("parallel.dispatcher", self.dispatcher, DISPATCHERS)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_pd.engine.core.request import SamplingParams
 from moe_pd.engine.llm_engine import LLMEngine, RequestOutput
-from moe_pd.engine.sampler import SamplingParams
 from moe_pd.kvcache.transfer.base import Transfer, TransferState
 from moe_pd.kvcache.transfer.zmq_transport import KVReceiver, KVSender
 

@@ -17,10 +17,11 @@ import torch
 
 from moe_pd.config.kvcache import KVCacheConfig
 from moe_pd.config.overlap import OverlapConfig
+from moe_pd.engine.core.request import SamplingParams
 from moe_pd.engine.core.scheduler import Scheduler, StepPlan
 from moe_pd.engine.core.sequence import Sequence, prompt_problem
 from moe_pd.engine.cuda_graph import DecodeGraphRunner
-from moe_pd.engine.sampler import SamplingParams, sample
+from moe_pd.engine.sampler import sample
 from moe_pd.kvcache.block_manager import BlockManager
 from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
 from moe_pd.model.transformer import DeepseekForCausalLM

@@ -10,8 +10,8 @@ import torch
 from moe_pd.config.kvcache import KVCacheConfig
 from moe_pd.config.overlap import OverlapConfig
 from moe_pd.config.sampling import SamplingConfig
+from moe_pd.engine.core.request import SamplingParams
 from moe_pd.engine.llm_engine import LLMEngine
-from moe_pd.engine.sampler import SamplingParams
 from moe_pd.model.transformer import DeepseekForCausalLM
 from moe_pd.parallel.step_sync import StepSync
 

@@ -6,20 +6,9 @@ their own request's generator, so a request's tokens do not depend on what it wa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+from moe_pd.engine.core.request import SamplingParams
 
 
 def filter_logits(logits_V: torch.Tensor, p: SamplingParams) -> torch.Tensor:

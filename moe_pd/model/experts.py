@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_pd.model.fp8 import (
+from moe_pd.fp8 import (
     FP8_DTYPE,
     dequantize_act_1x128,
     dequantize_block_fp8,

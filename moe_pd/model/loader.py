@@ -22,8 +22,8 @@ from safetensors import safe_open
 
 from moe_pd.config.hf import fp8_block_size
 from moe_pd.config.model import ModelConfig
+from moe_pd.fp8 import FP8_DTYPE, dequantize_block_fp8, quantize_block_fp8
 from moe_pd.model.experts import RoutedExperts
-from moe_pd.model.fp8 import FP8_DTYPE, dequantize_block_fp8, quantize_block_fp8
 from moe_pd.model.gate import Gate
 from moe_pd.model.transformer import DeepseekForCausalLM, ExpertIds
 from moe_pd.parallel.dispatch.base import Dispatcher

@@ -1,5 +1,5 @@
-"""The backend contract of the HTTP app, and its one-process backend: the engine in a background thread,
-which HTTP handlers talk to through thread-safe calls.
+"""The HTTP app's one-process backend: the engine in a background thread, which HTTP handlers talk to
+through thread-safe calls.
 
 Handlers `submit` a request and read its tokens from an asyncio queue; the loop thread adds and aborts
 requests between steps (the engine is only ever touched by this thread) and pushes each step's outputs to
@@ -8,46 +8,19 @@ the right queues with `call_soon_threadsafe`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
-import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from moe_pd.engine.llm_engine import LLMEngine
+from moe_pd.serve.backend import Stream
 
 if TYPE_CHECKING:
     from moe_pd.serve.metrics import Metrics
-    from moe_pd.serve.protocol import GenerationRequest
+    from moe_pd.serve.openai_api import GenerationRequest
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Stream:
-    request_id: str
-    loop: asyncio.AbstractEventLoop
-    tokens: asyncio.Queue = field(default_factory=asyncio.Queue)
-    """Items: (token ids, finished, finish reason) or an Exception."""
-    submitted: float = field(default_factory=time.monotonic)
-
-
-class Backend(Protocol):
-    """What the HTTP app needs from whatever generates: an engine here, or a PD cluster behind a router."""
-
-    def submit(self, stream: Stream, request: "GenerationRequest") -> None:
-        """Starts the request; its tokens (or an Exception) arrive on `stream.tokens`."""
-
-    def abort(self, request_id: str) -> None:
-        """Drops the request wherever it is and frees its pages."""
-
-    def health(self) -> tuple[bool, dict]:
-        """(able to serve, a JSON body describing the instances)."""
-
-    def refresh(self, metrics: "Metrics") -> None:
-        """Updates the instance gauges before a scrape."""
 
 
 class EngineLoop:

@@ -32,11 +32,11 @@ from moe_pd.config.serve import RouterConfig
 from moe_pd.config.store import register_configs, to_config
 from moe_pd.engine.tokenizer import load_tokenizer
 from moe_pd.log import setup_logging
-from moe_pd.serve.api_server import build_app, serve_until_signalled
+from moe_pd.serve.backend import Stream
 from moe_pd.serve.balancer import PrefixIndex, pick_prefill_instance
-from moe_pd.serve.engine_loop import Stream
+from moe_pd.serve.http_app import build_app, serve_until_signalled
 from moe_pd.serve.metrics import Metrics
-from moe_pd.serve.protocol import APIError, GenerationRequest
+from moe_pd.serve.openai_api import APIError, GenerationRequest
 
 log = logging.getLogger("moe_pd.serve.router")
 

@@ -47,10 +47,10 @@ from moe_pd.config.errors import ConfigError, exit_on
 from moe_pd.config.hf import resolve_model_config
 from moe_pd.config.serve import ServiceConfig
 from moe_pd.config.store import register_configs, to_config
+from moe_pd.engine.core.request import SamplingParams
 from moe_pd.engine.disagg import DecodeWorker, PrefillWorker
 from moe_pd.engine.instance import build_instance_model, graphs_wanted, start_watchdog
 from moe_pd.engine.llm_engine import LLMEngine, RequestOutput
-from moe_pd.engine.sampler import SamplingParams
 from moe_pd.kvcache.block_manager import OutOfBlocks
 from moe_pd.kvcache.transfer.zmq_transport import KVReceiver, KVSender
 from moe_pd.log import setup_logging

@@ -8,7 +8,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 if torch.cuda.is_available():
     from moe_pd import kernels
-    from moe_pd.model.fp8 import quantize_act_1x128, quantize_block_fp8
+    from moe_pd.fp8 import quantize_act_1x128, quantize_block_fp8
     from moe_pd.model.gate import gate_scores, select_experts, topk_weights
 
 CUDA = "cuda"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moe_pd.model.fp8 import quantize_act_1x128
+from moe_pd.fp8 import quantize_act_1x128
 
 
 class EventOverlap:

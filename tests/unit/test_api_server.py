@@ -13,7 +13,7 @@ from moe_pd.config.sampling import SamplingConfig
 from moe_pd.config.serve import ServeConfig
 from moe_pd.engine.offline import OfflineEngine
 from moe_pd.model.loader import build_model
-from moe_pd.serve.cli import make_server
+from moe_pd.serve.api_server import make_server
 
 PROMPT_IDS = [256, *b"Hello server"]
 
@@ -172,7 +172,7 @@ def test_concurrent_streaming_requests_complete(server):
 
 def test_streamed_text_never_splits_a_character():
     from moe_pd.engine.tokenizer import ByteTokenizer
-    from moe_pd.serve.api_server import IncrementalText
+    from moe_pd.serve.http_app import IncrementalText
 
     text = IncrementalText(ByteTokenizer(256))
     pieces = [text.add([b], final=False) for b in "né✓".encode()]

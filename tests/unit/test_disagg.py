@@ -104,7 +104,7 @@ def test_decode_without_a_reservation_rejects_the_kv(workers):
 
 def test_sampled_tokens_continue_prefills_generator(model, workers):
     """Prefill hands its sampling generator's state to decode, so sampled PD tokens equal colocated ones."""
-    from moe_pd.engine.sampler import SamplingParams
+    from moe_pd.engine.core.request import SamplingParams
 
     params = SamplingParams(temperature=0.9, top_p=0.95)
     engine = LLMEngine(model, KVCacheConfig(block_size=4, num_blocks=64), 8, 64)

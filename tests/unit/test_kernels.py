@@ -12,7 +12,7 @@ from moe_pd import kernels  # noqa: E402
 from moe_pd.config.kvcache import KVCacheConfig  # noqa: E402
 from moe_pd.config.sampling import SamplingConfig  # noqa: E402
 from moe_pd.engine.offline import OfflineEngine  # noqa: E402
-from moe_pd.model.fp8 import quantize_act_1x128, quantize_block_fp8  # noqa: E402
+from moe_pd.fp8 import quantize_act_1x128, quantize_block_fp8  # noqa: E402
 from moe_pd.model.gate import gate_scores, select_experts, topk_weights  # noqa: E402
 from moe_pd.model.loader import build_model  # noqa: E402
 from moe_pd.model.ops import select_ops  # noqa: E402

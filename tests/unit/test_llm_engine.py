@@ -5,9 +5,9 @@ import pytest
 from helpers.tiny import TINY
 from moe_pd.config.kvcache import KVCacheConfig
 from moe_pd.config.sampling import SamplingConfig
+from moe_pd.engine.core.request import SamplingParams
 from moe_pd.engine.llm_engine import LLMEngine
 from moe_pd.engine.offline import OfflineEngine
-from moe_pd.engine.sampler import SamplingParams
 from moe_pd.model.loader import build_model
 
 

@@ -14,7 +14,7 @@ from helpers.runner import forward_logits
 from helpers.tiny import TINY
 from moe_pd.config.hf import resolve_model_config
 from moe_pd.config.model import ModelConfig
-from moe_pd.model.fp8 import FP8_DTYPE, quantize_block_fp8
+from moe_pd.fp8 import FP8_DTYPE, quantize_block_fp8
 from moe_pd.model.loader import CheckpointError, RandomSource, SafetensorsSource, build_model, save_checkpoint
 from moe_pd.parallel.dispatch import LocalDispatcher
 

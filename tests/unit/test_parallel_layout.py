@@ -69,7 +69,7 @@ def test_slowest_rank():
 
 def test_dry_run_144_ranks_deepseek_v3():
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "moe_pd.parallel.dry_run", "model=deepseek_v3",
+    proc = subprocess.run([sys.executable, "-m", "moe_pd.dry_run", "model=deepseek_v3",
                            "parallel.dry_run_world_size=144", "parallel.num_redundant_experts=32",
                            "runtime.dtype=bfloat16"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -82,7 +82,7 @@ def test_dry_run_144_ranks_deepseek_v3():
 
 
 def test_dry_run_rejects_bad_layout():
-    proc = subprocess.run([sys.executable, "-m", "moe_pd.parallel.dry_run", "model=deepseek_v3",
+    proc = subprocess.run([sys.executable, "-m", "moe_pd.dry_run", "model=deepseek_v3",
                            "parallel.dry_run_world_size=144"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "256 routed" not in proc.stdout
     assert "must be divisible by the EP size 144" in proc.stderr

@@ -2,7 +2,8 @@
 
 import torch
 
-from moe_pd.engine.sampler import SamplingParams, filter_logits, sample
+from moe_pd.engine.core.request import SamplingParams
+from moe_pd.engine.sampler import filter_logits, sample
 
 
 def test_greedy_is_argmax():

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from moe_pd.config.errors import ConfigError
-from moe_pd.model.fp8 import FP8_DTYPE, dequantize_act_1x128, quantize_act_1x128
+from moe_pd.fp8 import FP8_DTYPE, dequantize_act_1x128, quantize_act_1x128
 from moe_pd.parallel.dispatch import permute
 from moe_pd.parallel.dispatch.base import Dispatcher, DispatchResult
 from moe_pd.parallel.flight_recorder import CommEntry, FlightRecorder

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from moe_pd.model.fp8 import dequantize_act_1x128, quantize_act_1x128
+from moe_pd.fp8 import dequantize_act_1x128, quantize_act_1x128
 from moe_pd.parallel.dispatch import permute
 from moe_pd.parallel.dispatch.base import Dispatcher, DispatchResult
 from moe_pd.parallel.placement import ExpertPlacement

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moe_pd.engine.core.request import SamplingParams
 from moe_pd.engine.core.sequence import prompt_problem
-from moe_pd.engine.sampler import SamplingParams
 
 
 class APIError(Exception):

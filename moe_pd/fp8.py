@@ -1,7 +1,8 @@
 """FP8 e4m3 weights with one scale per 128x128 block, as DeepSeek-V3's checkpoints store them.
 
 `weight_scale_inv[i, j]` multiplies block (i, j): dequantised = fp8 * scale_inv. Activations use
-1x128 per-token scales (quantize_act_1x128), which the kernels issue will consume.
+1x128 per-token scales (quantize_act_1x128), as the FP8 grouped GEMM takes them. These helpers sit below the
+model, the kernels and the dispatchers (all three use them), so none of those imports another for them.
 """
 
 from __future__ import annotations

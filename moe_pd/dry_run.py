@@ -1,4 +1,4 @@
-"""Dry run of a rank layout: `python -m moe_pd.parallel.dry_run model=deepseek_v3 parallel.dry_run_world_size=144`.
+"""Dry run of a rank layout: `python -m moe_pd.dry_run model=deepseek_v3 parallel.dry_run_world_size=144`.
 
 Builds the layout of every rank in one process, joins torch's fake process group as rank 0, creates that
 rank's dispatcher and its model slice on the meta device (no memory), and prints the expert placement
