@@ -24,16 +24,13 @@ from moe_pd.config.errors import ConfigError, exit_on
 from moe_pd.config.generate import GenerateConfig
 from moe_pd.config.hf import resolve_model_config
 from moe_pd.config.store import register_configs, to_config
-from moe_pd.engine.instance import build_instance_model, graphs_wanted, start_watchdog
+from moe_pd.engine.instance import graphs_wanted, rank_group
 from moe_pd.engine.offline import OfflineEngine, PromptError, check_prompts
 from moe_pd.engine.tokenizer import Tokenizer, load_tokenizer
 from moe_pd.log import setup_logging
 from moe_pd.model.loader import CheckpointError
-from moe_pd.parallel.flight_recorder import FlightRecorder
-from moe_pd.parallel.state import env_world, init_parallel, shutdown
-from moe_pd.parallel.step_sync import StepSync, balance_by_tokens
-from moe_pd.profiling.profiler import RankProfiler
-from moe_pd.runtime import resolve_device, resolve_dtype
+from moe_pd.parallel.state import env_world
+from moe_pd.parallel.step_sync import balance_by_tokens
 
 log = logging.getLogger("moe_pd.generate")
 
@@ -73,36 +70,24 @@ def read_prompts(cfg: GenerateConfig, tokenizer: Tokenizer | None) -> tuple[list
 def run(cfg: GenerateConfig, run_dir: str | None = None) -> list[dict]:
     """Generates for every prompt; returns the JSON records on rank 0 and [] on the other ranks."""
     model_cfg = resolve_model_config(cfg.model)
-    device, dtype = resolve_device(cfg.runtime), resolve_dtype(cfg.runtime)
     tokenizer = load_tokenizer(model_cfg)
     prompt_ids, texts = read_prompts(cfg, tokenizer)
     check_prompts(prompt_ids, model_cfg.vocab_size, model_cfg.max_position_embeddings)
-    state = init_parallel(cfg.parallel, model_cfg, device)
-    recorder = FlightRecorder(cfg.parallel.flight_recorder_size)
-    watchdog = start_watchdog(cfg.parallel, state, recorder, run_dir)
-    try:
-        built = build_instance_model(model_cfg, cfg.parallel, cfg.eplb, state, dtype, recorder, cfg.runtime)
-        model, dispatcher, eplb = built.model, built.dispatcher, built.eplb
+    with rank_group(cfg, "generate", run_dir, model_cfg) as group:
+        state = group.state
         owner = balance_by_tokens([len(p) for p in prompt_ids], state.dp_size)
         mine = [i for i, r in enumerate(owner) if r == state.dp_rank]
-        profiler = RankProfiler(cfg.profile, run_dir or ".", "generate", state.rank)
-        hooks = ([eplb.on_step] if eplb else []) + [profiler.step]
-        engine = OfflineEngine(model, cfg.kvcache, cfg.max_batch_size, state.device,
-                               StepSync(state, recorder, dispatcher, hooks=hooks), cfg.overlap,
-                               cfg.max_num_batched_tokens, decode_graphs=graphs_wanted(cfg.runtime, state, model))
-        with profiler:
-            completions = engine.generate([prompt_ids[i] for i in mine], cfg.sampling, indices=mine)
+        engine = OfflineEngine(group.model, cfg.kvcache, cfg.max_batch_size, state.device, group.sync, cfg.overlap,
+                               cfg.max_num_batched_tokens,
+                               decode_graphs=graphs_wanted(cfg.runtime, state, group.model))
+        completions = engine.generate([prompt_ids[i] for i in mine], cfg.sampling, indices=mine)
         s = engine.stats
         log.info("prefill %d tokens in %.3f s (%.1f tok/s); decode %d tokens in %.3f s (%.1f tok/s) on rank %d",
                  s.prefill_tokens, s.prefill_s, s.prefill_tokens / max(s.prefill_s, 1e-9),
                  s.decode_tokens, s.decode_s, s.decode_tokens / max(s.decode_s, 1e-9), state.rank)
-        if eplb is not None and cfg.eplb.dump_stats:
-            eplb.dump(cfg.eplb.dump_stats)
+        if group.eplb is not None and cfg.eplb.dump_stats:
+            group.eplb.dump(cfg.eplb.dump_stats)
         completions = gather_to_leader(state, completions)
-    finally:
-        if watchdog is not None:
-            watchdog.stop()
-        shutdown(state)
     return [
         {
             "index": c.index,

@@ -5,7 +5,7 @@ all-to-all delay, and the report tool's hidden-communication fraction for each r
 
 Runs itself under torchrun (gloo on CPU). A DeepSeek-V3-shaped model, small enough for CPU, random weights;
 each rank runs a prefill step (2 prompts x 256 tokens) and a decode step (256 sequences, 32 cached tokens).
-The injected latency (parallel.comm_delay_ms, added to each all-to-all's real completion) is 0, then 1x and
+The injected latency (testing.comm_delay_ms, added to each all-to-all's real completion) is 0, then 1x and
 2x the per-stage compute time measured from the traces of the overlapped run (the work one micro-batch does
 between two yields, which is what can hide a transfer of the other). Prints medians, the plain/overlapped
 ratio (> 1: overlap faster) and the fraction of all-to-all time hidden under compute (report tool), all

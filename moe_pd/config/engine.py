@@ -12,6 +12,7 @@ from moe_pd.config.model import ModelConfig
 from moe_pd.config.overlap import OverlapConfig, ProfileConfig
 from moe_pd.config.parallel import ParallelConfig
 from moe_pd.config.runtime import RuntimeConfig
+from moe_pd.config.testing import TestingConfig
 
 
 @dataclass
@@ -43,3 +44,5 @@ class RankGroupConfig(EngineConfig):
     """Expert load balancing."""
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     """Per-rank torch.profiler traces."""
+    testing: TestingConfig = field(default_factory=TestingConfig)
+    """Test-only knobs (fault injection, emulated latency)."""

@@ -34,9 +34,6 @@ class ParallelConfig:
     padded_max_tokens: int = 128
     """all_to_all backend: when no rank runs more tokens than this in a step (decode), exchange fixed-size
     buffers instead of exchanging counts first, so dispatch never blocks (0: always exchange counts)."""
-    comm_delay_ms: float = 0.0
-    """Test knob: every all_to_all completes this much later than it really did, emulating network latency
-    so overlap can be seen on a CPU machine where gloo on loopback is fast (0: off)."""
     collective_timeout_s: float = 300.0
     """Watchdog: a collective unfinished after this long dumps every rank's flight recorder and ends the
     job with a message naming the slowest rank; 0 disables the watchdog."""
@@ -53,7 +50,6 @@ class ParallelConfig:
         check(self.num_redundant_experts >= 0, "parallel.num_redundant_experts", self.num_redundant_experts,
               "must be >= 0")
         check(self.padded_max_tokens >= 0, "parallel.padded_max_tokens", self.padded_max_tokens, "must be >= 0")
-        check(self.comm_delay_ms >= 0, "parallel.comm_delay_ms", self.comm_delay_ms, "must be >= 0")
         check(self.collective_timeout_s >= 0, "parallel.collective_timeout_s", self.collective_timeout_s,
               "must be >= 0 (0 disables the watchdog)")
         check(self.flight_recorder_size > 0, "parallel.flight_recorder_size", self.flight_recorder_size,

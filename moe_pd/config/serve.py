@@ -59,8 +59,6 @@ class ServiceConfig(RankGroupConfig):
     """Seconds between the leader's status messages to its routers."""
     idle_wait_ms: float = 5.0
     """How long an idle leader waits for requests before the ranks exchange control messages again."""
-    fault_drop_kv_transfers: int = 0
-    """Fault injection for tests: a prefill instance drops this many KV transfers instead of sending them."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -16,6 +16,7 @@ from moe_pd.config.planner import HardwareConfig, PlannerConfig
 from moe_pd.config.runtime import RuntimeConfig
 from moe_pd.config.sampling import SamplingConfig
 from moe_pd.config.serve import RouterConfig, ServeConfig, ServiceConfig
+from moe_pd.config.testing import TestingConfig
 
 SCHEMAS = {
     ("", "generate_schema"): GenerateConfig,
@@ -32,6 +33,7 @@ SCHEMAS = {
     ("overlap", "overlap_schema"): OverlapConfig,
     ("profile", "profile_schema"): ProfileConfig,
     ("hardware", "hardware_schema"): HardwareConfig,
+    ("testing", "testing_schema"): TestingConfig,
 }
 
 

@@ -17,7 +17,7 @@ import torch
 
 from moe_pd.config.kvcache import KVCacheConfig
 from moe_pd.config.overlap import OverlapConfig
-from moe_pd.engine.core.request import SamplingParams
+from moe_pd.engine.core.request import InvalidRequest, SamplingParams
 from moe_pd.engine.core.scheduler import Scheduler, StepPlan
 from moe_pd.engine.core.sequence import Sequence, prompt_problem
 from moe_pd.engine.cuda_graph import DecodeGraphRunner
@@ -89,12 +89,13 @@ class LLMEngine:
         """Queues a request; raises ValueError for one that can never run (empty, too long, bad ids)."""
         problem = prompt_problem(prompt_ids, self.model.cfg.vocab_size, self.max_context)
         if problem:
-            raise ValueError(f"request {request_id}: {problem}")
+            raise InvalidRequest(f"request {request_id}: {problem}")
         seq = Sequence(list(prompt_ids), max_new_tokens, request_id=request_id, eos_token_id=self.eos,
                        ignore_eos=ignore_eos)
         need = self.pages_needed(len(prompt_ids), max_new_tokens)
         if need > self.allocator.num_blocks:
-            raise ValueError(f"request {request_id} needs {need} KV pages, the cache has {self.allocator.num_blocks}")
+            raise InvalidRequest(f"request {request_id} needs {need} KV pages, the cache has "
+                                 f"{self.allocator.num_blocks}")
         self.scheduler.add(seq)
         self._register(request_id, params, seed)
         return seq

@@ -13,6 +13,7 @@ import queue
 import threading
 from typing import TYPE_CHECKING
 
+from moe_pd.engine.core.request import InvalidRequest
 from moe_pd.engine.llm_engine import LLMEngine
 from moe_pd.serve.backend import Stream
 
@@ -78,8 +79,11 @@ class EngineLoop:
             try:
                 self.engine.add_request(stream.request_id, prompt_ids, max_tokens, params, seed, ignore_eos)
                 self._streams[stream.request_id] = stream
-            except ValueError as exc:
+            except InvalidRequest as exc:
                 self._push(stream, exc)
+            except Exception as exc:  # a bug: this request fails, the engine thread carries on
+                log.exception("adding request %s failed", stream.request_id)
+                self._push(stream, RuntimeError(f"internal error: {type(exc).__name__}"))
         elif command[0] == "abort":
             self.engine.abort(command[1])
             self._streams.pop(command[1], None)

@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.web_log import AccessLogger
 from prometheus_client import generate_latest
 
+from moe_pd.engine.core.request import InvalidRequest
 from moe_pd.engine.tokenizer import Tokenizer
 from moe_pd.serve.backend import Backend, Stream
 from moe_pd.serve.metrics import Metrics
@@ -87,7 +88,7 @@ def build_app(backend: Backend, tokenizer: Tokenizer | None, model_name: str, ma
                 item = await stream.tokens.get()
                 if isinstance(item, Exception):
                     failure = item if isinstance(item, APIError) else (
-                        APIError(str(item)) if isinstance(item, ValueError) else
+                        APIError(str(item)) if isinstance(item, InvalidRequest) else
                         APIError(str(item), status=500, kind="server_error"))
                     metrics.requests.labels("rejected" if failure.status < 500 else "failed").inc()
                     if response is None:

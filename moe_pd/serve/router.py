@@ -17,12 +17,9 @@ go to the others (or get 503), and /health reports the cluster degraded.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
 
 import hydra
-import zmq
 import zmq.asyncio
 from omegaconf import DictConfig
 
@@ -32,109 +29,34 @@ from moe_pd.config.serve import RouterConfig
 from moe_pd.config.store import register_configs, to_config
 from moe_pd.engine.tokenizer import load_tokenizer
 from moe_pd.log import setup_logging
+from moe_pd.serve import protocol as p
 from moe_pd.serve.backend import Stream
 from moe_pd.serve.balancer import PrefixIndex, pick_prefill_instance
 from moe_pd.serve.http_app import build_app, serve_until_signalled
+from moe_pd.serve.instance_client import InstanceClient
 from moe_pd.serve.metrics import Metrics
 from moe_pd.serve.openai_api import APIError, GenerationRequest
+from moe_pd.serve.router_requests import DOWN, Attempt, Phase, RouterRequests
 
 log = logging.getLogger("moe_pd.serve.router")
 
-DOWN = {"op": "down"}
-
-
-class InstanceClient:
-    """The router's connection to one instance's leader: sends commands, routes the answers to the
-    requests listening for them, and keeps the instance's latest status (its heartbeat)."""
-
-    def __init__(self, address: str, role: str, context: zmq.asyncio.Context, timeout_s: float) -> None:
-        self.address, self.role, self.timeout_s = address, role, timeout_s
-        self.socket = context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(address)
-        self.status: dict = {}
-        self.last_seen: float | None = None
-        self.listeners: dict[str, asyncio.Queue] = {}
-        self._was_up = False
-
-    @property
-    def up(self) -> bool:
-        """Answering heartbeats, with its ranks reporting."""
-        return (self.last_seen is not None and time.monotonic() - self.last_seen < self.timeout_s
-                and bool(self.ranks))
-
-    @property
-    def ranks(self) -> list[dict]:
-        return self.status.get("ranks", [])
-
-    @property
-    def free_pages(self) -> int:
-        return sum(r["kv_total"] - r["kv_used"] for r in self.ranks)
-
-    @property
-    def queued_tokens(self) -> int:
-        return sum(r["queued_tokens"] for r in self.ranks)
-
-    def send(self, msg: dict) -> None:
-        """Never blocks: toward an instance that is down, messages queue up to the socket's limit, then
-        are dropped (the instance then has nothing of ours to act on)."""
-        try:
-            self.socket.send(json.dumps(msg).encode(), zmq.NOBLOCK)
-        except zmq.Again:
-            log.debug("%s instance %s: send queue full, dropped %s", self.role, self.address, msg["op"])
-
-    def listen(self, rid: str, queue: asyncio.Queue) -> None:
-        self.listeners[rid] = queue
-
-    def forget(self, rid: str) -> None:
-        self.listeners.pop(rid, None)
-
-    async def receive(self) -> None:
-        while True:
-            msg = json.loads(await self.socket.recv())
-            self.last_seen = time.monotonic()
-            if msg["op"] == "status":
-                self.status = msg
-                if self.up and not self._was_up:
-                    log.info("%s instance %s is up (%d ranks)", self.role, self.address, len(self.ranks))
-                    self._was_up = True
-                continue
-            queue = self.listeners.get(msg.get("rid"))
-            if queue is not None:
-                queue.put_nowait((self, msg))
-
-    async def watch(self) -> None:
-        """Says hello until the instance answers (again), and fails its requests once it falls silent."""
-        while True:
-            if not self.up:
-                if self._was_up:
-                    self._was_up = False
-                    log.error("%s instance %s missed its heartbeats for %.1f s: marked down", self.role,
-                              self.address, self.timeout_s)
-                    for queue in self.listeners.values():
-                        queue.put_nowait((self, DOWN))
-                    self.listeners.clear()
-                self.send({"op": "hello"})
-            await asyncio.sleep(min(0.5, self.timeout_s / 4))
-
-    def describe(self) -> dict:
-        return {"name": self.address, "role": self.role, "up": self.up, "ranks": self.ranks}
-
 
 class ClusterBackend:
-    """The HTTP app's backend over the cluster's instances (see the module docstring)."""
+    """The HTTP app's backend over the cluster's instances (see the module docstring). Every request
+    attempt is a record in `requests` (moe_pd.serve.router_requests)."""
 
     def __init__(self, cfg: RouterConfig) -> None:
         self.cfg = cfg
         self.context = zmq.asyncio.Context()
-        client = lambda address, role: InstanceClient(address, role, self.context, cfg.heartbeat_timeout_s)
+        self.requests = RouterRequests()
+        client = lambda address, role: InstanceClient(address, role, self.context, cfg.heartbeat_timeout_s,
+                                                      self.requests.deliver, self.requests.instance_down)
         self.prefill = [client(a, "prefill") for a in cfg.prefill]
         self.decode = [client(a, "decode") for a in cfg.decode]
         self.colocated = [client(a, "colocated") for a in cfg.colocated]
         self.instances = self.prefill + self.decode + self.colocated
-        self.metrics: Metrics | None = None
+        self.metrics = Metrics()
         self.prefix: PrefixIndex | None = None
-        self._requests: dict[str, asyncio.Task] = {}
         self._tasks: list[asyncio.Task] = []
 
     async def start(self, metrics: Metrics) -> None:
@@ -143,9 +65,10 @@ class ClusterBackend:
             self._tasks += [asyncio.create_task(inst.receive()), asyncio.create_task(inst.watch())]
 
     async def close(self) -> None:
-        for task in [*self._requests.values(), *self._tasks]:
+        requests = list(self.requests.tasks.values())
+        for task in [*requests, *self._tasks]:
             task.cancel()
-        await asyncio.gather(*self._requests.values(), *self._tasks, return_exceptions=True)
+        await asyncio.gather(*requests, *self._tasks, return_exceptions=True)
         for inst in self.instances:
             inst.socket.close(0)
         self.context.term()
@@ -154,10 +77,10 @@ class ClusterBackend:
     def submit(self, stream: Stream, request: GenerationRequest) -> None:
         serve = self._colocated if self.colocated else self._disaggregated
         task = asyncio.get_running_loop().create_task(self._run(serve, stream, request))
-        self._requests[stream.request_id] = task
+        self.requests.tasks[stream.request_id] = task
 
     def abort(self, request_id: str) -> None:
-        task = self._requests.get(request_id)
+        task = self.requests.tasks.get(request_id)
         if task is not None:
             task.cancel()
 
@@ -170,7 +93,7 @@ class ClusterBackend:
 
     def refresh(self, metrics: Metrics) -> None:
         for inst in self.instances:
-            metrics.instance(inst.address, inst.role, inst.up, inst.ranks, inst.status.get("eplb"))
+            metrics.instance(inst.address, inst.role, inst.up, inst.describe()["ranks"], inst.eplb)
 
     # request flows ----------------------------------------------------------------------------------------
     async def _run(self, serve, stream: Stream, request: GenerationRequest) -> None:
@@ -179,33 +102,31 @@ class ClusterBackend:
         except APIError as exc:
             stream.tokens.put_nowait(exc)
         except asyncio.CancelledError:
-            pass  # aborted: `serve` told the instances
+            pass  # aborted: the attempt's end told the instances
         except Exception as exc:  # a bug here must not hang the client
             log.exception("request %s failed", stream.request_id)
             stream.tokens.put_nowait(APIError(f"router failure: {exc}", 500, kind="server_error"))
         finally:
-            self._requests.pop(stream.request_id, None)
+            self.requests.tasks.pop(stream.request_id, None)
 
-    async def _next(self, queue: asyncio.Queue) -> tuple[InstanceClient, dict]:
+    async def _next(self, attempt: Attempt):
         try:
-            return await asyncio.wait_for(queue.get(), self.cfg.request_timeout_s)
+            return await asyncio.wait_for(attempt.inbox.get(), self.cfg.request_timeout_s)
         except asyncio.TimeoutError:
             raise APIError(f"no progress from the cluster in {self.cfg.request_timeout_s:.0f} s", 504,
                            kind="server_error") from None
 
     @staticmethod
-    def _spec(rid: str, request: GenerationRequest, op: str) -> dict:
-        p = request.params
-        return {"op": op, "rid": rid, "prompt": request.prompt_ids, "max_tokens": request.max_tokens,
-                "params": {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p},
-                "seed": request.seed, "ignore_eos": request.ignore_eos}
+    def _spec(kind, rid: str, request: GenerationRequest, **extra):
+        return kind(rid, request.prompt_ids, request.max_tokens, request.params, request.seed, request.ignore_eos,
+                    **extra)
 
     def _pick_prefill(self, prompt_ids: list[int]) -> InstanceClient:
         live = {inst.address: inst for inst in self.prefill if inst.up}
         if not live:
             raise APIError("no prefill instance is up", 503, kind="server_error")
         if self.prefix is None:
-            self.prefix = PrefixIndex(next(iter(live.values())).status.get("block_size", 64))
+            self.prefix = PrefixIndex(next(iter(live.values())).block_size)
         cached = self.prefix.match(prompt_ids, list(live))
         chosen = pick_prefill_instance(cached, {a: inst.queued_tokens for a, inst in live.items()})
         self.prefix.insert(chosen, prompt_ids)
@@ -219,109 +140,104 @@ class ClusterBackend:
 
     async def _colocated(self, stream: Stream, request: GenerationRequest) -> None:
         inst = self._pick_least_loaded(self.colocated, set())
-        rid = f"{stream.request_id}.0"
-        queue: asyncio.Queue = asyncio.Queue()
-        inst.listen(rid, queue)
+        attempt = self.requests.open(stream.request_id, 0, Phase.PREFILLING)
+        attempt.decode = inst
+        ending = Phase.FAILED
         try:
-            inst.send(self._spec(rid, request, "generate"))
+            self.requests.send(attempt, inst, self._spec(p.Generate, attempt.rid, request))
             while True:
-                _, msg = await self._next(queue)
-                if msg["op"] == "down":
+                _, msg = await self._next(attempt)
+                if msg == DOWN:
                     raise APIError(f"colocated instance {inst.address} went down", 503, kind="server_error")
-                if msg["op"] == "error":
-                    raise APIError(msg["message"], msg.get("status", 400 if not msg["retry"] else 503))
-                stream.tokens.put_nowait((msg["ids"], msg["finished"], msg["reason"]))
-                if msg["finished"]:
+                if isinstance(msg, p.Error):
+                    raise APIError(msg.message, msg.status)
+                if attempt.phase is Phase.PREFILLING:
+                    self.requests.transition(attempt, Phase.STREAMING)
+                stream.tokens.put_nowait((msg.ids, msg.finished, msg.reason))
+                if msg.finished:
+                    ending = Phase.FINISHED
                     return
         except asyncio.CancelledError:
-            inst.send({"op": "abort", "rid": rid})
+            ending = Phase.ABORTED
             raise
         finally:
-            inst.forget(rid)
+            self.requests.end(attempt, ending)
 
     async def _disaggregated(self, stream: Stream, request: GenerationRequest) -> None:
         failed_ranks: set[str] = set()
         failed_instances: set[str] = set()
-        for attempt in range(2):  # a failed KV transfer is re-run once, away from the rank that failed
-            rid = f"{stream.request_id}.{attempt}"
-            retry = await self._attempt(stream, request, rid, failed_ranks, failed_instances, last=attempt == 1)
+        for number in range(2):  # a failed KV transfer is re-run once, away from the rank that failed
+            retry = await self._attempt(stream, request, number, failed_ranks, failed_instances, last=number == 1)
             if not retry:
                 return
             self.metrics.retries.inc()
             log.warning("request %s: %s; re-running it once on another decode rank", stream.request_id, retry)
 
-    async def _attempt(self, stream: Stream, request: GenerationRequest, rid: str, failed_ranks: set[str],
+    async def _attempt(self, stream: Stream, request: GenerationRequest, number: int, failed_ranks: set[str],
                        failed_instances: set[str], last: bool) -> str | None:
         """One try of a PD request. Returns why it should be re-run (None: it finished)."""
-        queue: asyncio.Queue = asyncio.Queue()
         decode = self._pick_least_loaded(self.decode, failed_instances)
-        prefill: InstanceClient | None = None
-        started = False  # tokens reached the client: never re-run from here on
-        decode.listen(rid, queue)
+        attempt = self.requests.open(stream.request_id, number, Phase.RESERVING)
+        attempt.decode = decode
+        ending = Phase.FAILED
         try:
-            decode.send({**self._spec(rid, request, "reserve"), "exclude": sorted(failed_ranks)})
-            source, msg = await self._next(queue)
-            if msg["op"] == "down":
+            self.requests.send(attempt, decode, self._spec(p.Reserve, attempt.rid, request,
+                                                           exclude=sorted(failed_ranks)))
+            _, msg = await self._next(attempt)
+            if msg == DOWN:
                 raise APIError(f"decode instance {decode.address} went down", 503, kind="server_error")
-            if msg["op"] == "error":
-                if msg["retry"] and not last:
+            if isinstance(msg, p.Error):
+                if msg.retry and not last:
                     failed_instances.add(decode.address)
-                    return msg["message"]
-                raise APIError(msg["message"], msg.get("status", 503 if msg["retry"] else 400),
-                               kind="server_error" if msg["retry"] else "invalid_request_error")
-            address = msg["address"]
-            prefill = self._pick_prefill(request.prompt_ids)
-            prefill.listen(rid, queue)
-            prefill.send({**self._spec(rid, request, "prefill"), "decode": address})
+                    return msg.message
+                raise APIError(msg.message, msg.status, kind="server_error" if msg.retry else "invalid_request_error")
+            attempt.address = msg.address
+            prefill = attempt.prefill = self._pick_prefill(request.prompt_ids)
+            self.requests.transition(attempt, Phase.PREFILLING)
+            self.requests.send(attempt, prefill, p.Prefill(attempt.rid, request.prompt_ids, msg.address,
+                                                           request.params, request.seed))
             while True:
-                source, msg = await self._next(queue)
-                op = msg["op"]
-                if op == "tokens":
-                    started = True
-                    stream.tokens.put_nowait((msg["ids"], msg["finished"], msg["reason"]))
-                    if msg["finished"]:
+                source, msg = await self._next(attempt)
+                if isinstance(msg, p.Tokens):
+                    if attempt.phase is Phase.PREFILLING:
+                        self.requests.transition(attempt, Phase.STREAMING)
+                    stream.tokens.put_nowait((msg.ids, msg.finished, msg.reason))
+                    if msg.finished:
+                        ending = Phase.FINISHED
                         return None
-                elif op == "prefilled":
+                elif isinstance(msg, p.Prefilled):
                     self._observe_transfer(msg)
-                    prefill.forget(rid)
-                    if msg["state"] != "done":
-                        why = f"KV transfer {msg['state']}: {msg['detail']}"
-                        decode.send({"op": "abort", "rid": rid})
-                        return self._retry_or_fail(why, started, last, failed_ranks, address)
-                elif op == "error":
-                    if source is decode and msg["retry"]:
-                        if prefill is not None:
-                            prefill.send({"op": "abort", "rid": rid})
-                        return self._retry_or_fail(msg["message"], started, last, failed_ranks, address)
-                    raise APIError(msg["message"], msg.get("status", 400))
-                elif op == "down":
-                    if source is decode or started:
+                    if msg.state != "done":
+                        return self._retry_or_fail(attempt, f"KV transfer {msg.state}: {msg.detail}", last,
+                                                   failed_ranks)
+                elif isinstance(msg, p.Error):
+                    if source is decode and msg.retry:
+                        return self._retry_or_fail(attempt, msg.message, last, failed_ranks)
+                    raise APIError(msg.message, msg.status)
+                elif msg == DOWN:
+                    if source is decode or attempt.phase is Phase.STREAMING:
                         raise APIError(f"{source.role} instance {source.address} went down", 503, kind="server_error")
-                    decode.send({"op": "abort", "rid": rid})  # prefill died before shipping: start over
-                    return self._retry_or_fail(f"prefill instance {source.address} went down", started, last,
-                                               set(), "")
-        except BaseException:  # aborted by the client, or failed: nothing of this attempt may keep pages
-            for inst in (decode, prefill):
-                if inst is not None and inst.up:
-                    inst.send({"op": "abort", "rid": rid})
+                    attempt.address = ""  # prefill died before shipping: start over, any decode rank
+                    return self._retry_or_fail(attempt, f"prefill instance {source.address} went down", last,
+                                               failed_ranks)
+        except asyncio.CancelledError:
+            ending = Phase.ABORTED
             raise
         finally:
-            decode.forget(rid)
-            if prefill is not None:
-                prefill.forget(rid)
+            self.requests.end(attempt, ending)  # FAILED/ABORTED: every instance still holding it is told
 
     @staticmethod
-    def _retry_or_fail(why: str, started: bool, last: bool, failed_ranks: set[str], address: str) -> str:
-        if started or last:
+    def _retry_or_fail(attempt: Attempt, why: str, last: bool, failed_ranks: set[str]) -> str:
+        if attempt.phase is Phase.STREAMING or last:
             raise APIError(f"the request failed: {why}", 503, kind="server_error")
-        if address:
-            failed_ranks.add(address)
+        if attempt.address:
+            failed_ranks.add(attempt.address)
         return why
 
-    def _observe_transfer(self, msg: dict) -> None:
-        if msg["state"] == "done":
-            self.metrics.transfer_bytes.inc(msg["nbytes"])
-            self.metrics.transfer_seconds.observe(msg["latency_s"])
+    def _observe_transfer(self, msg: p.Prefilled) -> None:
+        if msg.state == "done":
+            self.metrics.transfer_bytes.inc(msg.nbytes)
+            self.metrics.transfer_seconds.observe(msg.latency_s)
 
 
 async def serve(cfg: RouterConfig) -> None:

@@ -32,7 +32,7 @@ def greedy(prompt, n):
 
 
 def test_a_dropped_kv_transfer_times_out_frees_its_pages_and_is_rerun_once(tmp_path):
-    cluster = Cluster.local(tmp_path, *QUIET, "kv_timeout_s=2", "prefill:fault_drop_kv_transfers=1",
+    cluster = Cluster.local(tmp_path, *QUIET, "kv_timeout_s=2", "prefill:testing.drop_kv_transfers=1",
                             PREFILL_RANKS="1", DECODE_RANKS="2")
     try:
         status, answer = run(complete(cluster.url, greedy(PROMPT, 8)))

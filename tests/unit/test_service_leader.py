@@ -1,18 +1,13 @@
-"""An instance leader's decisions on plain messages: which rank gets each request, what it refuses."""
+"""An instance leader's decisions on plain messages: which rank gets each request, what it refuses, and what
+it does with messages that are broken or not for it."""
 
-import json
-from types import SimpleNamespace
-
+import msgspec
 import pytest
 import zmq
 
 from moe_pd.config.serve import ServiceConfig
-from moe_pd.serve.service import Leader, RankLoad
-
-
-def fake_engine(block_size=4, pages_per_request=3):
-    return SimpleNamespace(cache=SimpleNamespace(block_size=block_size),
-                           pages_needed=lambda prompt_len, max_tokens: pages_per_request)
+from moe_pd.serve import protocol as p
+from moe_pd.serve.leader import Leader, RouteState
 
 
 class Router:
@@ -22,14 +17,18 @@ class Router:
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(address)
-        self.answers: list[dict] = []
+        self.answers: list = []
 
     def receive(self) -> None:
         while self.socket.poll(0):
-            self.answers.append(json.loads(self.socket.recv()))
+            self.answers.append(msgspec.msgpack.decode(self.socket.recv(), type=p.LeaderMessage))
 
-    def take_answers(self) -> list[dict]:
-        self.receive()
+    def take_answers(self, at_least: int = 0) -> list:
+        for _ in range(100):
+            self.receive()
+            if len(self.answers) >= at_least:
+                break
+            self.socket.poll(10)
         out, self.answers = self.answers, []
         return out
 
@@ -38,8 +37,9 @@ class Router:
 def leader_and_client():
     made = []
 
-    def make(role, loads, **engine):
-        leader = Leader(ServiceConfig(role=role, port=0), fake_engine(**engine), len(loads), f"{role}-test")
+    def make(role, loads, block_size=4, pages_per_request=3):
+        leader = Leader(ServiceConfig(role=role, port=0), len(loads), f"{role}-test", block_size,
+                        lambda prompt_len, max_tokens: pages_per_request)
         leader.loads = loads
         made.append((leader, Router(leader.address)))
         return made[-1]
@@ -50,27 +50,27 @@ def leader_and_client():
         leader.close()
 
 
-def exchange(leader, router, *messages):
-    """Sends the messages; returns the commands per rank once each message became a command or an answer."""
+def exchange(leader, router, *messages, expect=None):
+    """Sends the messages (structs, or raw bytes); returns the commands per rank once `expect` (default: one
+    per message) commands and answers came back."""
     for msg in messages:
-        router.socket.send(json.dumps(msg).encode())
+        router.socket.send(msg if isinstance(msg, bytes) else p.encode(msg))
     commands = {}
     for _ in range(50):
         for rank, cmds in leader.collect(wait_ms=20).items():
             commands.setdefault(rank, []).extend(cmds)
         router.receive()
-        if sum(map(len, commands.values())) + len(router.answers) >= len(messages):
+        if sum(map(len, commands.values())) + len(router.answers) >= (len(messages) if expect is None else expect):
             break
     return commands
 
 
 def decode_load(rank, used=0, total=100, running=0, address=""):
-    return RankLoad(rank, used, total, running, 0, 0, 64, address or f"tcp://d{rank}")
+    return p.RankLoad(rank, used, total, running, 0, 0, 64, address or f"tcp://d{rank}")
 
 
 def reserve(rid, exclude=(), prompt=(1, 2, 3)):
-    return {"op": "reserve", "rid": rid, "prompt": list(prompt), "max_tokens": 4, "params": {},
-            "exclude": list(exclude)}
+    return p.Reserve(rid, list(prompt), 4, exclude=list(exclude))
 
 
 def test_decode_goes_to_the_least_loaded_rank_and_respects_the_exclusion(leader_and_client):
@@ -78,6 +78,7 @@ def test_decode_goes_to_the_least_loaded_rank_and_respects_the_exclusion(leader_
     assert exchange(leader, client, reserve("a")) == {1: [reserve("a")]}
     # a re-run after rank 1's transfer failed avoids rank 1
     assert exchange(leader, client, reserve("b", exclude=["tcp://d1"])) == {0: [reserve("b", ["tcp://d1"])]}
+    assert leader.routes.get("a").rank == 1 and leader.routes.get("b").state is RouteState.ASSIGNED
 
 
 def test_a_burst_is_spread_because_each_choice_counts_against_its_rank(leader_and_client):
@@ -90,27 +91,73 @@ def test_decode_refuses_what_no_rank_can_hold_and_what_does_not_fit_now(leader_a
     leader, client = leader_and_client("decode", [decode_load(0, used=99)], pages_per_request=200)
     assert exchange(leader, client, reserve("huge")) == {}
     (answer,) = client.take_answers()
-    assert answer["status"] == 400 and not answer["retry"] and "needs 200 KV pages" in answer["message"]
-    leader.engine.pages_needed = lambda *_: 5  # fits a rank, but not now: retry elsewhere
+    assert answer.status == 400 and not answer.retry and "needs 200 KV pages" in answer.message
+    leader.pages_needed = lambda *_: 5  # fits a rank, but not now: retry elsewhere
     assert exchange(leader, client, reserve("later")) == {}
     (answer,) = client.take_answers()
-    assert answer["status"] == 503 and answer["retry"]
+    assert answer.status == 503 and answer.retry
+    assert len(leader.routes) == 0  # refused requests leave no route behind
 
 
 def test_prefill_prefers_the_rank_that_caches_the_prefix(leader_and_client):
-    loads = [RankLoad(r, 0, 100, 0, 0, 0, 64) for r in range(2)]
+    loads = [p.RankLoad(r, 0, 100, 0, 0, 0, 64) for r in range(2)]
     leader, client = leader_and_client("prefill", loads)
     prompt = list(range(40))
-    first = {"op": "prefill", "rid": "a", "prompt": prompt, "params": {}, "decode": "tcp://d0"}
-    (rank,) = exchange(leader, client, first)
-    leader.loads = [RankLoad(r, 0, 100, 0, 0, 0, 64) for r in range(2)]  # idle again
-    again = {**first, "rid": "b", "prompt": prompt + [99]}
-    assert list(exchange(leader, client, again)) == [rank]
+    (rank,) = exchange(leader, client, p.Prefill("a", prompt, "tcp://d0"))
+    leader.loads = [p.RankLoad(r, 0, 100, 0, 0, 0, 64) for r in range(2)]  # idle again
+    assert list(exchange(leader, client, p.Prefill("b", prompt + [99], "tcp://d0"))) == [rank]
 
 
 def test_abort_goes_to_the_owning_rank_and_events_to_the_sender(leader_and_client):
     leader, client = leader_and_client("decode", [decode_load(0, used=90), decode_load(1)])
     exchange(leader, client, reserve("a"))
-    assert exchange(leader, client, {"op": "abort", "rid": "a"}) == {1: [{"op": "abort", "rid": "a"}]}
-    leader.deliver([{"op": "tokens", "rid": "a", "ids": [1], "finished": False, "reason": None}])
+    assert exchange(leader, client, p.Abort("a")) == {1: [p.Abort("a")]}
+    leader.deliver([p.Tokens("a", [1], False)])
     assert client.take_answers() == []  # aborted: the router no longer listens
+
+
+def test_events_reach_the_router_and_a_final_one_closes_the_route(leader_and_client):
+    leader, client = leader_and_client("decode", [decode_load(0)])
+    exchange(leader, client, reserve("a"))
+    leader.deliver([p.Reserved("a", "tcp://d0", 0), p.Tokens("a", [5], False), p.Tokens("a", [6], True, "length")])
+    assert [type(m).__name__ for m in client.take_answers(3)] == ["Reserved", "Tokens", "Tokens"]
+    assert leader.routes.get("a") is None
+
+
+def test_requests_before_the_first_report_wait_and_an_abort_cancels_them(leader_and_client):
+    leader, client = leader_and_client("decode", [])
+    assert exchange(leader, client, reserve("early"), reserve("gone"), expect=0) == {}
+    assert {r.rid for r in leader.routes.deferred()} == {"early", "gone"}
+    exchange(leader, client, p.Abort("gone"), expect=0)
+    leader.loads = [decode_load(0)]
+    assert exchange(leader, client, expect=1) == {0: [reserve("early")]}
+
+
+def test_broken_and_foreign_messages_fail_alone_and_never_crash_the_leader(leader_and_client):
+    leader, client = leader_and_client("decode", [decode_load(0)])
+    broken = msgspec.msgpack.encode({"op": "reserve", "rid": "bad", "prompt": "not ids", "max_tokens": 4})
+    unknown = msgspec.msgpack.encode({"op": "frobnicate", "rid": "x"})
+    assert exchange(leader, client, b"\xc1 not msgpack", unknown, broken, p.Prefill("wrong", [1], "tcp://d0"),
+                    reserve("ok"), expect=4) == {0: [reserve("ok")]}
+    answers = {a.rid: a for a in client.take_answers()}
+    assert set(answers) == {"bad", "x", "wrong"}  # those that name a request get an answer; garbage is dropped
+    assert answers["bad"].status == 400 and "malformed request" in answers["bad"].message
+    assert "Invalid value 'frobnicate'" in answers["x"].message
+    assert answers["wrong"].status == 400 and "does not take 'prefill'" in answers["wrong"].message
+
+
+def test_a_duplicate_request_id_is_refused(leader_and_client):
+    leader, client = leader_and_client("decode", [decode_load(0), decode_load(1)])
+    assert sum(map(len, exchange(leader, client, reserve("a"), reserve("a")).values())) == 1
+    (answer,) = client.take_answers()
+    assert "already running" in answer.message
+
+
+def test_hello_is_answered_with_status_and_another_version_is_refused(leader_and_client):
+    leader, client = leader_and_client("decode", [decode_load(0)])
+    exchange(leader, client, p.Hello(p.PROTOCOL_VERSION), expect=1)
+    (status,) = client.take_answers()
+    assert status.version == p.PROTOCOL_VERSION and status.role == "decode" and status.ranks == [decode_load(0)]
+    assert len(leader.routers) == 1
+    exchange(leader, client, p.Hello(p.PROTOCOL_VERSION + 1), expect=1)
+    assert len(leader.routers) == 0  # no heartbeats for a router that speaks another version

@@ -14,3 +14,8 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+class InvalidRequest(ValueError):
+    """A request that can never run as asked (its prompt, its length, its size): it fails alone, as the
+    client's error (HTTP 400), never as the server's."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from moe_pd.engine.core.request import InvalidRequest
 from moe_pd.engine.core.sequence import Sequence, Status
 from moe_pd.kvcache.block_manager import BlockManager, OutOfBlocks
 
@@ -69,7 +70,7 @@ class Scheduler:
     # requests ---------------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         if len(seq.prompt_ids) >= self.max_context:
-            raise ValueError(f"request {seq.request_id}: prompt of {len(seq.prompt_ids)} tokens does not fit the "
+            raise InvalidRequest(f"request {seq.request_id}: prompt of {len(seq.prompt_ids)} tokens does not fit the "
                              f"context of {self.max_context}")
         seq.max_new_tokens = min(seq.max_new_tokens, self.max_context - len(seq.prompt_ids))
         seq.status = Status.WAITING

@@ -6,6 +6,8 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
+from moe_pd.engine.core.request import InvalidRequest
+
 
 class Status(enum.Enum):
     WAITING = "waiting"
@@ -50,9 +52,9 @@ class Sequence:
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
-            raise ValueError(f"request {self.request_id}: empty prompt")
+            raise InvalidRequest(f"request {self.request_id}: empty prompt")
         if self.max_new_tokens <= 0:
-            raise ValueError(f"request {self.request_id}: max_new_tokens must be > 0")
+            raise InvalidRequest(f"request {self.request_id}: max_new_tokens must be > 0")
 
     @property
     def token_ids(self) -> list[int]:

@@ -15,7 +15,8 @@ __all__ = ["Dispatcher", "DispatchResult", "LocalDispatcher", "make_dispatcher"]
 
 def make_dispatcher(cfg: ParallelConfig, state: ParallelState, hidden_size: int,
                     placement: ExpertPlacement | None = None, recorder: FlightRecorder | None = None,
-                    top_k: int = 8, dtype=None) -> Dispatcher:
+                    top_k: int = 8, dtype=None, comm_delay_ms: float = 0.0) -> Dispatcher:
+    """`comm_delay_ms`: testing.comm_delay_ms, the latency the all_to_all backend adds to every exchange."""
     kind = cfg.dispatcher
     if kind == "auto":
         kind = "local" if state.ep_size == 1 else "all_to_all"
@@ -27,7 +28,7 @@ def make_dispatcher(cfg: ParallelConfig, state: ParallelState, hidden_size: int,
         from moe_pd.parallel.dispatch.all_to_all import AllToAllDispatcher
 
         return AllToAllDispatcher(state, hidden_size, placement, recorder, fp8=cfg.fp8_dispatch,
-                                  delay_s=cfg.comm_delay_ms / 1000, padded_max_tokens=cfg.padded_max_tokens)
+                                  delay_s=comm_delay_ms / 1000, padded_max_tokens=cfg.padded_max_tokens)
     if kind == "deepep":
         from moe_pd.parallel.dispatch.deepep import make_deepep_dispatcher
 

@@ -205,7 +205,7 @@ class AllToAllDispatcher(Dispatcher):
 
 
 class Completion:
-    """Async work handles; with `delay_s` > 0 (parallel.comm_delay_ms, a test knob emulating network latency)
+    """Async work handles; with `delay_s` > 0 (testing.comm_delay_ms, a test knob emulating network latency)
     a watcher thread notes when the transfer really finished, and `wait` returns `delay_s` after that, so
     compute placed between start and wait hides the added latency exactly as it would a slow link."""
 

@@ -1,0 +1,214 @@
+"""An instance's leader (rank 0): the routers' ZeroMQ socket, which DP rank serves each request, and the
+events sent back to the router that asked.
+
+Prefill balances uncached prompt tokens and attention work, preferring the rank that caches the prompt's
+prefix; decode and colocated balance KV usage and running requests (DeepSeek's load balancers, see
+moe_pd.serve.balancer). The leader's record of a request is a Route (which router, which rank); the rank
+that runs it keeps the request's own record (moe_pd.engine.core.request).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+
+from moe_pd.config.serve import ServiceConfig
+from moe_pd.serve import protocol as p
+from moe_pd.serve.balancer import DecodeRankLoad, PrefillRankLoad, PrefixIndex, assign_prefill, pick_decode_rank
+
+log = logging.getLogger(__name__)
+
+ACCEPTS = {"prefill": p.Prefill, "decode": p.Reserve, "colocated": p.Generate}
+"""The request message each role takes."""
+
+
+class RouteState(enum.Enum):
+    DEFERRED = "deferred"
+    """Arrived before the ranks' first report: assigned at the next iteration."""
+    ASSIGNED = "assigned"
+    """A rank runs it; its events go to the router that sent it."""
+
+
+@dataclass(eq=False)
+class Route:
+    """The leader's record of one request (attempt): who asked, which rank runs it."""
+
+    rid: str
+    router: bytes
+    """The router's ZeroMQ identity."""
+    request: p.Command
+    state: RouteState = RouteState.DEFERRED
+    rank: int = -1
+
+
+class Routes:
+    """Every request this leader has taken and not finished, by id: the one place to ask where it runs."""
+
+    def __init__(self) -> None:
+        self._routes: dict[str, Route] = {}
+
+    def open(self, router: bytes, request: p.Command) -> Route | None:
+        """A new route; None when the id is already live (a duplicate is refused, never run twice)."""
+        if request.rid in self._routes:
+            return None
+        route = self._routes[request.rid] = Route(request.rid, router, request)
+        return route
+
+    def assign(self, route: Route, rank: int) -> None:
+        route.state, route.rank = RouteState.ASSIGNED, rank
+
+    def close(self, rid: str) -> Route | None:
+        return self._routes.pop(rid, None)
+
+    def get(self, rid: str) -> Route | None:
+        return self._routes.get(rid)
+
+    def deferred(self) -> list[Route]:
+        return [r for r in self._routes.values() if r.state is RouteState.DEFERRED]
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+
+class Leader:
+    def __init__(self, cfg: ServiceConfig, world_size: int, name: str, block_size: int,
+                 pages_needed: Callable[[int, int], int]) -> None:
+        """`pages_needed(prompt length, max new tokens)`: KV pages a request holds at its longest."""
+        self.cfg, self.world_size, self.name = cfg, world_size, name
+        self.block_size, self.pages_needed = block_size, pages_needed
+        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(f"tcp://{cfg.host}:{cfg.port}")
+        self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.routers: set[bytes] = set()
+        self.routes = Routes()
+        self.loads: list[p.RankLoad] = []
+        self.eplb_metrics: Callable[[], dict] | None = None
+        """EplbManager.metrics of this rank, added to every status for the routers' /metrics."""
+        self.prefix = PrefixIndex(block_size)
+        self._last_beat = 0.0
+
+    # from the routers ---------------------------------------------------------------------------------------
+    def collect(self, wait_ms: float) -> dict[int, list[p.Command]]:
+        """Reads the routers' messages (waiting up to `wait_ms` for the first) -> commands per rank."""
+        commands: dict[int, list[p.Command]] = {}
+        new: list[Route] = self.routes.deferred()
+        timeout = int(wait_ms)
+        while self.socket.poll(timeout, zmq.POLLIN):
+            timeout = 0
+            identity, raw = self.socket.recv_multipart()
+            msg = p.decode_router_message(raw)
+            if isinstance(msg, p.Error):  # a broken request: fail it alone
+                self._send(identity, msg)
+            elif isinstance(msg, p.Hello):
+                self._hello(identity, msg)
+            elif isinstance(msg, p.Abort):
+                route = self.routes.close(msg.rid)
+                if route is not None and route.state is RouteState.ASSIGNED:
+                    commands.setdefault(route.rank, []).append(msg)
+            elif msg is not None:
+                self.routers.add(identity)
+                if not isinstance(msg, ACCEPTS[self.cfg.role]):
+                    self._send(identity, p.Error(msg.rid, f"a {self.cfg.role} instance does not take "
+                                                          f"'{type(msg).__name__.lower()}' requests", status=400))
+                elif (route := self.routes.open(identity, msg)) is None:
+                    self._send(identity, p.Error(msg.rid, f"request id {msg.rid} is already running here",
+                                                 status=400))
+                else:
+                    new.append(route)
+        if new and self.loads:  # before the ranks' first report they stay deferred
+            self._assign(new, commands)
+        return commands
+
+    def _hello(self, identity: bytes, hello: p.Hello) -> None:
+        if hello.version != p.PROTOCOL_VERSION:
+            log.warning("refused a router speaking protocol version %d (this instance speaks %d)", hello.version,
+                        p.PROTOCOL_VERSION)
+            self.routers.discard(identity)
+        else:
+            self.routers.add(identity)
+        self._send(identity, self.status())
+
+    def _assign(self, new: list[Route], commands: dict[int, list[p.Command]]) -> None:
+        if self.cfg.role == "prefill":
+            ranks = [PrefillRankLoad(load.rank, load.queued_tokens) for load in self.loads]
+            everyone = list(range(self.world_size))
+            chosen = assign_prefill([(r.rid, len(r.request.prompt), self.prefix.match(r.request.prompt, everyone))
+                                     for r in new], ranks)
+        else:
+            chosen = self._pick_decode_ranks(new)
+        for route in new:
+            rank = chosen.get(route.rid)
+            if rank == -1:  # refused in _pick_decode_ranks
+                continue
+            if rank is None:
+                self._refuse(route, p.Error(route.rid, f"{self.name}: no rank has free KV pages and a free slot",
+                                            retry=True, status=503))
+                continue
+            if self.cfg.role == "prefill":
+                self.prefix.insert(rank, route.request.prompt)
+            self.routes.assign(route, rank)
+            commands.setdefault(rank, []).append(route.request)
+
+    def _pick_decode_ranks(self, new: list[Route]) -> dict[str, int]:
+        chosen = {}
+        ranks = [DecodeRankLoad(load.rank, load.kv_used, load.kv_total, load.running + load.waiting, load.max_running)
+                 for load in self.loads]
+        largest = max(load.kv_total for load in self.loads)
+        for route in new:
+            msg = route.request
+            need = self.pages_needed(len(msg.prompt), msg.max_tokens)
+            if need > largest:
+                self._refuse(route, p.Error(route.rid, f"the request needs {need} KV pages; a {self.cfg.role} rank "
+                                                       f"has {largest}", retry=False, status=400))
+                chosen[route.rid] = -1
+                continue
+            excluded = set(getattr(msg, "exclude", ()))
+            allowed = [r for r, load in zip(ranks, self.loads) if load.address not in excluded] or ranks
+            rank = pick_decode_rank(allowed, need)
+            if rank is not None:
+                ranks[rank].kv_pages_used += need
+                ranks[rank].running += 1
+                chosen[route.rid] = rank
+        return chosen
+
+    def _refuse(self, route: Route, error: p.Error) -> None:
+        self.routes.close(route.rid)
+        self._send(route.router, error)
+
+    # to the routers -----------------------------------------------------------------------------------------
+    def deliver(self, events: list[p.Event]) -> None:
+        """Sends the ranks' events to the routers that asked; a final one closes the route."""
+        for event in events:
+            route = self.routes.get(event.rid)
+            if route is None:
+                continue  # aborted meanwhile: the router no longer listens
+            self._send(route.router, event)
+            if isinstance(event, p.Error):
+                log.warning("request %s failed on rank %d: %s", event.rid, route.rank, event.message)
+            if p.is_final(event):
+                self.routes.close(event.rid)
+
+    def status(self) -> p.Status:
+        eplb = msgspec.convert(self.eplb_metrics(), p.EplbStatus) if self.eplb_metrics is not None else None
+        return p.Status(p.PROTOCOL_VERSION, self.name, self.cfg.role, self.block_size, self.loads, eplb)
+
+    def heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self._last_beat >= self.cfg.heartbeat_s:
+            self._last_beat = now
+            status = p.encode(self.status())
+            for identity in self.routers:
+                self.socket.send_multipart([identity, status])
+
+    def _send(self, identity: bytes, msg: p.Message) -> None:
+        self.socket.send_multipart([identity, p.encode(msg)])
+
+    def close(self) -> None:
+        self.socket.close(0)

@@ -1,0 +1,249 @@
+"""The wire protocol of a PD cluster: every message between a router and an instance's leader, and between
+the ranks of an instance, as a typed struct (msgspec: validated decoding, tagged unions on "op").
+
+    router -> leader:  Hello | Generate | Reserve | Prefill | Abort          (RouterMessage)
+    leader -> router:  Status | Reserved | Tokens | Prefilled | Error        (LeaderMessage)
+    rank -> ranks:     RankReport, once per iteration through the ControlPlane: the rank's load and events
+                       (what it sends to routers), and on the leader the commands for every rank
+
+"reserve" takes pages on a decode rank (the answer names the rank's KV address, which the router hands to
+prefill in "prefill"); "prefill" runs a prompt and ships its KV to that address; "generate" is both phases
+on a colocated instance. Every request message carries the router's request id plus an attempt suffix
+(`cmpl-...`.0, .1), so a late answer for an abandoned attempt is never taken for the re-run's.
+
+A router says Hello with PROTOCOL_VERSION; the leader answers with Status (its own version) and sends one
+every heartbeat to the routers it knows. A leader refuses a router of another version, and a router
+ignores an instance of another version (it is never marked up). Receivers decode with `decode_*`, which
+never raise: a malformed or unknown message is logged and dropped, and when a request message is broken
+in its own content, the id it names (if any) gets an Error of its own, so one bad request fails alone.
+
+KV pages themselves travel on the transfer engine's own channel (moe_pd.kvcache.transfer).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Union
+
+import msgspec
+
+from moe_pd.engine.core.request import SamplingParams
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+"""Bump on any change a peer of the previous version would misread."""
+
+TokenIds = Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(min_length=1)]
+Seed = int | None
+"""In [-2**63, 2**64), as torch.Generator.manual_seed takes it (the HTTP front checks the range)."""
+
+
+class Message(msgspec.Struct, tag_field="op", forbid_unknown_fields=True):
+    """A wire message; its tag (the "op" field) is the class's `tag`."""
+
+
+# router -> leader -------------------------------------------------------------------------------------------
+class Hello(Message, tag="hello"):
+    version: int
+
+
+class _Request(Message):
+    rid: str
+    prompt: TokenIds
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)]
+    params: SamplingParams = SamplingParams()
+    seed: Seed = None
+    ignore_eos: bool = False
+
+
+class Generate(_Request, tag="generate"):
+    """Both phases on a colocated instance."""
+
+
+class Reserve(_Request, tag="reserve"):
+    """Pages on a decode rank for a prompt that prefill will ship; the leader answers Reserved (or Error)."""
+
+    exclude: list[str] = []
+    """KV addresses of decode ranks an earlier attempt failed on: avoided when another rank fits."""
+
+
+class Prefill(Message, tag="prefill"):
+    """Run the prompt, sample its first token, ship its KV to the decode rank at `decode`."""
+
+    rid: str
+    prompt: TokenIds
+    decode: str
+    params: SamplingParams = SamplingParams()
+    seed: Seed = None
+
+
+class Abort(Message, tag="abort"):
+    rid: str
+
+
+Command = Union[Generate, Reserve, Prefill, Abort]
+"""What a leader hands a rank (the routers' request messages)."""
+RouterMessage = Union[Hello, Generate, Reserve, Prefill, Abort]
+
+
+# leader -> router -------------------------------------------------------------------------------------------
+class RankLoad(msgspec.Struct, forbid_unknown_fields=True):
+    """What a rank reports every iteration: its leader balances on it, routers see it in Status."""
+
+    rank: int
+    kv_used: int
+    kv_total: int
+    running: int
+    """Requests holding a batch slot or receiving their KV."""
+    waiting: int
+    queued_tokens: int
+    """Prompt tokens admitted and not yet computed."""
+    max_running: int
+    address: str = ""
+    """Decode ranks: where prefill ships this rank's KV."""
+    in_transfer: int = 0
+    """Requests whose KV is on the wire (sent by prefill, or expected by decode)."""
+    cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache since start-up."""
+    aborted: int = 0
+    """Requests aborted since start-up."""
+    pid: int = 0
+    """The rank's process id."""
+    transfers: dict[str, int] = {}
+    """Prefill ranks: KV transfers finished since start-up, by final state (done, timed_out, rejected,
+    cancelled: aborted while on the wire)."""
+
+
+class EplbStatus(msgspec.Struct):
+    """An instance's expert load balancer, for the routers' /metrics (EplbManager.metrics)."""
+
+    balancedness: dict[str, list[float]]
+    """Mean / max rows received per rank, per MoE layer: over the last window ("window") and step ("step")."""
+    rebalances: int
+    checks: int
+    bytes_moved: int
+
+
+class Status(Message, tag="status"):
+    version: int
+    service: str
+    role: str
+    block_size: int
+    ranks: list[RankLoad] = []
+    eplb: EplbStatus | None = None
+
+
+class Reserved(Message, tag="reserved"):
+    rid: str
+    address: str
+    """The decode rank's KV address, for the Prefill message."""
+    rank: int
+
+
+class Tokens(Message, tag="tokens"):
+    rid: str
+    ids: list[int]
+    finished: bool
+    reason: str | None = None
+
+
+class Prefilled(Message, tag="prefilled"):
+    """Prefill is done with the request: its KV transfer ended in `state` (done, or why not)."""
+
+    rid: str
+    state: str
+    detail: str = ""
+    nbytes: int = 0
+    latency_s: float = 0.0
+
+
+class Error(Message, tag="error"):
+    rid: str
+    message: str
+    retry: bool = False
+    """Another instance or rank may succeed (no pages, a failed transfer); False: the request itself is bad."""
+    status: int = 400
+    """The HTTP status the router answers with when it gives up."""
+
+
+Event = Union[Reserved, Tokens, Prefilled, Error]
+"""What a rank reports about its requests (forwarded by the leader to the router that sent them)."""
+LeaderMessage = Union[Status, Reserved, Tokens, Prefilled, Error]
+FINAL = (Prefilled, Error)
+"""Events after which the leader forgets the request (so do Tokens with finished=True)."""
+
+
+def is_final(event: Message) -> bool:
+    return isinstance(event, FINAL) or (isinstance(event, Tokens) and event.finished)
+
+
+# rank -> ranks ----------------------------------------------------------------------------------------------
+class RankReport(msgspec.Struct, forbid_unknown_fields=True):
+    """One rank's part of an iteration's exchange (ControlPlane). Whether the instance steps is decided from
+    these facts only, so every rank decides the same."""
+
+    rank: int
+    load: RankLoad
+    events: list[Event] = []
+    busy: bool = False
+    """The rank's engine has requests to run."""
+    stop: bool = False
+    """The rank was asked to stop (SIGTERM/SIGINT): every rank leaves the loop."""
+    commands: dict[int, list[Command]] = {}
+    """The leader's only: the commands for each rank, applied by every rank after the exchange."""
+
+
+# encoding ---------------------------------------------------------------------------------------------------
+_encoder = msgspec.msgpack.Encoder()
+_router_decoder = msgspec.msgpack.Decoder(RouterMessage)
+_leader_decoder = msgspec.msgpack.Decoder(LeaderMessage)
+_report_decoder = msgspec.msgpack.Decoder(RankReport)
+
+
+class _AnyRid(msgspec.Struct):
+    rid: str = ""
+
+
+_rid_decoder = msgspec.msgpack.Decoder(_AnyRid)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def broken_request_id(raw: bytes) -> str:
+    """The request id a malformed message names, if it names one (so that request can be failed alone)."""
+    try:
+        return _rid_decoder.decode(raw).rid
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ""
+
+
+def decode_router_message(raw: bytes) -> RouterMessage | Error | None:
+    """A router's message; a broken one that names its request becomes an Error to answer it with; anything
+    else broken is logged and None."""
+    try:
+        return _router_decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        rid = broken_request_id(raw)
+        log.warning("malformed message from a router%s: %s", f" for request {rid}" if rid else "", exc)
+        return Error(rid, f"malformed request: {exc}", retry=False, status=400) if rid else None
+
+
+def decode_leader_message(raw: bytes, source: str) -> LeaderMessage | None:
+    try:
+        return _leader_decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("dropped a malformed message from %s: %s", source, exc)
+        return None
+
+
+def decode_report(raw: bytes, rank: int) -> RankReport | None:
+    """A rank's report; None (logged) when it does not decode. Every rank decodes the same bytes, so every
+    rank drops the same reports and still decides the same."""
+    try:
+        return _report_decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.error("rank %d's control report does not decode (ranks of different versions?): %s", rank, exc)
+        return None

@@ -1,0 +1,180 @@
+"""One rank of an instance, by role: it applies its leader's commands, steps its engine, and reports events
+and load in protocol messages. A prefill, a decode and a colocated rank are three compositions over the
+same engine, not one class with None checks.
+
+A request's own bad content (ids outside the vocabulary, a prompt too long) fails that request with a 400;
+no free pages fail it with a 503 the router may retry elsewhere; anything else is a bug, logged with its
+traceback and answered with a 500, and the rank carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from moe_pd.config.serve import ServiceConfig
+from moe_pd.engine.core.request import InvalidRequest
+from moe_pd.engine.disagg import DecodeWorker, PrefillWorker
+from moe_pd.engine.llm_engine import LLMEngine, RequestOutput
+from moe_pd.kvcache.block_manager import OutOfBlocks
+from moe_pd.kvcache.transfer.zmq_transport import KVReceiver, KVSender
+from moe_pd.serve import protocol as p
+
+log = logging.getLogger(__name__)
+
+
+class Rank:
+    """What every role shares: the engine, command errors, the load report. Subclasses start requests
+    (`_start`), abort them (`_abort`) and step."""
+
+    takes: type = p.Generate
+
+    def __init__(self, engine: LLMEngine, rank: int, max_running: int) -> None:
+        self.engine, self.rank, self.max_running = engine, rank, max_running
+
+    @property
+    def busy(self) -> bool:
+        """The engine has requests to run (every rank then steps, so collectives stay paired)."""
+        scheduler = self.engine.scheduler
+        return bool(scheduler.running or scheduler.waiting)
+
+    def apply(self, cmd: p.Command) -> list[p.Event]:
+        try:
+            if isinstance(cmd, p.Abort):
+                self._abort(cmd.rid)
+                return []
+            if not isinstance(cmd, self.takes):
+                raise InvalidRequest(f"rank {self.rank} does not take '{type(cmd).__name__.lower()}' requests")
+            return self._start(cmd)
+        except OutOfBlocks as exc:
+            return [p.Error(cmd.rid, f"rank {self.rank}: {exc}", retry=True, status=503)]
+        except InvalidRequest as exc:
+            return [p.Error(cmd.rid, str(exc), retry=False, status=400)]
+        except Exception as exc:  # a bug: fail this request, keep the rank (and its peers) running
+            log.exception("rank %d: %s of %s failed", self.rank, type(cmd).__name__, cmd.rid)
+            return [p.Error(cmd.rid, f"internal error on rank {self.rank}: {type(exc).__name__}", status=500)]
+
+    def _start(self, cmd: p.Command) -> list[p.Event]:
+        raise NotImplementedError
+
+    def _abort(self, rid: str) -> None:
+        self.engine.abort(rid)
+
+    def step(self, run_engine: bool) -> list[p.Event]:
+        return [tokens_event(out) for out in (self.engine.step()[1] if run_engine else [])]
+
+    def load(self) -> p.RankLoad:
+        scheduler = self.engine.scheduler
+        queued = sum(s.num_uncomputed for s in (*scheduler.waiting, *scheduler.running) if s.is_prefill)
+        return p.RankLoad(self.rank, self.engine.allocator.num_used, self.engine.allocator.num_blocks,
+                          len(scheduler.running) + len(scheduler.receiving), len(scheduler.waiting), queued,
+                          self.max_running, self.address, self.in_transfer, scheduler.cached_tokens,
+                          scheduler.aborted, os.getpid(), self.transfers())
+
+    address = ""
+    in_transfer = 0
+
+    def transfers(self) -> dict[str, int]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def tokens_event(out: RequestOutput) -> p.Event:
+    reason = out.finish_reason or ""
+    if out.finished and (reason.startswith("error") or not (out.new_token_ids or reason in ("stop", "length"))):
+        retry = "KV transfer" in reason  # the KV never came: another decode rank may do better
+        return p.Error(out.request_id, reason or "the request failed", retry=retry, status=503 if retry else 400)
+    return p.Tokens(out.request_id, out.new_token_ids, out.finished, out.finish_reason)
+
+
+class ColocatedRank(Rank):
+    takes = p.Generate
+
+    def _start(self, cmd: p.Generate) -> list[p.Event]:
+        self.engine.add_request(cmd.rid, cmd.prompt, cmd.max_tokens, cmd.params, cmd.seed, cmd.ignore_eos)
+        return []
+
+
+class PrefillRank(Rank):
+    """Runs prompts and ships their KV to the decode rank each names."""
+
+    takes = p.Prefill
+
+    def __init__(self, engine: LLMEngine, rank: int, max_running: int, worker: PrefillWorker) -> None:
+        super().__init__(engine, rank, max_running)
+        self.worker = worker
+        self.finished: dict[str, int] = {}
+
+    def _start(self, cmd: p.Prefill) -> list[p.Event]:
+        self.worker.submit(cmd.rid, cmd.prompt, cmd.decode, cmd.params, cmd.seed)
+        return []
+
+    def _abort(self, rid: str) -> None:
+        if self.worker.cancel(rid) is not None:
+            self.finished["cancelled"] = self.finished.get("cancelled", 0) + 1
+
+    @property
+    def in_transfer(self) -> int:
+        return len(self.worker.sender.in_flight)
+
+    def transfers(self) -> dict[str, int]:
+        return dict(self.finished)
+
+    def step(self, run_engine: bool) -> list[p.Event]:
+        events: list[p.Event] = []
+        for r in self.worker.step(run_engine):
+            if r.first_token < 0:
+                events.append(p.Error(r.request_id, r.detail, retry=False, status=400))
+                continue
+            self.finished[r.state.value] = self.finished.get(r.state.value, 0) + 1
+            events.append(p.Prefilled(r.request_id, r.state.value, r.detail, r.nbytes, r.latency_s))
+        return events
+
+    def close(self) -> None:
+        self.worker.sender.close()
+
+
+class DecodeRank(Rank):
+    """Reserves pages for prompts prefilled elsewhere, takes their KV, and decodes."""
+
+    takes = p.Reserve
+
+    def __init__(self, engine: LLMEngine, rank: int, max_running: int, worker: DecodeWorker) -> None:
+        super().__init__(engine, rank, max_running)
+        self.worker = worker
+
+    @property
+    def address(self) -> str:
+        return self.worker.address
+
+    @property
+    def in_transfer(self) -> int:
+        return len(self.engine.scheduler.receiving)
+
+    def _start(self, cmd: p.Reserve) -> list[p.Event]:
+        self.worker.reserve(cmd.rid, cmd.prompt, cmd.max_tokens, cmd.params, cmd.seed, cmd.ignore_eos)
+        return [p.Reserved(cmd.rid, self.worker.address, self.rank)]
+
+    def _abort(self, rid: str) -> None:
+        self.worker.abort(rid)
+
+    def step(self, run_engine: bool) -> list[p.Event]:
+        return [tokens_event(out) for out in self.worker.step(run_engine)]
+
+    def close(self) -> None:
+        self.worker.receiver.close()
+
+
+def make_rank(cfg: ServiceConfig, engine: LLMEngine, rank: int) -> Rank:
+    if cfg.role == "prefill":
+        drop = cfg.testing.drop_kv_transfers if rank == 0 else 0
+        worker = PrefillWorker(engine, KVSender(f"prefill-{rank}"), cfg.kv_timeout_s, drop)
+        return PrefillRank(engine, rank, cfg.max_num_seqs, worker)
+    if cfg.role == "decode":
+        receiver = KVReceiver(engine.cache.kv_LPSW, bind=f"tcp://{cfg.kv_host}:*")
+        if cfg.advertise_host:
+            receiver.address = receiver.address.replace(f"//{cfg.kv_host}:", f"//{cfg.advertise_host}:")
+        return DecodeRank(engine, rank, cfg.max_num_seqs, DecodeWorker(engine, receiver, cfg.kv_timeout_s))
+    return ColocatedRank(engine, rank, cfg.max_num_seqs)
