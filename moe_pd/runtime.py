@@ -1,4 +1,4 @@
-"""Turns RuntimeConfig strings into torch objects, once, at start-up."""
+"""Turns RuntimeConfig strings (and dtype names on the wire) into torch objects."""
 
 from __future__ import annotations
 
@@ -8,6 +8,17 @@ from moe_pd.config.errors import ConfigError
 from moe_pd.config.runtime import RuntimeConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The activation dtypes by name (runtime.dtype, KV transfer headers)."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r}: expected one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
 
 
 def resolve_device(cfg: RuntimeConfig) -> torch.device:
@@ -19,4 +30,4 @@ def resolve_device(cfg: RuntimeConfig) -> torch.device:
 
 
 def resolve_dtype(cfg: RuntimeConfig) -> torch.dtype:
-    return _DTYPES[cfg.dtype]
+    return dtype_from_name(cfg.dtype)

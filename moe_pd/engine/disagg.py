@@ -1,20 +1,21 @@
-"""Prefill/decode disaggregation on top of LLMEngine and the KV transfer.
+"""Prefill/decode disaggregation on top of LLMEngine and a KV transfer engine.
 
-PrefillWorker: runs each request's prompt (chunked, prefix-cached), samples the first token, ships the
-prompt's latents to the decode rank chosen for it, and frees its pages once the decode rank answered (or
-the transfer failed). DecodeWorker: reserves pages before the transfer starts, starts decoding from the
-first token when the latents land, and frees the reservation if they never come. Both are driven by
-`step()`; the serving services (one per torchrun job) and the tests run them.
+PrefillWorker: runs each request's prompt (chunked, prefix-cached), samples the first token (PREFILLED),
+ships the prompt's latents to the decode rank chosen for it (TRANSFERRING) and frees its pages once that
+rank answered or the deadline passed. DecodeWorker: reserves pages before the transfer starts (RESERVED),
+starts decoding from the first token when the latents land, and frees the reservation if they never come.
+The requests' states and transfer entries are the engine's records (engine.requests); the workers move
+bytes. Both are driven by `step()`; the serving ranks (moe_pd.serve.rank) and the tests run them.
 """
 
 from __future__ import annotations
 
-import base64
+import time
 from dataclasses import dataclass
 
 import torch
 
-from moe_pd.engine.core.request import SamplingParams
+from moe_pd.engine.core.request import Request, SamplingParams, State
 from moe_pd.engine.llm_engine import LLMEngine, RequestOutput
 from moe_pd.kvcache.transfer.base import Transfer, TransferState
 from moe_pd.kvcache.transfer.zmq_transport import KVReceiver, KVSender
@@ -22,6 +23,8 @@ from moe_pd.kvcache.transfer.zmq_transport import KVReceiver, KVSender
 
 @dataclass
 class PrefillResult:
+    """Prefill is done with a request: its transfer ended in `state`."""
+
     request_id: str
     first_token: int
     state: TransferState
@@ -32,74 +35,66 @@ class PrefillResult:
 
 class PrefillWorker:
     def __init__(self, engine: LLMEngine, sender: KVSender, timeout_s: float = 30.0, drop_transfers: int = 0) -> None:
-        """`drop_transfers`: fault injection for tests; the first N transfers are never sent (so they time out)."""
+        """`drop_transfers`: fault injection (testing.drop_kv_transfers); the first N transfers are never sent,
+        so they time out."""
         if not engine.scheduler.hold_finished_pages:
             raise ValueError("a prefill engine must hold finished pages until their KV is shipped")
         self.engine, self.sender, self.timeout_s = engine, sender, timeout_s
         self.drop_transfers = drop_transfers
-        self.destinations: dict[str, str] = {}
-        self.first_tokens: dict[str, int] = {}
-        self._shipping: dict[str, object] = {}
 
     def submit(self, request_id: str, prompt_ids: list[int], decode_address: str,
-               params: SamplingParams = SamplingParams(), seed: int | None = None) -> None:
-        self.engine.add_request(request_id, prompt_ids, 1, params, seed, ignore_eos=True)
-        self.destinations[request_id] = decode_address
+               params: SamplingParams = SamplingParams(), seed: int | None = None) -> Request:
+        return self.engine.add_request(request_id, prompt_ids, 1, params, seed, ignore_eos=True,
+                                       destination=decode_address)
 
-    def cancel(self, request_id: str) -> Transfer | None:
-        """An aborted request is dropped wherever it is and never reaches decode. Returns its transfer if
-        one was in flight (now CANCELLED)."""
-        transfer = self.sender.cancel(request_id)
-        self.engine.abort(request_id)
-        self.destinations.pop(request_id, None)
-        self.first_tokens.pop(request_id, None)
-        seq = self._shipping.pop(request_id, None)
-        if seq is not None:
-            self.engine.scheduler.release(seq)
-        return transfer
+    def cancel(self, request_id: str) -> bool:
+        """An aborted request is dropped wherever it is and never reaches decode (a transfer on the wire
+        ends CANCELLED; decode rejects its KV if it still arrives)."""
+        return self.engine.abort(request_id)
 
     @property
     def has_work(self) -> bool:
-        return self.engine.has_work or bool(self._shipping)
+        return self.engine.has_work
 
     def step(self, run_engine: bool | None = None) -> list[PrefillResult]:
-        """Ships what finished prefill and settles answered transfers. `run_engine`: whether to run an
-        engine step (under expert parallelism every rank must, when any rank has work); None: when this
-        worker has work."""
+        """Runs an engine step, ships what finished prefill and settles answered or expired transfers.
+        `run_engine`: whether to run the engine step (under expert parallelism every rank must, when any rank
+        has work); None: when this rank has requests to run."""
         results = []
-        if self.engine.has_work if run_engine is None else run_engine:
-            _, outputs = self.engine.step()
-            for out in outputs:
-                if out.finished and out.new_token_ids:
-                    self._ship(out)
-                elif out.finished:  # the scheduler refused it (it can never fit this instance's cache)
-                    self.destinations.pop(out.request_id, None)
-                    results.append(PrefillResult(out.request_id, -1, TransferState.REJECTED, out.finish_reason or ""))
-        for transfer in self.sender.poll(timeout_ms=0):
-            results.append(self._settle(transfer))
+        requests = self.engine.requests
+        if self.engine.scheduler.running or self.engine.scheduler.waiting if run_engine is None else run_engine:
+            self.engine.step()
+        for req in requests.in_state(State.PREFILLED):
+            self._ship(req)
+        for answer in self.sender.poll(timeout_ms=0):
+            req = requests.get(answer.request_id)
+            if req is not None and req.state is State.TRANSFERRING:
+                req.transfer.finish(answer.state, answer.detail)
+                results.append(self._result(req, req.transfer))
+                requests.transition(req, State.FINISHED if answer.state is TransferState.DONE else State.FAILED)
+        for req, transfer in requests.expired():
+            results.append(self._result(req, transfer))
         return results
 
-    def _ship(self, out: RequestOutput) -> None:
-        seq = self.engine.held.pop(out.request_id)
-        n_pages = -(-len(seq.prompt_ids) // self.engine.allocator.block_size)
-        self.first_tokens[out.request_id] = out.new_token_ids[0]
-        rng = base64.b64encode(out.rng_state.numpy().tobytes()).decode() if out.rng_state is not None else ""
+    def _ship(self, req: Request) -> None:
+        transfer = Transfer(time.monotonic() + self.timeout_s, req.destination)
         drop = self.drop_transfers > 0
         self.drop_transfers -= drop
-        transfer = self.sender.send(out.request_id, self.destinations.pop(out.request_id), self.engine.cache.kv_LPSW,
-                                    seq.block_table[:n_pages], len(seq.prompt_ids), out.new_token_ids[0],
-                                    self.timeout_s, rng, drop=drop)
-        self._shipping[out.request_id] = seq
-        if transfer.state.final:  # cancelled before it left
-            self.engine.scheduler.release(seq)
-            del self._shipping[out.request_id]
+        rng = rng_bytes(req)
+        transfer.nbytes = self.sender.send(req.request_id, req.destination, self.engine.cache.kv_LPSW,
+                                           self.engine.requests.prompt_pages(req), len(req.prompt_ids),
+                                           req.output_ids[0], rng, drop=drop)
+        req.transfer = transfer
+        self.engine.requests.transition(req, State.TRANSFERRING)
 
-    def _settle(self, transfer: Transfer) -> PrefillResult:
-        seq = self._shipping.pop(transfer.request_id, None)
-        if seq is not None:
-            self.engine.scheduler.release(seq)
-        return PrefillResult(transfer.request_id, self.first_tokens.pop(transfer.request_id, -1), transfer.state,
-                             transfer.detail, transfer.nbytes, transfer.latency_s or 0.0)
+    @staticmethod
+    def _result(req: Request, t: Transfer) -> PrefillResult:
+        return PrefillResult(req.request_id, req.output_ids[0], t.state, t.detail, t.nbytes, t.latency_s)
+
+
+def rng_bytes(req: Request) -> bytes:
+    """The request's sampling generator state after its first token (b'' for greedy)."""
+    return req.generator.get_state().numpy().tobytes() if req.generator is not None else b""
 
 
 class DecodeWorker:
@@ -112,36 +107,39 @@ class DecodeWorker:
         return self.receiver.address
 
     def reserve(self, request_id: str, prompt_ids: list[int], max_new_tokens: int,
-                params: SamplingParams = SamplingParams(), seed: int | None = None, ignore_eos: bool = False) -> None:
+                params: SamplingParams = SamplingParams(), seed: int | None = None,
+                ignore_eos: bool = False) -> Request:
         """Pages for the prompt's latents, reserved before prefill ships them (raises OutOfBlocks if full)."""
-        _, pages = self.engine.add_prefilled(request_id, prompt_ids, max_new_tokens, params, seed, ignore_eos)
-        self.receiver.expect(request_id, pages, self.timeout_s)
+        return self.engine.reserve(request_id, prompt_ids, max_new_tokens, self.timeout_s, params, seed, ignore_eos)
 
     def abort(self, request_id: str) -> None:
         """Frees the request's pages, reserved or decoding; KV that still arrives for it is rejected."""
-        self.receiver.cancel(request_id)
         self.engine.abort(request_id)
 
     @property
     def has_work(self) -> bool:
         return self.engine.has_work
 
+    def _pages_for(self, request_id: str) -> list[int] | None:
+        req = self.engine.requests.get(request_id)
+        return self.engine.requests.prompt_pages(req) if req is not None and req.state is State.RESERVED else None
+
     def step(self, run_engine: bool | None = None) -> list[RequestOutput]:
         """Starts requests whose KV arrived (or fails those whose transfer did not) and decodes one step.
         `run_engine` as in PrefillWorker.step."""
         outputs = []
-        for transfer in self.receiver.poll(timeout_ms=0):
-            if transfer.state is TransferState.DONE:
-                rng = None
-                if transfer.rng_state:
-                    rng = torch.frombuffer(bytearray(base64.b64decode(transfer.rng_state)), dtype=torch.uint8)
-                seq = self.engine.activate_prefilled(transfer.request_id, transfer.first_token, rng)
-                outputs.append(RequestOutput(seq.request_id, [transfer.first_token], seq.finished,
-                                             seq.finish_reason))
+        requests = self.engine.requests
+        for arrival in self.receiver.poll(self._pages_for, timeout_ms=0):
+            req = requests.get(arrival.request_id)
+            if arrival.state is TransferState.DONE:
+                rng = arrival.header.rng_state
+                rng_state = torch.frombuffer(bytearray(rng), dtype=torch.uint8) if rng else None
+                outputs.append(self.engine.activate(req, arrival.header.first_token, rng_state))
             else:
-                reason = f"error: KV transfer {transfer.state.value}: {transfer.detail}"
-                self.engine.drop_prefilled(transfer.request_id, reason)
-                outputs.append(RequestOutput(transfer.request_id, [], True, reason))
+                req.transfer.finish(arrival.state, arrival.detail)
+                outputs.append(self.engine.fail(req, f"error: KV transfer {arrival.state.value}: {arrival.detail}"))
+        for req, _ in requests.expired():
+            outputs.append(RequestOutput(req.request_id, [], True, req.finish_reason, listener=req.listener))
         if self.engine.scheduler.running or self.engine.scheduler.waiting if run_engine is None else run_engine:
             outputs += self.engine.step()[1]
         return outputs

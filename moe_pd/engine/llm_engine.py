@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from moe_pd.config.kvcache import KVCacheConfig
 from moe_pd.config.overlap import OverlapConfig
-from moe_pd.engine.core.request import InvalidRequest, SamplingParams
+from moe_pd.engine.core.request import Request, SamplingParams, State
 from moe_pd.engine.core.scheduler import Scheduler, StepPlan
-from moe_pd.engine.core.sequence import Sequence, prompt_problem
 from moe_pd.engine.cuda_graph import DecodeGraphRunner
 from moe_pd.engine.sampler import sample
 from moe_pd.kvcache.block_manager import BlockManager
 from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
+from moe_pd.kvcache.transfer.base import Transfer
 from moe_pd.model.transformer import DeepseekForCausalLM
 from moe_pd.overlap.micro_batch import split_step
 from moe_pd.overlap.schedule import DECODE, PREFILL, forward_two_micro_batches
@@ -39,6 +40,13 @@ class RequestOutput:
     rng_state: torch.Tensor | None = None
     """A finished sampled request's generator state (a prefill instance hands it to decode, so sampled
     tokens match the colocated engine's)."""
+    listener: Any = None
+    """The request's listener (Request.listener)."""
+
+
+def output(req: Request, tokens: list[int]) -> RequestOutput:
+    state = req.generator.get_state() if req.generator is not None and req.finished else None
+    return RequestOutput(req.request_id, tokens, req.finished, req.finish_reason, state, req.listener)
 
 
 @dataclass
@@ -55,8 +63,10 @@ class LLMEngine:
                  max_num_batched_tokens: int, device: torch.device | str = "cpu", sync: StepSync | None = None,
                  overlap: OverlapConfig | None = None, hold_finished_pages: bool = False,
                  decode_graphs: bool = False) -> None:
-        """`decode_graphs`: decode steps run through a DecodeGraphRunner (CUDA graphs on CUDA, the same
-        static-buffer forward eagerly elsewhere); one process only, with the Triton ops."""
+        """`hold_finished_pages`: a request that finished generating keeps its pages (PREFILLED) until it is
+        shipped (a prefill instance). `decode_graphs`: decode steps run through a DecodeGraphRunner (CUDA
+        graphs on CUDA, the same static-buffer forward eagerly elsewhere); one process only, with the Triton
+        ops."""
         cfg = model.cfg
         self.model, self.device, self.sync, self.overlap = model, torch.device(device), sync, overlap
         self.max_context, self.eos = cfg.max_position_embeddings, cfg.eos_token_id
@@ -74,75 +84,53 @@ class LLMEngine:
             if self.device.type == "cuda":
                 self.graphs.capture()
         self.scheduler = Scheduler(self.allocator, max_num_seqs, max_num_batched_tokens, self.max_context,
-                                   hold_finished_pages)
-        self.params: dict[str, SamplingParams] = {}
-        self.generators: dict[str, torch.Generator | None] = {}
+                                   hold_finished_pages, cfg.vocab_size)
+        self.requests = self.scheduler.requests
+        """Every request of this engine: its state and what it holds (moe_pd.engine.core.table)."""
         self.stats = StepStats()
-        self.held: dict[str, Sequence] = {}
-        """hold_finished_pages: finished sequences whose pages are kept until `release` (prefill ships them)."""
         self._global = (0, 0)
 
     # requests ---------------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_ids: list[int], max_new_tokens: int,
-                    params: SamplingParams = SamplingParams(), seed: int | None = None,
-                    ignore_eos: bool = False) -> Sequence:
-        """Queues a request; raises ValueError for one that can never run (empty, too long, bad ids)."""
-        problem = prompt_problem(prompt_ids, self.model.cfg.vocab_size, self.max_context)
-        if problem:
-            raise InvalidRequest(f"request {request_id}: {problem}")
-        seq = Sequence(list(prompt_ids), max_new_tokens, request_id=request_id, eos_token_id=self.eos,
-                       ignore_eos=ignore_eos)
-        need = self.pages_needed(len(prompt_ids), max_new_tokens)
-        if need > self.allocator.num_blocks:
-            raise InvalidRequest(f"request {request_id} needs {need} KV pages, the cache has "
-                                 f"{self.allocator.num_blocks}")
-        self.scheduler.add(seq)
-        self._register(request_id, params, seed)
-        return seq
-
-    def pages_needed(self, prompt_len: int, max_new_tokens: int) -> int:
-        """KV pages a request holds at its longest (prompt plus output, capped at the context)."""
-        return self.allocator.blocks_for(min(prompt_len + max_new_tokens, self.max_context))
-
-    def _register(self, request_id: str, params: SamplingParams, seed: int | None) -> None:
-        self.params[request_id] = params
-        self.generators[request_id] = None if params.greedy else torch.Generator().manual_seed(
+    def _record(self, request_id: str, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
+                seed: int | None, ignore_eos: bool, **extra) -> Request:
+        generator = None if params.greedy else torch.Generator().manual_seed(
             seed if seed is not None else int(torch.randint(2**62, ()).item()))
+        return Request(list(prompt_ids), max_new_tokens, request_id, self.eos, ignore_eos, params, seed,
+                       generator=generator, **extra)
 
-    def add_prefilled(self, request_id: str, prompt_ids: list[int], max_new_tokens: int,
-                      params: SamplingParams = SamplingParams(), seed: int | None = None,
-                      ignore_eos: bool = False) -> tuple[Sequence, list[int]]:
-        """Decode side of disaggregation: reserves pages for a prompt prefilled elsewhere. Returns the
-        sequence and the pages its prompt's latents must be written to; `activate_prefilled` starts it."""
-        seq = Sequence(list(prompt_ids), max_new_tokens, request_id=request_id, eos_token_id=self.eos,
-                       ignore_eos=ignore_eos)
-        pages = self.scheduler.reserve_prefilled(seq)
-        self._register(request_id, params, seed)
-        return seq, pages
+    def add_request(self, request_id: str, prompt_ids: list[int], max_new_tokens: int,
+                    params: SamplingParams = SamplingParams(), seed: int | None = None, ignore_eos: bool = False,
+                    destination: str = "", listener: Any = None) -> Request:
+        """Queues a request; raises InvalidRequest for one that can never run (its prompt, or a size no cache
+        of this engine holds). `destination`: a prefill instance's decode rank for its KV."""
+        req = self._record(request_id, prompt_ids, max_new_tokens, params, seed, ignore_eos,
+                           destination=destination, listener=listener)
+        return self.scheduler.add(req)
 
-    def activate_prefilled(self, request_id: str, first_token: int, rng_state: torch.Tensor | None = None) -> Sequence:
-        """The prompt's latents arrived: record prefill's first token and start decoding (or finish now if
-        that token already ends the request). `rng_state` continues prefill's sampling generator."""
-        if rng_state is not None and self.generators.get(request_id) is not None:
-            self.generators[request_id].set_state(rng_state)
-        seq = self.scheduler.activate(request_id, first_token)
-        if seq.finished:
-            self._forget(request_id)
-        return seq
+    def reserve(self, request_id: str, prompt_ids: list[int], max_new_tokens: int, timeout_s: float,
+                params: SamplingParams = SamplingParams(), seed: int | None = None,
+                ignore_eos: bool = False) -> Request:
+        """Decode side of disaggregation: pages for a prompt prefilled elsewhere, RESERVED until its KV
+        arrives (`activate`) or `timeout_s` passes. Raises OutOfBlocks when they do not fit now."""
+        req = self._record(request_id, prompt_ids, max_new_tokens, params, seed, ignore_eos)
+        self.scheduler.reserve(req, Transfer(time.monotonic() + timeout_s))
+        return req
 
-    def drop_prefilled(self, request_id: str, reason: str) -> None:
-        self.scheduler.drop_receiving(request_id, reason)
-        self._forget(request_id)
+    def activate(self, req: Request, first_token: int, rng_state: torch.Tensor | None = None) -> RequestOutput:
+        """Its prompt's latents arrived: decode from prefill's first token (or finish now if that token ends
+        it). `rng_state` continues prefill's sampling generator."""
+        if rng_state is not None and req.generator is not None:
+            req.generator.set_state(rng_state)
+        self.scheduler.activate(req, first_token)
+        return output(req, [first_token])
+
+    def fail(self, req: Request, reason: str) -> RequestOutput:
+        self.requests.transition(req, State.FAILED, reason)
+        return output(req, [])
 
     def abort(self, request_id: str) -> bool:
-        """Drops the request and frees its pages; False when it is unknown or already finished."""
-        seq = self.scheduler.abort(request_id)
-        self._forget(request_id)
-        return seq is not None
-
-    def _forget(self, request_id: str) -> None:
-        self.params.pop(request_id, None)
-        self.generators.pop(request_id, None)
+        """Ends the request and frees what it holds; False when it is unknown or already ended."""
+        return self.scheduler.abort(request_id) is not None
 
     @property
     def has_work(self) -> bool:
@@ -151,39 +139,21 @@ class LLMEngine:
     # steps ------------------------------------------------------------------------------------------------
     def step(self) -> tuple[bool, list[RequestOutput]]:
         """Runs one step (an empty one when only other ranks have work). Returns (any rank had work,
-        outputs of this rank's requests that got a token or finished)."""
+        outputs of this rank's requests that got a token or ended)."""
         plan = self.scheduler.schedule()
-        outputs = [RequestOutput(s.request_id, [], True, s.finish_reason) for s in plan.rejected]
+        outputs: list[RequestOutput] = []
         longest = max((s.num_new for s in plan.scheduled), default=0)
         if not self._sync_step(not plan.is_empty, plan.num_tokens, longest):
-            self._drain_finished()
             return False, outputs
         t0 = time.perf_counter()
         sampled = self._run(plan)
         self._account(plan, time.perf_counter() - t0)
         self.scheduler.update(plan, sampled)
         for item in plan.scheduled:
-            seq, rid = item.seq, item.seq.request_id
-            if rid not in sampled:
-                continue
-            gen = self.generators.get(rid)
-            state = gen.get_state() if gen is not None and seq.finished else None
-            outputs.append(RequestOutput(rid, [sampled[rid]], seq.finished, seq.finish_reason, state))
-            if seq.finished:
-                self._forget(rid)
-        self._drain_finished()
+            token = sampled.get(item.seq.request_id)
+            if token is not None:
+                outputs.append(output(item.seq, [token]))
         return True, outputs
-
-    def _drain_finished(self) -> None:
-        for seq in self.scheduler.take_finished():
-            if self.scheduler.hold_finished_pages and seq.output_ids and seq.finish_reason in ("stop", "length"):
-                self.held[seq.request_id] = seq
-
-    def release(self, request_id: str) -> None:
-        """Frees the pages a finished request held (hold_finished_pages)."""
-        seq = self.held.pop(request_id, None)
-        if seq is not None:
-            self.scheduler.release(seq)
 
     def _account(self, plan: StepPlan, elapsed: float) -> None:
         self.stats.steps += 1
@@ -226,6 +196,6 @@ class LLMEngine:
                 return {}
             last_B = (batch.query_starts_B + batch.query_lens_B - 1)[rows]
             logits_BV = self.model.logits(hidden_TD[last_B])
-        chosen = [items[i].seq.request_id for i in rows]
-        tokens = sample(logits_BV, [self.params[r] for r in chosen], [self.generators[r] for r in chosen])
-        return dict(zip(chosen, tokens))
+        reqs = [items[i].seq for i in rows]
+        tokens = sample(logits_BV, [r.params for r in reqs], [r.generator for r in reqs])
+        return {r.request_id: t for r, t in zip(reqs, tokens)}

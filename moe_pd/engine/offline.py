@@ -10,7 +10,7 @@ import torch
 from moe_pd.config.kvcache import KVCacheConfig
 from moe_pd.config.overlap import OverlapConfig
 from moe_pd.config.sampling import SamplingConfig
-from moe_pd.engine.core.request import SamplingParams
+from moe_pd.engine.core.request import SamplingParams, capacity_problem, prompt_problem
 from moe_pd.engine.llm_engine import LLMEngine
 from moe_pd.model.transformer import DeepseekForCausalLM
 from moe_pd.parallel.step_sync import StepSync
@@ -37,14 +37,8 @@ class Completion:
 
 def check_prompts(prompts: list[list[int]], vocab_size: int, max_context: int) -> None:
     for i, ids in enumerate(prompts):
-        if not ids:
-            raise PromptError(f"prompt {i} is empty")
-        if len(ids) >= max_context:
-            raise PromptError(f"prompt {i} has {len(ids)} tokens; the model's context is {max_context} "
-                              f"(model.max_position_embeddings), leaving no room to generate")
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise PromptError(f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
+        if problem := prompt_problem(ids, vocab_size, max_context):
+            raise PromptError(f"prompt {i} {problem}")
 
 
 class OfflineEngine:
@@ -81,12 +75,12 @@ class OfflineEngine:
         indices = list(range(len(prompts))) if indices is None else indices
         params = SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p)
         base_seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()).item())
-        num_blocks = self.engine.allocator.num_blocks
+        alloc = self.engine.allocator
         for i, prompt in zip(indices, prompts, strict=True):  # every prompt is checked before any runs
-            need = self.engine.pages_needed(len(prompt), sampling.max_new_tokens)
-            if need > num_blocks:
-                raise PromptError(f"prompt {i} needs {need} pages of the cache but kvcache.num_blocks="
-                                  f"{num_blocks}; raise kvcache.num_blocks")
+            if problem := capacity_problem(len(prompt), sampling.max_new_tokens, alloc.block_size, self.max_context,
+                                           alloc.num_blocks):
+                raise PromptError(f"prompt {i} {problem} (kvcache.num_blocks={alloc.num_blocks}); raise "
+                                  "kvcache.num_blocks")
         seqs = {str(i): self.engine.add_request(str(i), prompt, sampling.max_new_tokens, params, base_seed + i,
                                                 sampling.ignore_eos)
                 for i, prompt in zip(indices, prompts, strict=True)}

@@ -1,5 +1,5 @@
 """The HTTP app's one-process backend: the engine in a background thread, which HTTP handlers talk to
-through thread-safe calls.
+through thread-safe calls. Each request's record (engine.requests) holds its Stream as its listener.
 
 Handlers `submit` a request and read its tokens from an asyncio queue; the loop thread adds and aborts
 requests between steps (the engine is only ever touched by this thread) and pushes each step's outputs to
@@ -28,7 +28,6 @@ class EngineLoop:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, Stream] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="moe_pd-engine", daemon=True)
         self.steps = 0
@@ -77,8 +76,8 @@ class EngineLoop:
         if command[0] == "add":
             _, stream, prompt_ids, max_tokens, params, seed, ignore_eos = command
             try:
-                self.engine.add_request(stream.request_id, prompt_ids, max_tokens, params, seed, ignore_eos)
-                self._streams[stream.request_id] = stream
+                self.engine.add_request(stream.request_id, prompt_ids, max_tokens, params, seed, ignore_eos,
+                                        listener=stream)
             except InvalidRequest as exc:
                 self._push(stream, exc)
             except Exception as exc:  # a bug: this request fails, the engine thread carries on
@@ -86,7 +85,6 @@ class EngineLoop:
                 self._push(stream, RuntimeError(f"internal error: {type(exc).__name__}"))
         elif command[0] == "abort":
             self.engine.abort(command[1])
-            self._streams.pop(command[1], None)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -107,15 +105,10 @@ class EngineLoop:
                 _, outputs = self.engine.step()
             except Exception as exc:  # the engine failed: fail every request instead of hanging them
                 log.exception("engine step failed")
-                for stream in self._streams.values():
-                    self._push(stream, RuntimeError(f"engine failure: {exc}"))
-                self._streams.clear()
+                for req in list(self.engine.requests.live.values()):
+                    self._push(req.listener, RuntimeError(f"engine failure: {exc}"))
+                    self.engine.abort(req.request_id)
                 continue
             self.steps += 1
             for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is None:
-                    continue
-                self._push(stream, (out.new_token_ids, out.finished, out.finish_reason))
-                if out.finished:
-                    del self._streams[out.request_id]
+                self._push(out.listener, (out.new_token_ids, out.finished, out.finish_reason))

@@ -19,6 +19,7 @@ import msgspec
 import zmq
 
 from moe_pd.config.serve import ServiceConfig
+from moe_pd.engine.core.request import capacity_problem, pages_needed
 from moe_pd.serve import protocol as p
 from moe_pd.serve.balancer import DecodeRankLoad, PrefillRankLoad, PrefixIndex, assign_prefill, pick_decode_rank
 
@@ -77,11 +78,9 @@ class Routes:
 
 
 class Leader:
-    def __init__(self, cfg: ServiceConfig, world_size: int, name: str, block_size: int,
-                 pages_needed: Callable[[int, int], int]) -> None:
-        """`pages_needed(prompt length, max new tokens)`: KV pages a request holds at its longest."""
+    def __init__(self, cfg: ServiceConfig, world_size: int, name: str, block_size: int, max_context: int) -> None:
         self.cfg, self.world_size, self.name = cfg, world_size, name
-        self.block_size, self.pages_needed = block_size, pages_needed
+        self.block_size, self.max_context = block_size, max_context
         self.socket = zmq.Context.instance().socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(f"tcp://{cfg.host}:{cfg.port}")
@@ -163,12 +162,12 @@ class Leader:
         largest = max(load.kv_total for load in self.loads)
         for route in new:
             msg = route.request
-            need = self.pages_needed(len(msg.prompt), msg.max_tokens)
-            if need > largest:
-                self._refuse(route, p.Error(route.rid, f"the request needs {need} KV pages; a {self.cfg.role} rank "
-                                                       f"has {largest}", retry=False, status=400))
+            if problem := capacity_problem(len(msg.prompt), msg.max_tokens, self.block_size, self.max_context, largest):
+                self._refuse(route, p.Error(route.rid, f"the request {problem} (the largest of a {self.cfg.role} "
+                                                       "rank)", retry=False, status=400))
                 chosen[route.rid] = -1
                 continue
+            need = pages_needed(len(msg.prompt), msg.max_tokens, self.block_size, self.max_context)
             excluded = set(getattr(msg, "exclude", ()))
             allowed = [r for r, load in zip(ranks, self.loads) if load.address not in excluded] or ranks
             rank = pick_decode_rank(allowed, need)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moe_pd.engine.core.request import SamplingParams
-from moe_pd.engine.core.sequence import prompt_problem
+from moe_pd.engine.core.request import SamplingParams, prompt_problem
 
 
 class APIError(Exception):
@@ -58,8 +57,8 @@ def parse_request(body: object, chat: bool, served_models: list[str], max_tokens
     top_p = _number(body, "top_p", 1.0, float, 1e-9, 1.0)
     top_k = _number(body, "top_k", 0, int, 0, None)
     seed = body.get("seed")
-    if seed is not None:
-        seed = _number(body, "seed", None, int)
+    if seed is not None:  # the range torch.Generator.manual_seed takes
+        seed = _number(body, "seed", None, int, -(2**63), 2**64 - 1)
     prompt_ids, text = None, None
     if chat:
         messages = body.get("messages")
@@ -93,4 +92,4 @@ def check_prompt(prompt_ids: list[int], vocab_size: int, max_context: int) -> No
     """A prompt the model can take (the engine's own check, answered as a 400 before any engine sees it)."""
     problem = prompt_problem(prompt_ids, vocab_size, max_context)
     if problem:
-        raise APIError(problem, param="prompt")
+        raise APIError(f"the prompt {problem}", param="prompt")

@@ -13,7 +13,7 @@ import logging
 import os
 
 from moe_pd.config.serve import ServiceConfig
-from moe_pd.engine.core.request import InvalidRequest
+from moe_pd.engine.core.request import InvalidRequest, State
 from moe_pd.engine.disagg import DecodeWorker, PrefillWorker
 from moe_pd.engine.llm_engine import LLMEngine, RequestOutput
 from moe_pd.kvcache.block_manager import OutOfBlocks
@@ -64,18 +64,15 @@ class Rank:
         return [tokens_event(out) for out in (self.engine.step()[1] if run_engine else [])]
 
     def load(self) -> p.RankLoad:
-        scheduler = self.engine.scheduler
-        queued = sum(s.num_uncomputed for s in (*scheduler.waiting, *scheduler.running) if s.is_prefill)
-        return p.RankLoad(self.rank, self.engine.allocator.num_used, self.engine.allocator.num_blocks,
-                          len(scheduler.running) + len(scheduler.receiving), len(scheduler.waiting), queued,
-                          self.max_running, self.address, self.in_transfer, scheduler.cached_tokens,
-                          scheduler.aborted, os.getpid(), self.transfers())
+        """Everything counted from the engine's request table (engine.requests)."""
+        requests, allocator = self.engine.requests, self.engine.allocator
+        queued = sum(r.num_uncomputed for r in (*requests.waiting, *requests.running) if r.is_prefill)
+        return p.RankLoad(self.rank, allocator.num_used, allocator.num_blocks,
+                          len(requests.running) + requests.count(State.RESERVED), len(requests.waiting), queued,
+                          self.max_running, self.address, requests.count(State.RESERVED, State.TRANSFERRING),
+                          requests.cached_tokens, requests.aborted, os.getpid(), dict(requests.transfers))
 
     address = ""
-    in_transfer = 0
-
-    def transfers(self) -> dict[str, int]:
-        return {}
 
     def close(self) -> None:
         pass
@@ -105,32 +102,17 @@ class PrefillRank(Rank):
     def __init__(self, engine: LLMEngine, rank: int, max_running: int, worker: PrefillWorker) -> None:
         super().__init__(engine, rank, max_running)
         self.worker = worker
-        self.finished: dict[str, int] = {}
 
     def _start(self, cmd: p.Prefill) -> list[p.Event]:
         self.worker.submit(cmd.rid, cmd.prompt, cmd.decode, cmd.params, cmd.seed)
         return []
 
     def _abort(self, rid: str) -> None:
-        if self.worker.cancel(rid) is not None:
-            self.finished["cancelled"] = self.finished.get("cancelled", 0) + 1
-
-    @property
-    def in_transfer(self) -> int:
-        return len(self.worker.sender.in_flight)
-
-    def transfers(self) -> dict[str, int]:
-        return dict(self.finished)
+        self.worker.cancel(rid)
 
     def step(self, run_engine: bool) -> list[p.Event]:
-        events: list[p.Event] = []
-        for r in self.worker.step(run_engine):
-            if r.first_token < 0:
-                events.append(p.Error(r.request_id, r.detail, retry=False, status=400))
-                continue
-            self.finished[r.state.value] = self.finished.get(r.state.value, 0) + 1
-            events.append(p.Prefilled(r.request_id, r.state.value, r.detail, r.nbytes, r.latency_s))
-        return events
+        return [p.Prefilled(r.request_id, r.state.value, r.detail, r.nbytes, r.latency_s)
+                for r in self.worker.step(run_engine)]
 
     def close(self) -> None:
         self.worker.sender.close()
@@ -148,10 +130,6 @@ class DecodeRank(Rank):
     @property
     def address(self) -> str:
         return self.worker.address
-
-    @property
-    def in_transfer(self) -> int:
-        return len(self.engine.scheduler.receiving)
 
     def _start(self, cmd: p.Reserve) -> list[p.Event]:
         self.worker.reserve(cmd.rid, cmd.prompt, cmd.max_tokens, cmd.params, cmd.seed, cmd.ignore_eos)

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from moe_pd.serve import protocol as p
+
+log = logging.getLogger("moe_pd.serve.router")
 
 
 class Instance(Protocol):
@@ -128,11 +131,14 @@ class RouterRequests:
         attempt.phase = phase
         if not phase.final:
             return
-        if phase is not Phase.FINISHED:
-            for instance in attempt.holders:
-                instance.send(p.Abort(attempt.rid))
-        attempt.holders.clear()
+        holders, attempt.holders = attempt.holders, []
         del self.attempts[attempt.rid]
+        if phase is not Phase.FINISHED:
+            for instance in holders:
+                try:
+                    instance.send(p.Abort(attempt.rid))
+                except Exception:  # the record is gone already; the instance's own timeout frees the rest
+                    log.exception("could not abort %s on %s", attempt.rid, instance.address)
 
     def end(self, attempt: Attempt, phase: Phase) -> None:
         """`transition` to a final phase unless the attempt already ended (for `finally` clauses)."""

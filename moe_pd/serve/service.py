@@ -49,7 +49,7 @@ def run(cfg: ServiceConfig, run_dir: str | None = None) -> None:
         leader = None
         if state.rank == 0:
             leader = Leader(cfg, state.world_size, f"{cfg.role}@{cfg.host}:{cfg.port}", engine.cache.block_size,
-                            engine.pages_needed)
+                            engine.max_context)
             leader.eplb_metrics = group.eplb.metrics if group.eplb is not None else None
             print(f"moe_pd {cfg.role} instance of {state.world_size} rank(s) listening at {leader.address}",
                   flush=True)

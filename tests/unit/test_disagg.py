@@ -36,14 +36,17 @@ def workers(model):
 
 
 def drive(prefill, decode, seconds=30):
+    """Steps both sides until neither holds a request; the request tables' invariants hold after every step."""
     streams, reasons, results = {}, {}, []
     deadline = time.monotonic() + seconds
     while (prefill.has_work or decode.has_work) and time.monotonic() < deadline:
         results += prefill.step()
+        prefill.engine.requests.check()
         for out in decode.step():
             streams.setdefault(out.request_id, []).extend(out.new_token_ids)
             if out.finished:
                 reasons[out.request_id] = out.finish_reason
+        decode.engine.requests.check()
         time.sleep(0.001)
     return streams, reasons, results
 
@@ -128,3 +131,26 @@ def test_decode_abort_before_the_kv_arrives_frees_pages_and_rejects_the_kv(worke
     _, _, results = drive(prefill, decode)
     assert [r.state for r in results] == [TransferState.REJECTED]
     assert prefill.engine.allocator.num_used == 0 and decode.engine.allocator.num_used == 0
+
+
+def test_prefill_gives_up_on_a_decode_rank_that_never_answers(workers):
+    prefill, decode = workers
+    prefill.timeout_s = 0.2
+    prefill.submit("lost", PROMPTS["a"], "tcp://127.0.0.1:9")  # nobody listens there
+    _, _, results = drive(prefill, decode, seconds=10)
+    assert [(r.request_id, r.state) for r in results] == [("lost", TransferState.TIMED_OUT)]
+    assert prefill.engine.allocator.num_used == 0 and not prefill.has_work
+    assert prefill.engine.requests.transfers == {"timed_out": 1}
+
+
+def test_the_table_says_where_a_request_is_and_what_it_holds(workers):
+    prefill, decode = workers
+    decode.reserve("x", PROMPTS["b"], 8)
+    where = decode.engine.requests.describe("x")
+    assert where["state"] == "reserved" and len(where["pages"]) == 11 and where["transfer"]["state"] == "pending"
+    prefill.submit("x", PROMPTS["b"], decode.address)
+    assert prefill.engine.requests.describe("x")["state"] == "queued"
+    prefill.step()
+    assert prefill.engine.requests.describe("x")["state"] == "prefilling"  # 16-token chunks: not done yet
+    drive(prefill, decode)
+    assert decode.engine.requests.describe("x") is None and prefill.engine.requests.describe("x") is None

@@ -4,10 +4,11 @@ import random
 
 import pytest
 
+from moe_pd.engine.core.request import InvalidRequest, Request, State
 from moe_pd.engine.core.scheduler import Scheduler
-from moe_pd.engine.core.sequence import Sequence, Status
 from moe_pd.kvcache import block_manager
 from moe_pd.kvcache.block_manager import BlockManager, OutOfBlocks
+from moe_pd.kvcache.transfer.base import Transfer
 
 
 def fake_next_token(tokens: list[int]) -> int:
@@ -16,19 +17,23 @@ def fake_next_token(tokens: list[int]) -> int:
 
 
 def run(scheduler: Scheduler, max_steps: int = 10_000) -> dict[str, list[int]]:
-    """Drives the scheduler with the fake model; checks the plan's invariants every step."""
+    """Drives the scheduler with the fake model; checks the plan's and the request table's invariants every
+    step. Returns the outputs of the requests that finished."""
     steps = 0
+    seen: dict[str, Request] = {}
     while scheduler.has_work:
         plan = scheduler.schedule()
+        seen.update({s.seq.request_id: s.seq for s in plan.scheduled})
         assert plan.num_tokens <= scheduler.token_budget
         assert len(scheduler.running) <= scheduler.max_num_seqs
         for item in plan.scheduled:
             assert len(item.seq.block_table) * scheduler.allocator.block_size >= item.context + item.num_new
         sampled = {s.seq.request_id: fake_next_token(s.seq.token_ids) for s in plan.scheduled if s.samples}
         scheduler.update(plan, sampled)
+        scheduler.requests.check(ended=[r for r in seen.values() if r.state.final])
         steps += 1
         assert steps < max_steps, "scheduler made no progress"
-    return {s.request_id: s.output_ids for s in scheduler.finished}
+    return {r.request_id: r.output_ids for r in seen.values() if r.state is State.FINISHED}
 
 
 def reference(prompts, max_new):
@@ -42,7 +47,7 @@ def reference(prompts, max_new):
 
 
 def make(prompts, max_new, **kw):
-    return [Sequence(list(p), max_new, request_id=rid, **kw) for rid, p in prompts.items()]
+    return [Request(list(p), max_new, request_id=rid, **kw) for rid, p in prompts.items()]
 
 
 # allocator -------------------------------------------------------------------------------------------------
@@ -111,7 +116,7 @@ def test_outputs_match_the_reference_and_pages_return():
 def test_chunked_prefill_respects_the_budget():
     alloc = BlockManager(num_blocks=64, block_size=4)
     sched = Scheduler(alloc, max_num_seqs=4, token_budget=8, max_context=1000)
-    sched.add(Sequence(list(range(30)), 2, request_id="long"))
+    sched.add(Request(list(range(30)), 2, request_id="long"))
     sizes = []
     while sched.has_work:
         plan = sched.schedule()
@@ -124,10 +129,10 @@ def test_chunked_prefill_respects_the_budget():
 def test_decodes_go_first_and_prefill_fills_the_rest():
     alloc = BlockManager(num_blocks=64, block_size=4)
     sched = Scheduler(alloc, max_num_seqs=4, token_budget=10, max_context=1000)
-    sched.add(Sequence([1, 2, 3], 5, request_id="a"))
+    sched.add(Request([1, 2, 3], 5, request_id="a"))
     plan = sched.schedule()
     sched.update(plan, {"a": 7})
-    sched.add(Sequence(list(range(40)), 5, request_id="b"))
+    sched.add(Request(list(range(40)), 5, request_id="b"))
     plan = sched.schedule()
     assert [(s.seq.request_id, s.num_new) for s in plan.scheduled] == [("a", 1), ("b", 9)]
 
@@ -147,21 +152,20 @@ def test_preemption_recomputes_and_never_changes_outputs():
 def test_request_larger_than_the_cache_fails_clearly():
     alloc = BlockManager(num_blocks=2, block_size=4)
     sched = Scheduler(alloc, max_num_seqs=2, token_budget=64, max_context=1000)
-    sched.add(Sequence(list(range(20)), 3, request_id="huge"))
-    sched.add(Sequence([1, 2], 3, request_id="ok"))
-    out = run(sched)
-    huge = next(s for s in sched.finished if s.request_id == "huge")
-    assert huge.finish_reason.startswith("error") and out["ok"] == reference({"ok": [1, 2]}, 3)["ok"]
+    with pytest.raises(InvalidRequest, match="request huge needs 6 KV pages, the cache has 2"):
+        sched.add(Request(list(range(20)), 3, request_id="huge"))
+    sched.add(Request([1, 2], 3, request_id="ok"))
+    assert run(sched) == reference({"ok": [1, 2]}, 3)
 
 
 def test_abort_frees_pages_everywhere():
     alloc = BlockManager(num_blocks=16, block_size=4)
     sched = Scheduler(alloc, max_num_seqs=1, token_budget=64, max_context=1000)
-    sched.add(Sequence([1, 2, 3, 4, 5], 10, request_id="running"))
-    sched.add(Sequence([6, 7], 10, request_id="queued"))
+    sched.add(Request([1, 2, 3, 4, 5], 10, request_id="running"))
+    sched.add(Request([6, 7], 10, request_id="queued"))
     plan = sched.schedule()
     sched.update(plan, {"running": 3})
-    assert sched.abort("queued").status is Status.ABORTED
+    assert sched.abort("queued").state is State.ABORTED
     assert sched.abort("running").finish_reason == "abort"
     assert alloc.num_used == 0 and not sched.has_work and sched.abort("nobody") is None
 
@@ -170,9 +174,9 @@ def test_prefix_cache_skips_computation_for_a_shared_prefix():
     alloc = BlockManager(num_blocks=64, block_size=4)
     sched = Scheduler(alloc, max_num_seqs=4, token_budget=64, max_context=1000)
     system = list(range(16))
-    sched.add(Sequence(system + [50, 51], 2, request_id="first"))
+    sched.add(Request(system + [50, 51], 2, request_id="first"))
     run(sched)
-    second = Sequence(system + [60], 2, request_id="second")
+    second = Request(system + [60], 2, request_id="second")
     sched.add(second)
     plan = sched.schedule()
     assert plan.scheduled[0].context == 16 and plan.scheduled[0].num_new == 1 and second.num_cached_hit == 16
@@ -180,14 +184,16 @@ def test_prefix_cache_skips_computation_for_a_shared_prefix():
 
 def test_context_limit_and_bad_requests():
     sched = Scheduler(BlockManager(16, 4), max_num_seqs=2, token_budget=64, max_context=10)
-    with pytest.raises(ValueError, match="does not fit the context of 10"):
-        sched.add(Sequence(list(range(10)), 1))
-    seq = Sequence(list(range(8)), 50)
+    with pytest.raises(InvalidRequest, match="does not fit the context of 10"):
+        sched.add(Request(list(range(10)), 1))
+    seq = Request(list(range(8)), 50)
     sched.add(seq)
     run(sched)
     assert len(seq.output_ids) == 2 and seq.finish_reason == "length"
-    with pytest.raises(ValueError, match="empty prompt"):
-        Sequence([], 1)
+    with pytest.raises(InvalidRequest, match="the prompt is empty"):
+        sched.add(Request([], 1))
+    with pytest.raises(InvalidRequest, match="max_new_tokens must be > 0"):
+        Request([1], 0)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -199,12 +205,15 @@ def test_random_workloads(seed):
     alloc = BlockManager(num_blocks=rng.randint(12, 40), block_size=rng.choice([2, 4, 8]))
     sched = Scheduler(alloc, max_num_seqs=rng.randint(1, 6), token_budget=rng.randint(4, 64), max_context=200)
     max_new = rng.randint(1, 10)
+    added = []
     for seq in make(prompts, max_new):
-        sched.add(seq)
+        try:
+            added.append(sched.add(seq).request_id)
+        except InvalidRequest:  # can never fit this cache
+            assert alloc.blocks_for(len(seq.prompt_ids) + max_new) > alloc.num_blocks
     out = run(sched)
-    ok = {s.request_id for s in sched.finished if not (s.finish_reason or "").startswith("error")}
     expected = reference(prompts, max_new)
-    assert {k: out[k] for k in ok} == {k: expected[k] for k in ok}
+    assert out == {k: expected[k] for k in added}
     assert alloc.num_used == 0
 
 
@@ -221,14 +230,14 @@ def test_engine_core_imports_no_torch():
 def test_abort_while_receiving_frees_the_reservation():
     alloc = BlockManager(num_blocks=16, block_size=4)
     sched = Scheduler(alloc, max_num_seqs=2, token_budget=64, max_context=1000)
-    sched.reserve_prefilled(Sequence(list(range(10)), 5, request_id="in-transit"))
-    assert alloc.num_used == 3 and sched.has_work
-    assert sched.abort("in-transit").status is Status.ABORTED
+    pages = sched.reserve(Request(list(range(10)), 5, request_id="in-transit"), Transfer(deadline=1e18))
+    assert alloc.num_used == 3 and len(pages) == 3 and sched.has_work
+    assert sched.abort("in-transit").state is State.ABORTED
     assert alloc.num_used == 0 and not sched.has_work
 
 
 def test_token_slice_equals_slicing_token_ids():
-    seq = Sequence([1, 2, 3, 4], 9)
+    seq = Request([1, 2, 3, 4], 9)
     seq.output_ids = [5, 6, 7]
     for start in range(8):
         for end in range(start, 8):

@@ -58,7 +58,7 @@ def test_checkpoint_path(hf_checkpoints):
         (["prompts=[hi]", "model.n_group=3"], "model.n_routed_experts=16: must be divisible by n_group=3"),
         (['prompts=[""]'], "prompt 0 is empty"),
         ([], "no prompts"),
-        (["prompt_ids=[[" + ",".join(["65"] * 1100) + "]]"], "has 1100 tokens; the model's context is 1024"),
+        (["prompt_ids=[[" + ",".join(["65"] * 1100) + "]]"], "has 1100 tokens and does not fit the context of 1024"),
         (["model=path", "model.path=/nonexistent", "prompt_ids=[[1]]"], "no config.json"),
     ],
 )

@@ -68,7 +68,7 @@ def test_abort_mid_generation_frees_pages(model):
 
 @pytest.mark.parametrize("prompt, message", [
     ([256, 999], "token ids outside"),
-    ([], "empty prompt"),
+    ([], "the prompt is empty"),
     ([1] * 2000, "does not fit the context"),
 ])
 def test_bad_requests_are_refused(model, prompt, message):

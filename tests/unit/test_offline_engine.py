@@ -58,7 +58,7 @@ def test_generation_stops_at_the_context_end(model):
     "prompts, message",
     [
         ([[]], "prompt 0 is empty"),
-        ([[1], [5] * 5000], "prompt 1 has 5000 tokens; the model's context is 1024"),
+        ([[1], [5] * 5000], "prompt 1 has 5000 tokens and does not fit the context of 1024"),
         ([[1, 999]], r"outside \[0, 320\)"),
     ],
 )

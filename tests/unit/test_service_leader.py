@@ -37,9 +37,8 @@ class Router:
 def leader_and_client():
     made = []
 
-    def make(role, loads, block_size=4, pages_per_request=3):
-        leader = Leader(ServiceConfig(role=role, port=0), len(loads), f"{role}-test", block_size,
-                        lambda prompt_len, max_tokens: pages_per_request)
+    def make(role, loads, block_size=4):
+        leader = Leader(ServiceConfig(role=role, port=0), len(loads), f"{role}-test", block_size, max_context=1024)
         leader.loads = loads
         made.append((leader, Router(leader.address)))
         return made[-1]
@@ -69,8 +68,9 @@ def decode_load(rank, used=0, total=100, running=0, address=""):
     return p.RankLoad(rank, used, total, running, 0, 0, 64, address or f"tcp://d{rank}")
 
 
-def reserve(rid, exclude=(), prompt=(1, 2, 3)):
-    return p.Reserve(rid, list(prompt), 4, exclude=list(exclude))
+def reserve(rid, exclude=(), prompt=(1, 2, 3), max_tokens=4):
+    """3 + 4 tokens: 2 pages of 4 tokens."""
+    return p.Reserve(rid, list(prompt), max_tokens, exclude=list(exclude))
 
 
 def test_decode_goes_to_the_least_loaded_rank_and_respects_the_exclusion(leader_and_client):
@@ -82,18 +82,18 @@ def test_decode_goes_to_the_least_loaded_rank_and_respects_the_exclusion(leader_
 
 
 def test_a_burst_is_spread_because_each_choice_counts_against_its_rank(leader_and_client):
-    leader, client = leader_and_client("decode", [decode_load(0), decode_load(1)], pages_per_request=30)
-    commands = exchange(leader, client, reserve("a"), reserve("b"))
+    leader, client = leader_and_client("decode", [decode_load(0), decode_load(1)])
+    commands = exchange(leader, client, reserve("a", max_tokens=117), reserve("b", max_tokens=117))  # 30 pages
     assert sorted(len(c) for c in commands.values()) == [1, 1]
 
 
 def test_decode_refuses_what_no_rank_can_hold_and_what_does_not_fit_now(leader_and_client):
-    leader, client = leader_and_client("decode", [decode_load(0, used=99)], pages_per_request=200)
-    assert exchange(leader, client, reserve("huge")) == {}
+    leader, client = leader_and_client("decode", [decode_load(0, used=99)])
+    assert exchange(leader, client, reserve("huge", max_tokens=797)) == {}  # 800 tokens: 200 pages
     (answer,) = client.take_answers()
-    assert answer.status == 400 and not answer.retry and "needs 200 KV pages" in answer.message
-    leader.pages_needed = lambda *_: 5  # fits a rank, but not now: retry elsewhere
-    assert exchange(leader, client, reserve("later")) == {}
+    assert answer.status == 400 and not answer.retry and "needs 200 KV pages, the cache has 100" in answer.message
+    # fits a rank, but not now: retry elsewhere
+    assert exchange(leader, client, reserve("later", max_tokens=17)) == {}
     (answer,) = client.take_answers()
     assert answer.status == 503 and answer.retry
     assert len(leader.routes) == 0  # refused requests leave no route behind

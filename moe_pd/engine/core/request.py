@@ -1,8 +1,26 @@
-"""A request's parameters, plain Python (the router and the HTTP front use them without torch)."""
+"""A request on a rank: its record and the states it goes through, plain Python (no torch).
+
+    colocated:  QUEUED -> PREFILLING -> DECODING -> FINISHED
+    prefill:    QUEUED -> PREFILLING -> PREFILLED -> TRANSFERRING -> FINISHED (decode stored the KV)
+    decode:     RESERVED -> DECODING -> FINISHED
+    preemption: PREFILLING | DECODING -> QUEUED (pages dropped; recomputed from its tokens)
+    any live state -> ABORTED (the client or the router gave up) | FAILED (it can never run, its KV never came)
+
+HOLDS says what a request holds in each state (pages, a batch slot, a place in the queue, a transfer entry),
+NEXT which states may follow; moe_pd.engine.core.table.RequestTable owns the records and its `transition`
+is the one place that releases what the next state no longer holds. A new state (waiting for KV from a
+cache tier, promoting, drafting, migrating) is an entry in State, HOLDS and NEXT, plus a releaser there if it
+holds a new kind of resource.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from moe_pd.kvcache.transfer.base import Transfer
 
 
 @dataclass(frozen=True)
@@ -19,3 +37,158 @@ class SamplingParams:
 class InvalidRequest(ValueError):
     """A request that can never run as asked (its prompt, its length, its size): it fails alone, as the
     client's error (HTTP 400), never as the server's."""
+
+
+def prompt_problem(prompt_ids: list[int], vocab_size: int | None, max_context: int) -> str | None:
+    """What is wrong with a prompt, as the end of a sentence starting 'the prompt' (or None). The one prompt
+    check: the engine, offline generation and the HTTP front all use it."""
+    if not prompt_ids:
+        return "is empty"
+    if vocab_size is not None:
+        bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+        if bad:
+            return f"has token ids outside [0, {vocab_size}): {bad[:5]}"
+    if len(prompt_ids) >= max_context:
+        return (f"has {len(prompt_ids)} tokens and does not fit the context of {max_context} "
+                "(model.max_position_embeddings), leaving no room to generate")
+    return None
+
+
+def pages_needed(prompt_len: int, max_new_tokens: int, block_size: int, max_context: int) -> int:
+    """KV pages a request holds at its longest (prompt plus output, capped at the context)."""
+    return -(-min(prompt_len + max_new_tokens, max_context) // block_size)
+
+
+def capacity_problem(prompt_len: int, max_new_tokens: int, block_size: int, max_context: int,
+                     num_pages: int) -> str | None:
+    """Why a request can never fit a cache of `num_pages` pages (or None): the one fits-in-cache check."""
+    need = pages_needed(prompt_len, max_new_tokens, block_size, max_context)
+    return f"needs {need} KV pages, the cache has {num_pages}" if need > num_pages else None
+
+
+class State(enum.Enum):
+    QUEUED = "queued"
+    """Waiting for admission (new, or preempted and waiting to recompute)."""
+    PREFILLING = "prefilling"
+    """Admitted: its prompt (or a recompute) runs in chunks."""
+    DECODING = "decoding"
+    """Generating one token per step."""
+    PREFILLED = "prefilled"
+    """Prefill instance: the first token is sampled; the prompt's KV waits to be shipped."""
+    TRANSFERRING = "transferring"
+    """Prefill instance: the KV is on its way to the decode rank; pages kept until it answers."""
+    RESERVED = "reserved"
+    """Decode instance: pages reserved for a prompt prefilled elsewhere; its KV is expected."""
+    FINISHED = "finished"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL
+
+
+FINAL = frozenset({State.FINISHED, State.ABORTED, State.FAILED})
+_ENDS = {State.ABORTED, State.FAILED}
+
+HOLDS: dict[State, frozenset[str]] = {
+    State.QUEUED: frozenset({"queue"}),
+    State.PREFILLING: frozenset({"pages", "slot"}),
+    State.DECODING: frozenset({"pages", "slot"}),
+    State.PREFILLED: frozenset({"pages"}),
+    State.TRANSFERRING: frozenset({"pages", "transfer"}),
+    State.RESERVED: frozenset({"pages", "transfer"}),
+    **{s: frozenset() for s in FINAL},
+}
+"""What a request holds in each state: "pages" (its block table), "slot" (a place in the running batch),
+"queue" (a place in the waiting queue), "transfer" (its KV transfer entry, with a deadline)."""
+
+NEXT: dict[State, frozenset[State]] = {
+    State.QUEUED: frozenset({State.PREFILLING, *_ENDS}),
+    State.PREFILLING: frozenset({State.DECODING, State.PREFILLED, State.FINISHED, State.QUEUED, *_ENDS}),
+    State.DECODING: frozenset({State.FINISHED, State.QUEUED, *_ENDS}),
+    State.PREFILLED: frozenset({State.TRANSFERRING, *_ENDS}),
+    State.TRANSFERRING: frozenset({State.FINISHED, *_ENDS}),
+    State.RESERVED: frozenset({State.DECODING, *_ENDS}),
+    **{s: frozenset() for s in FINAL},
+}
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    """One request on a rank: what it asked for, where it is, and everything it holds."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    eos_token_id: int | None = None
+    ignore_eos: bool = False
+    params: SamplingParams = SamplingParams()
+    seed: int | None = None
+    arrival: int = field(default_factory=lambda: next(_ids))
+    """Arrival order; the scheduler preempts the latest arrival first."""
+    state: State = State.QUEUED
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    """The pages it holds."""
+    num_computed: int = 0
+    """Tokens whose latents are in the cache (prefix-cache hits count)."""
+    num_cached_hit: int = 0
+    """Prompt tokens served from the prefix cache at the last admission."""
+    num_preemptions: int = 0
+    finish_reason: str | None = None
+    """Why it stopped generating: stop, length, abort, or 'error: ...'."""
+    generator: Any = None
+    """The sampler's generator (a torch.Generator) for a sampled request; None for greedy."""
+    destination: str = ""
+    """Prefill instance: the decode rank's KV address."""
+    transfer: Transfer | None = None
+    """Its KV transfer entry, while it holds one (TRANSFERRING, RESERVED)."""
+    listener: Any = None
+    """Who streams its tokens (the one-process server's HTTP stream); travels in every RequestOutput."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise InvalidRequest(f"request {self.request_id}: max_new_tokens must be > 0")
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """token_ids[start:end] without building the whole prompt + output list (a decode step needs one)."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        return self.prompt_ids[start:] + self.output_ids[: end - n]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens still to run through the model before the next token can be sampled."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_uncomputed > 1
+
+    @property
+    def finished(self) -> bool:
+        """No more tokens will come (it may still hold pages: PREFILLED, TRANSFERRING)."""
+        return self.finish_reason is not None
+
+    def next_token(self, token: int, max_context: int) -> str | None:
+        """Records a sampled token; returns why the request ends with it (stop, length) or None."""
+        self.output_ids.append(token)
+        if token == self.eos_token_id and not self.ignore_eos:
+            return "stop"
+        if len(self.output_ids) >= self.max_new_tokens or self.num_tokens >= max_context:
+            return "length"
+        return None

@@ -1,0 +1,295 @@
+"""The request lifecycle under random event sequences (hypothesis): arrivals, steps, KV transfers that land,
+get lost or are refused, answers that get lost, timeouts, aborts and a lost instance. After every event:
+nothing is held by a request that ended, and every counter equals the sum over live requests.
+
+Rank level: a prefill rank and a decode rank (which also takes colocated requests), each a Scheduler over
+its RequestTable, driven the way moe_pd.engine.disagg drives them, with the wire in between modelled as
+lists. Router level: the router's RouterRequests with instances that remember what they hold."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import hypothesis.strategies as st
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from moe_pd.engine.core.request import InvalidRequest, Request, State
+from moe_pd.engine.core.scheduler import Scheduler
+from moe_pd.kvcache.block_manager import BlockManager, OutOfBlocks
+from moe_pd.kvcache.transfer.base import Transfer, TransferState
+from moe_pd.serve import protocol as p
+from moe_pd.serve.router_requests import DOWN, Phase, RouterRequests
+
+TIMEOUT = 5.0
+CONTEXT = 64
+
+
+def fake_token(req: Request) -> int:
+    return (sum(req.token_ids) * 31 + len(req.token_ids)) % 50 + 1
+
+
+def step(scheduler: Scheduler) -> None:
+    plan = scheduler.schedule()
+    scheduler.update(plan, {s.seq.request_id: fake_token(s.seq) for s in plan.scheduled if s.samples})
+
+
+def new_side(hold: bool, pages: int) -> Scheduler:
+    return Scheduler(BlockManager(pages, 4), max_num_seqs=3, token_budget=24, max_context=CONTEXT,
+                     hold_finished_pages=hold, vocab_size=100)
+
+
+class RankLifecycle(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.prefill, self.decode = new_side(True, 12), new_side(False, 16)
+        self.clock = 0.0
+        self.records: dict[int, list[Request]] = {id(self.prefill): [], id(self.decode): []}
+        self.kv_wire: list[str] = []  # prefill -> decode: request ids whose KV is on its way
+        self.answers: list[tuple[str, TransferState]] = []  # decode -> prefill
+        self.shipped: set[str] = set()
+        self.n = 0
+
+    def _new(self, side: Scheduler, req: Request) -> None:
+        self.records[id(side)].append(req)
+
+    # arrivals -------------------------------------------------------------------------------------------------
+    @rule(prompt=st.integers(1, 40), max_new=st.integers(1, 30))
+    def arrive_pd(self, prompt: int, max_new: int) -> None:
+        self.n += 1
+        rid, ids = f"pd{self.n}", [self.n % 90 + i % 7 for i in range(prompt)]
+        try:
+            self.decode.reserve(req := Request(ids, max_new, rid), Transfer(self.clock + TIMEOUT))
+        except (OutOfBlocks, InvalidRequest):
+            return  # the leader answers 503 / 400; prefill never sees it
+        self._new(self.decode, req)
+        self._new(self.prefill, self.prefill.add(Request(ids, 1, rid, ignore_eos=True, destination="d")))
+
+    @rule(prompt=st.integers(1, 70), max_new=st.integers(1, 30))
+    def arrive_colocated(self, prompt: int, max_new: int) -> None:
+        self.n += 1
+        try:
+            self._new(self.decode, self.decode.add(Request([7] * prompt, max_new, f"co{self.n}")))
+        except InvalidRequest:
+            pass
+
+    # steps and the wire ---------------------------------------------------------------------------------------
+    @rule()
+    def step_prefill(self) -> None:
+        step(self.prefill)
+        for req in self.prefill.requests.in_state(State.PREFILLED):
+            req.transfer = Transfer(self.clock + TIMEOUT, req.destination)
+            self.prefill.requests.transition(req, State.TRANSFERRING)
+            self.kv_wire.append(req.request_id)
+            self.shipped.add(req.request_id)
+
+    @rule()
+    def step_decode(self) -> None:
+        step(self.decode)
+
+    @rule(i=st.integers(0, 99), fits=st.booleans())
+    def kv_arrives(self, i: int, fits: bool) -> None:
+        if not self.kv_wire:
+            return
+        rid = self.kv_wire.pop(i % len(self.kv_wire))
+        req = self.decode.requests.get(rid)
+        if req is None or req.state is not State.RESERVED:
+            self.answers.append((rid, TransferState.REJECTED))
+        elif fits:
+            self.decode.activate(req, 5)
+            self.answers.append((rid, TransferState.DONE))
+        else:  # mismatched: refused, the reservation ends
+            req.transfer.finish(TransferState.REJECTED, "does not fit")
+            self.decode.requests.transition(req, State.FAILED, "error: KV transfer rejected")
+            self.answers.append((rid, TransferState.REJECTED))
+
+    @rule(i=st.integers(0, 99))
+    def kv_lost(self, i: int) -> None:
+        if self.kv_wire:
+            self.kv_wire.pop(i % len(self.kv_wire))
+
+    @rule(i=st.integers(0, 99), lost=st.booleans())
+    def answer_arrives(self, i: int, lost: bool) -> None:
+        if not self.answers:
+            return
+        rid, state = self.answers.pop(i % len(self.answers))
+        req = self.prefill.requests.get(rid)
+        if lost or req is None or req.state is not State.TRANSFERRING:
+            return
+        req.transfer.finish(state)
+        self.prefill.requests.transition(req, State.FINISHED if state is TransferState.DONE else State.FAILED)
+
+    @rule(dt=st.floats(0.5, 6.0))
+    def time_passes(self, dt: float) -> None:
+        self.clock += dt
+        for side in (self.prefill, self.decode):
+            for req, transfer in side.requests.expired(self.clock):
+                assert transfer.state is TransferState.TIMED_OUT and req.state is State.FAILED
+
+    # aborts and loss ------------------------------------------------------------------------------------------
+    @rule(on_prefill=st.booleans(), i=st.integers(0, 99))
+    def abort(self, on_prefill: bool, i: int) -> None:
+        side = self.prefill if on_prefill else self.decode
+        live = sorted(side.requests.live)
+        if live:
+            assert side.abort(live[i % len(live)]).state is State.ABORTED
+
+    @rule(prefill_lost=st.booleans())
+    def instance_lost(self, prefill_lost: bool) -> None:
+        """One side dies (its table with it); the router aborts the other side's share of their requests."""
+        lost, other = (self.prefill, self.decode) if prefill_lost else (self.decode, self.prefill)
+        for rid in [r for r in other.requests.live if r.startswith("pd") and r in lost.requests.live]:
+            other.abort(rid)
+        fresh = new_side(prefill_lost, lost.allocator.num_blocks)
+        self.records[id(fresh)] = []
+        if prefill_lost:
+            self.prefill = fresh
+        else:
+            self.decode = fresh
+        self.kv_wire.clear()
+        self.answers.clear()
+
+    # the properties ---------------------------------------------------------------------------------------------
+    @invariant()
+    def nothing_ended_holds_anything_and_counters_add_up(self) -> None:
+        for side in (self.prefill, self.decode):
+            mine = self.records[id(side)]
+            ended = [r for r in mine if r.state.final]
+            side.requests.check(ended)  # holdings by state, pages, batch, queue, state counts
+            assert {r.request_id for r in mine if not r.state.final} == set(side.requests.live)
+            assert side.requests.aborted == sum(r.state is State.ABORTED for r in ended)
+        ended_transfers = [r for r in self.records[id(self.prefill)]
+                           if r.request_id in self.shipped and r.state.final]
+        assert sum(self.prefill.requests.transfers.values()) == len(ended_transfers)
+
+
+TestRankLifecycle = RankLifecycle.TestCase
+TestRankLifecycle.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+
+
+class FakeInstance:
+    """An instance as the router sees it: it holds what it was given until it answers finally or is told
+    to abort."""
+
+    def __init__(self, address: str, role: str) -> None:
+        self.address, self.role, self.up = address, role, True
+        self.held: set[str] = set()
+
+    def send(self, msg: p.Message) -> None:
+        if isinstance(msg, p.Abort):
+            self.held.discard(msg.rid)
+        elif self.up:
+            self.held.add(msg.rid)
+
+
+class RouterLifecycle(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = RouterRequests()
+        self.decode, self.prefill, self.colocated = (FakeInstance("d", "decode"), FakeInstance("p", "prefill"),
+                                                     FakeInstance("c", "colocated"))
+        self.attempts = []
+        self.n = 0
+
+    def _pick(self, i: int, *phases: Phase):
+        live = [a for a in self.table.attempts.values() if a.phase in phases]
+        return live[i % len(live)] if live else None
+
+    def _answer(self, instance: FakeInstance, attempt, msg: p.Message, final: bool) -> None:
+        """The instance answers; the attempt's flow reads its inbox (only a holder's answers get there)."""
+        held = instance in attempt.holders
+        if final:
+            instance.held.discard(attempt.rid)
+        self.table.deliver(instance, msg)
+        if held:
+            assert attempt.inbox.get_nowait() == (instance, msg)
+        assert attempt.inbox.empty()
+
+    @rule(colocated=st.booleans())
+    def arrive(self, colocated: bool) -> None:
+        self.n += 1
+        inst = self.colocated if colocated else self.decode
+        if not inst.up:
+            return
+        attempt = self.table.open(f"r{self.n}", 0, Phase.PREFILLING if colocated else Phase.RESERVING)
+        attempt.decode = inst
+        self.table.send(attempt, inst, p.Generate(attempt.rid, [1], 4) if colocated else p.Reserve(attempt.rid, [1], 4))
+        self.attempts.append(attempt)
+
+    @rule(i=st.integers(0, 99))
+    def reserved(self, i: int) -> None:
+        attempt = self._pick(i, Phase.RESERVING)
+        if attempt is None or self.decode not in attempt.holders or not self.prefill.up:
+            return
+        self._answer(self.decode, attempt, p.Reserved(attempt.rid, "tcp://d0", 0), final=False)
+        attempt.prefill = self.prefill
+        self.table.transition(attempt, Phase.PREFILLING)
+        self.table.send(attempt, self.prefill, p.Prefill(attempt.rid, [1], "tcp://d0"))
+
+    @rule(i=st.integers(0, 99), finished=st.booleans())
+    def tokens(self, i: int, finished: bool) -> None:
+        attempt = self._pick(i, Phase.PREFILLING, Phase.STREAMING)
+        if attempt is None or attempt.decode not in attempt.holders:
+            return
+        self._answer(attempt.decode, attempt, p.Tokens(attempt.rid, [3], finished), final=finished)
+        if attempt.phase is Phase.PREFILLING:
+            self.table.transition(attempt, Phase.STREAMING)
+        if finished:
+            self.table.transition(attempt, Phase.FINISHED)
+
+    @rule(i=st.integers(0, 99), done=st.booleans())
+    def prefilled(self, i: int, done: bool) -> None:
+        attempt = self._pick(i, Phase.PREFILLING, Phase.STREAMING)
+        if attempt is None or self.prefill not in attempt.holders:
+            return
+        self._answer(self.prefill, attempt, p.Prefilled(attempt.rid, "done" if done else "timed_out"), final=True)
+        if not done:
+            self.table.transition(attempt, Phase.FAILED)
+
+    @rule(i=st.integers(0, 99), from_prefill=st.booleans())
+    def error(self, i: int, from_prefill: bool) -> None:
+        attempt = self._pick(i, Phase.RESERVING, Phase.PREFILLING, Phase.STREAMING)
+        source = attempt and (attempt.prefill if from_prefill else attempt.decode)
+        if attempt is None or source not in attempt.holders:
+            return
+        self._answer(source, attempt, p.Error(attempt.rid, "no", retry=True), final=True)
+        self.table.transition(attempt, Phase.FAILED)
+
+    @rule(which=st.sampled_from(["d", "p", "c"]))
+    def instance_down(self, which: str) -> None:
+        inst = {"d": self.decode, "p": self.prefill, "c": self.colocated}[which]
+        inst.up = False
+        inst.held.clear()  # gone with everything it held
+        hit = [a for a in self.table.attempts.values() if inst in a.holders]
+        self.table.instance_down(inst)
+        for attempt in hit:
+            assert attempt.inbox.get_nowait()[1] == DOWN
+            self.table.transition(attempt, Phase.FAILED)  # the flow fails (or re-runs) it
+
+    @rule(which=st.sampled_from(["d", "p", "c"]))
+    def instance_back(self, which: str) -> None:
+        {"d": self.decode, "p": self.prefill, "c": self.colocated}[which].up = True
+
+    @rule(i=st.integers(0, 99))
+    def client_goes_away(self, i: int) -> None:
+        attempt = self._pick(i, Phase.RESERVING, Phase.PREFILLING, Phase.STREAMING)
+        if attempt is not None:
+            self.table.transition(attempt, Phase.ABORTED)
+
+    @invariant()
+    def nothing_of_an_ended_attempt_is_held(self) -> None:
+        self.table.check()
+        ended = {a.rid: a for a in self.attempts if a.phase.final}
+        assert not set(ended) & set(self.table.attempts)
+        for attempt in ended.values():
+            assert attempt.holders == []
+        for inst in (self.decode, self.prefill, self.colocated):
+            for rid in inst.held & set(ended):
+                # only a prefill instance whose request finished may still be shipping: decode has the KV
+                assert inst is self.prefill and ended[rid].phase is Phase.FINISHED, (inst.address, ended[rid])
+        live = Counter(a.phase for a in self.table.attempts.values())
+        assert sum(live.values()) == len(self.attempts) - len(ended)
+
+
+TestRouterLifecycle = RouterLifecycle.TestCase
+TestRouterLifecycle.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)

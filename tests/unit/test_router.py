@@ -1,0 +1,229 @@
+"""The router's request flows against scripted instances (no processes): a failed KV transfer is re-run once
+away from the rank that failed, every abandoned attempt is aborted where it holds something, and what can
+not be re-run fails with the right status. tests/dist/test_pd_faults.py runs the same paths end to end."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from moe_pd.config.serve import RouterConfig
+from moe_pd.engine.core.request import SamplingParams
+from moe_pd.serve import protocol as p
+from moe_pd.serve.backend import Stream
+from moe_pd.serve.openai_api import APIError, GenerationRequest
+from moe_pd.serve.router import ClusterBackend
+
+
+class Fake:
+    """An instance whose answers come from `script(instance, message) -> [(source, answer), ...]`."""
+
+    def __init__(self, backend, address: str, role: str, free_pages: int = 100) -> None:
+        self.backend, self.address, self.role, self.free_pages = backend, address, role, free_pages
+        self.up, self.queued_tokens, self.block_size = True, 0, 16
+        self.sent: list[p.Message] = []
+        self.script = lambda instance, msg: []
+
+    def send(self, msg: p.Message) -> None:
+        self.sent.append(msg)
+        for source, answer in self.script(self, msg):
+            asyncio.get_running_loop().call_soon(self.backend.requests.deliver, source, answer)
+
+    def kinds(self) -> list[str]:
+        return [f"{type(m).__name__}:{m.rid}" for m in self.sent]
+
+
+MADE: list[ClusterBackend] = []
+
+
+def make_backend(decodes: int = 2):
+    """A router whose instances are scripted fakes (its real clients connect to nothing and are closed)."""
+    backend = ClusterBackend(RouterConfig(prefill=["tcp://127.0.0.1:9"], decode=["tcp://127.0.0.1:9"],
+                                          request_timeout_s=5))
+    MADE.append(backend)
+    prefill = Fake(backend, "tcp://p", "prefill")
+    decode = [Fake(backend, f"tcp://d{i}", "decode", free_pages=100 - i) for i in range(decodes)]
+    backend.prefill, backend.decode, backend.instances = [prefill], decode, [prefill, *decode]
+    return backend, prefill, decode
+
+
+def reserve_ok(instance, msg):
+    return [(instance, p.Reserved(msg.rid, f"kv-{instance.address}-{msg.rid}", 0))] if isinstance(msg, p.Reserve) \
+        else []
+
+
+def prefill_then_tokens(decode_of, transfer="done", tokens=((7, False), (8, True))):
+    """Prefill ships; the decode instance then streams `tokens` (when the transfer is done)."""
+    def script(instance, msg):
+        if not isinstance(msg, p.Prefill):
+            return []
+        decode = decode_of(msg)
+        out = [(decode, p.Tokens(msg.rid, [t], done, "length" if done else None)) for t, done in tokens] \
+            if transfer == "done" else []
+        return out + [(instance, p.Prefilled(msg.rid, transfer, "" if transfer == "done" else "lost"))]
+    return script
+
+
+def run(backend, max_tokens: int = 2) -> tuple[list, Exception | None]:
+    request = GenerationRequest([1, 2, 3], None, max_tokens, SamplingParams(), None, True, True, True, False)
+
+    async def go():
+        stream = Stream("cmpl-1", asyncio.get_running_loop())
+        await backend._run(backend._disaggregated, stream, request)
+        items = []
+        while not stream.tokens.empty():
+            items.append(stream.tokens.get_nowait())
+        return items
+
+    items = asyncio.run(go())
+    errors = [i for i in items if isinstance(i, Exception)]
+    assert backend.requests.attempts == {}  # every attempt ended
+    return [i for i in items if not isinstance(i, Exception)], errors[0] if errors else None
+
+
+def test_a_request_streams_and_leaves_nothing_behind():
+    backend, prefill, (d0, d1) = make_backend()
+    d0.script = reserve_ok
+    prefill.script = prefill_then_tokens(lambda msg: d0)
+    tokens, error = run(backend)
+    assert error is None and tokens == [([7], False, None), ([8], True, "length")]
+    assert d0.kinds() == ["Reserve:cmpl-1.0"] and prefill.kinds() == ["Prefill:cmpl-1.0"]
+    assert prefill.sent[0].decode == "kv-tcp://d0-cmpl-1.0" and backend.metrics.retries._value.get() == 0
+
+
+def test_a_failed_transfer_is_rerun_once_away_from_the_rank_that_failed():
+    backend, prefill, (d0, d1) = make_backend()
+    d0.script = reserve_ok
+    attempts = iter(["timed_out", "done"])
+    scripts = {}
+
+    def prefill_script(instance, msg):
+        scripts[msg.rid] = prefill_then_tokens(lambda m: d0, next(attempts))
+        return scripts[msg.rid](instance, msg)
+
+    prefill.script = prefill_script
+    tokens, error = run(backend)
+    assert error is None and [t for ids, _, _ in tokens for t in ids] == [7, 8]
+    # the failed attempt's reservation is aborted; the re-run excludes the rank whose transfer failed
+    assert d0.kinds() == ["Reserve:cmpl-1.0", "Abort:cmpl-1.0", "Reserve:cmpl-1.1"]
+    assert d0.sent[2].exclude == ["kv-tcp://d0-cmpl-1.0"]
+    assert backend.metrics.retries._value.get() == 1
+
+
+def test_a_decode_side_transfer_failure_aborts_prefill_and_reruns():
+    backend, prefill, (d0, d1) = make_backend()
+    d0.script = reserve_ok
+    failed = {"once": False}
+
+    def prefill_script(instance, msg):
+        if not failed["once"]:  # decode's reservation timed out before the KV came; prefill is still busy
+            failed["once"] = True
+            return [(d0, p.Error(msg.rid, "error: KV transfer timed_out", retry=True, status=503))]
+        return prefill_then_tokens(lambda m: d0)(instance, msg)
+
+    prefill.script = prefill_script
+    tokens, error = run(backend)
+    assert error is None and tokens[-1][1] is True
+    assert prefill.kinds() == ["Prefill:cmpl-1.0", "Abort:cmpl-1.0", "Prefill:cmpl-1.1"]
+
+
+def test_the_second_failure_is_a_503():
+    backend, prefill, (d0, d1) = make_backend()
+    d0.script = reserve_ok
+    prefill.script = prefill_then_tokens(lambda msg: d0, "rejected")
+    tokens, error = run(backend)
+    assert tokens == [] and isinstance(error, APIError) and error.status == 503
+    assert "KV transfer rejected" in str(error) and backend.metrics.retries._value.get() == 1
+    assert d0.kinds().count("Abort:cmpl-1.0") == 1 and d0.kinds().count("Abort:cmpl-1.1") == 1
+
+
+def test_no_rerun_once_tokens_reached_the_client():
+    backend, prefill, (d0, d1) = make_backend()
+    d0.script = reserve_ok
+
+    def prefill_script(instance, msg):
+        return [(d0, p.Tokens(msg.rid, [7], False)), (d0, p.Error(msg.rid, "rank died", retry=True, status=503))]
+
+    prefill.script = prefill_script
+    tokens, error = run(backend, max_tokens=4)
+    assert tokens == [([7], False, None)] and error.status == 503
+    assert [k for k in d0.kinds() if k.startswith("Reserve")] == ["Reserve:cmpl-1.0"]
+    assert prefill.kinds() == ["Prefill:cmpl-1.0", "Abort:cmpl-1.0"]  # prefill still held it
+
+
+def test_a_full_decode_instance_is_avoided_on_the_rerun():
+    backend, prefill, (d0, d1) = make_backend()
+    d0.script = lambda inst, msg: [(inst, p.Error(msg.rid, "no free pages", retry=True, status=503))] \
+        if isinstance(msg, p.Reserve) else []
+    d1.script = reserve_ok
+    prefill.script = prefill_then_tokens(lambda msg: d1)
+    tokens, error = run(backend)
+    assert error is None and d0.kinds() == ["Reserve:cmpl-1.0"] and d1.kinds() == ["Reserve:cmpl-1.1"]
+    assert d1.sent[0].exclude == []  # an instance that was full, not a rank whose transfer failed
+
+
+def test_a_request_no_rank_can_hold_fails_at_once_with_a_400():
+    backend, prefill, (d0, d1) = make_backend()
+    d0.script = lambda inst, msg: [(inst, p.Error(msg.rid, "needs 200 KV pages", retry=False, status=400))]
+    tokens, error = run(backend)
+    assert error.status == 400 and error.kind == "invalid_request_error" and prefill.sent == []
+
+
+def test_a_prefill_instance_lost_before_shipping_is_rerun_on_any_rank():
+    backend, prefill, (d0, d1) = make_backend()
+    d0.script = reserve_ok
+    lost = {"once": False}
+
+    def prefill_script(instance, msg):
+        if not lost["once"]:
+            lost["once"] = True
+            asyncio.get_running_loop().call_soon(backend.requests.instance_down, instance)
+            return []
+        return prefill_then_tokens(lambda m: d0)(instance, msg)
+
+    prefill.script = prefill_script
+    tokens, error = run(backend)
+    assert error is None and d0.kinds() == ["Reserve:cmpl-1.0", "Abort:cmpl-1.0", "Reserve:cmpl-1.1"]
+    assert d0.sent[2].exclude == []  # the decode rank did nothing wrong
+
+
+def test_a_decode_instance_lost_fails_the_request():
+    backend, prefill, (d0, d1) = make_backend()
+    d0.script = reserve_ok
+    def prefill_script(instance, msg):
+        if isinstance(msg, p.Prefill):
+            asyncio.get_running_loop().call_soon(backend.requests.instance_down, d0)
+        return []
+
+    prefill.script = prefill_script
+    tokens, error = run(backend)
+    assert error.status == 503 and "decode instance tcp://d0 went down" in str(error)
+    assert prefill.kinds() == ["Prefill:cmpl-1.0", "Abort:cmpl-1.0"]
+
+
+def test_a_client_that_goes_away_aborts_every_holder():
+    backend, prefill, (d0, d1) = make_backend()
+    d0.script = reserve_ok
+    request = GenerationRequest([1, 2, 3], None, 8, SamplingParams(), None, True, True, True, False)
+
+    async def go():
+        stream = Stream("cmpl-9", asyncio.get_running_loop())
+        backend.submit(stream, request)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert prefill.kinds() == ["Prefill:cmpl-9.0"]  # reserved, prefill running: both hold it
+        backend.abort("cmpl-9")
+        await asyncio.sleep(0.01)
+
+    asyncio.run(go())
+    assert d0.kinds()[-1] == "Abort:cmpl-9.0" and prefill.kinds()[-1] == "Abort:cmpl-9.0"
+    assert backend.requests.attempts == {} and backend.requests.tasks == {}
+
+
+@pytest.fixture(autouse=True)
+def _close_sockets():
+    yield
+    while MADE:
+        backend = MADE.pop()
+        backend.context.destroy(linger=0)
