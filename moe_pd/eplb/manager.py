@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -68,9 +67,6 @@ class EplbManager:
         """Measured per MoE layer at the last rebalance check: over its window and in its last step."""
         self._experts = {i: layer.mlp.experts for i, layer in enumerate(model.model.layers)
                          if model_cfg.is_moe_layer(i)}
-
-    def hook(self) -> Callable[[], None]:
-        return self.on_step
 
     def on_step(self) -> None:
         self.steps += 1

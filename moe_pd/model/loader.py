@@ -177,7 +177,7 @@ def load_weights(model: DeepseekForCausalLM, source: TensorSource) -> None:
             done += 1
             if time.monotonic() - started > 10 and done % 100 == 0:
                 log.info("loaded %d/%d tensors (%.0f s)", done, len(targets), time.monotonic() - started)
-    _report_unused(cfg, source, targets)
+    _report_unused(cfg, source)
 
 
 def _load_experts(experts: RoutedExperts, prefix: str, kind: str, source: TensorSource) -> None:
@@ -196,7 +196,7 @@ def _load_experts(experts: RoutedExperts, prefix: str, kind: str, source: Tensor
             scale[slot].copy_(torch.cat([s for _, s in pairs]))
 
 
-def _report_unused(cfg: ModelConfig, source: TensorSource, targets: dict) -> None:
+def _report_unused(cfg: ModelConfig, source: TensorSource) -> None:
     mtp_layers: dict[int, int] = defaultdict(int)
     for name in source.names():
         m = _LAYER.match(name)

@@ -20,8 +20,6 @@ from moe_pd.kvcache.paged import AttentionBatch, gather_latent, write_latent
 from moe_pd.model.norm import RMSNorm
 from moe_pd.model.rope import RotaryEmbedding, apply_rope
 
-ATTN_MODES = ("auto", "expanded", "absorbed")
-
 
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 from moe_pd.config.model import ModelConfig
 from moe_pd.model.experts import DenseMLP, RoutedExperts
 from moe_pd.model.gate import Gate
-from moe_pd.parallel.dispatch.base import Dispatcher
+from moe_pd.parallel.dispatch.base import Dispatcher, DispatchResult
 
 
 class MoE(nn.Module):
@@ -34,21 +34,24 @@ class MoE(nn.Module):
         self.dispatcher = dispatcher
         self.layer_idx = layer_idx
 
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        pending = self.dispatch_start(x_TD, *self.gate(x_TD))
-        shared_TD = self.shared(x_TD)
-        return self.output(self.combine_wait(self.experts_and_combine_start(pending)), shared_TD)
-
-    # The same computation in the pieces the overlap schedule interleaves (see DecoderLayer.stages).
+    # The computation in the pieces the overlap schedule interleaves, in order (DecoderLayer.stages runs them,
+    # with a profiler range around each): gate, dispatch_start, shared, dispatch_wait, routed, combine_start,
+    # combine_wait, output.
     def dispatch_start(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor):
         return self.dispatcher.dispatch_start(x_TD, topk_ids_TK, topk_weights_TK, self.layer_idx)
 
     def shared(self, x_TD: torch.Tensor) -> torch.Tensor | None:
         return self.shared_experts(x_TD) if self.shared_experts is not None else None
 
-    def experts_and_combine_start(self, pending):
-        routed = self.dispatcher.dispatch_wait(pending)
-        return self.dispatcher.combine_start(self.experts(routed.x_ND, routed.counts_E), routed.handle)
+    def dispatch_wait(self, pending) -> DispatchResult:
+        return self.dispatcher.dispatch_wait(pending)
+
+    def routed(self, routed: DispatchResult) -> torch.Tensor:
+        """This rank's experts over the rows it received (grouped by local expert)."""
+        return self.experts(routed.x_ND, routed.counts_E)
+
+    def combine_start(self, y_ND: torch.Tensor, routed: DispatchResult):
+        return self.dispatcher.combine_start(y_ND, routed.handle)
 
     def combine_wait(self, pending) -> torch.Tensor:
         return self.dispatcher.combine_wait(pending)

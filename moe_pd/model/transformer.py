@@ -112,11 +112,11 @@ class DecoderLayer(nn.Module):
                     v["mlp_out"] = self.mlp(v.pop("x"))
                 return
             with self._range(s, "DISPATCH-WAIT"):
-                routed = moe.dispatcher.dispatch_wait(v.pop("pending"))
+                routed = moe.dispatch_wait(v.pop("pending"))
             with self._range(s, "MLP"):
-                y_ND = moe.experts(routed.x_ND, routed.counts_E)
+                y_ND = moe.routed(routed)
             with self._range(s, "COMBINE"):
-                v["pending"] = moe.dispatcher.combine_start(y_ND, routed.handle)
+                v["pending"] = moe.combine_start(y_ND, routed)
 
         def combine(s: StageState) -> None:
             v = s.scratch

@@ -1,6 +1,7 @@
 """Load-balancing decisions of the PD cluster, as pure functions on plain data (no I/O, no torch).
 
-DeepSeek's inference system (ANCHORS.md section 4) balances, per instance:
+DeepSeek's inference system ("DeepSeek-V3/R1 Inference System Overview", deepseek-ai/open-infra-index) balances,
+per instance:
 - prefill: core-attention work and input tokens per GPU (rank);
 - decode: KV-cache usage and the number of requests per GPU;
 and the router sends a prompt to the prefill instance that already caches its longest prefix.
@@ -121,7 +122,3 @@ class PrefixIndex:
             self._pages.move_to_end((owner, h))
         while len(self._pages) > self.capacity:
             self._pages.popitem(last=False)
-
-    def forget(self, owner) -> None:
-        for key in [k for k in self._pages if k[0] == owner]:
-            del self._pages[key]
