@@ -1,11 +1,13 @@
 """torchrun worker: ControlPlane.exchange on every rank, through payloads that overflow the buffer (a second
-round, the same growth on every rank) and back to small ones. Prints one JSON line per rank with what it
-received and its buffer capacity; the test asserts on those (tests/dist/test_control_plane.py)."""
+round, the same growth on every rank) and back to small ones. Writes OUT_DIR/rank<r>.json (OUT_DIR: the
+first argument) with what it received and its buffer capacity; the test asserts on those
+(tests/dist/test_control_plane.py)."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import msgspec
 
@@ -33,7 +35,8 @@ def main() -> int:
         received.append([(g["rank"], g["step"], len(g["events"]), g == payload(g["rank"], step)) for g in got])
         sizes.append(plane.capacity)
     dist.destroy_process_group()
-    print(json.dumps({"rank": rank, "world": world, "received": received, "capacity": sizes}), flush=True)
+    report = {"rank": rank, "world": world, "received": received, "capacity": sizes}
+    (Path(sys.argv[1]) / f"rank{rank}.json").write_text(json.dumps(report))
     return 0
 
 

@@ -1,12 +1,14 @@
-"""torchrun worker (any R, also 1): the overlapped forward equals the plain one, prefill and decode.
+"""torchrun worker (any R, also 1): the overlapped forward against the plain one, prefill and decode.
 
 Each rank holds 1/R of the experts; prompts differ per rank (one rank gets none, to exercise empty
-micro-batches). Prints 'overlap matches' per rank or exits 1 with the largest relative difference.
+micro-batches). Writes OUT_DIR/rank<r>.json (OUT_DIR: the first argument): the largest relative difference
+per phase and whether the process group was freed by shutdown; tests/dist/test_overlap.py asserts on it.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import sys
 import weakref
 from pathlib import Path
@@ -38,7 +40,7 @@ def main() -> int:
         tables.append(list(range(next_page, next_page + n // 4 + 2)))
         next_page += n // 4 + 2
     ids = torch.randint(0, 256, (sum(lens),), generator=gen)
-    worst = 0.0
+    worst = {}
     caches = (fresh_cache(model), fresh_cache(model))
     steps = [(ids, AttentionBatch.build(tables, [0] * len(lens), lens, 4)),
              (torch.randint(0, 256, (len(lens),), generator=gen), AttentionBatch.build(tables, lens, [1] * len(lens), 4))]
@@ -46,8 +48,7 @@ def main() -> int:
         with torch.inference_mode():
             plain = model(step_ids, batch, caches[0])
             overlapped = forward_two_micro_batches(model, split_step(step_ids, batch), caches[1], schedule)
-        if plain.numel():
-            worst = max(worst, float((plain - overlapped).abs().max() / plain.abs().max()))
+        worst[schedule.name] = float((plain - overlapped).abs().max() / plain.abs().max()) if plain.numel() else 0.0
     group = weakref.ref(state.group) if state.group is not None else None
     if dist.is_initialized():
         dist.barrier()
@@ -55,13 +56,9 @@ def main() -> int:
     # threads are left to static destructors, which can abort a rank after it passed.
     shutdown(state)
     gc.collect()
-    if group is not None and group() is not None:
-        print(f"rank {state.rank}: the process group outlived shutdown", file=sys.stderr)
-        return 1
-    if worst > 1e-6:
-        print(f"rank {state.rank}: overlapped differs from plain by {worst:.3g} (relative)", file=sys.stderr)
-        return 1
-    print(f"rank {state.rank}: overlap matches ({worst:.2g})")
+    report = {"rank": state.rank, "tokens": sum(lens), "relative_diff": worst,
+              "group_freed": group is None or group() is None}
+    (Path(sys.argv[1]) / f"rank{state.rank}.json").write_text(json.dumps(report))
     return 0
 
 

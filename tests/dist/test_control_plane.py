@@ -12,16 +12,15 @@ HERE = Path(__file__).parent
 
 @pytest.mark.dist
 @pytest.mark.timeout(120)
-def test_every_rank_gets_every_payload_including_oversized_ones():
+def test_every_rank_gets_every_payload_including_oversized_ones(tmp_path):
     import sys
 
     sys.path.insert(0, str(HERE))
     from control_worker import CAPACITY, STEPS, payload
 
-    proc = torchrun(3, [str(HERE / "control_worker.py")], timeout=100)
+    proc = torchrun(3, [str(HERE / "control_worker.py"), str(tmp_path)], timeout=100)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
-                     key=lambda r: r["rank"])
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
     assert [r["rank"] for r in reports] == [0, 1, 2]
     for report in reports:
         for step, got in enumerate(report["received"]):

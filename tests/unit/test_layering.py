@@ -121,3 +121,9 @@ def test_the_router_process_imports_no_torch():
     code = "import sys, moe_pd.serve.router; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_no_source_file_over_400_lines():
+    long = {str(path.relative_to(ROOT)): n for path in modules().values()
+            if (n := len(path.read_text().splitlines())) > 400}
+    assert long == {}, f"split these (aim for ~300 lines a file): {long}"
