@@ -1,4 +1,4 @@
-"""Token order <-> expert order, in DeepGEMM's two layouts (ANCHORS.md section 6).
+"""Token order <-> expert order, in DeepGEMM's two layouts (github.com/deepseek-ai/DeepGEMM).
 
 - contiguous (prefill): every expert's rows back to back, each segment padded to a multiple of 128;
   `m_indices[row]` is the row's expert, -1 on padding rows. Its length needs the counts on the host.

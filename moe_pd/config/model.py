@@ -1,6 +1,7 @@
 """Model architecture schema. Field names equal the keys of a checkpoint's config.json.
 
-Defaults are DeepSeek-V3 671B (ANCHORS.md section 5); presets in conf/model/ list only their deltas.
+Defaults are DeepSeek-V3 671B (deepseek-ai/DeepSeek-V3, inference/configs/config_671B.json); presets in
+conf/model/ list only their deltas.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A conformance double of DeepEP's V1 `deep_ep.Buffer` (ANCHORS.md section 1) on torch.distributed.
+"""A conformance double of DeepEP's V1 `deep_ep.Buffer` (github.com/deepseek-ai/DeepEP) on torch.distributed.
 
 It implements the documented *semantics* of the calls moe_pd's adapter makes, with gloo all_to_all
 underneath, so the adapter's bookkeeping is tested on CPU: normal dispatch delivers each token once per

@@ -1,5 +1,5 @@
-"""Adapter to DeepEP's V1 `deep_ep.Buffer` (ANCHORS.md section 1): normal kernels for prefill-sized steps,
-low-latency kernels with receive hooks for decode-sized steps.
+"""Adapter to DeepEP's V1 `deep_ep.Buffer` (github.com/deepseek-ai/DeepEP, `deep_ep/buffer.py`): normal
+kernels for prefill-sized steps, low-latency kernels with receive hooks for decode-sized steps.
 
 Legend: T tokens on this rank, D hidden, K top-k, E local expert slots, R ranks, P physical slots,
 N rows received (normal mode), C = R * max dispatch tokens per rank (low-latency capacity).
