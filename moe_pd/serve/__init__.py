@@ -1,1 +1,2 @@
-"""Serving: the engine loop behind an OpenAI-compatible HTTP API (colocated mode today)."""
+"""Serving: the router and a PD cluster's instances (prefill, decode, colocated), their wire protocol, and the
+one-process server; docs/architecture.md walks a request through them."""

@@ -227,3 +227,46 @@ def _close_sockets():
     while MADE:
         backend = MADE.pop()
         backend.context.destroy(linger=0)
+
+
+def test_the_instance_client_drops_garbage_and_ignores_another_protocol_version():
+    import msgspec
+    import zmq
+    import zmq.asyncio
+
+    from moe_pd.serve.instance_client import InstanceClient
+
+    async def go():
+        context = zmq.asyncio.Context()
+        leader = context.socket(zmq.ROUTER)
+        leader.setsockopt(zmq.LINGER, 0)
+        port = leader.bind_to_random_port("tcp://127.0.0.1")
+        got = []
+        client = InstanceClient(f"tcp://127.0.0.1:{port}", "decode", context, 5.0, lambda i, m: got.append(m),
+                                lambda i: None)
+        receiving = asyncio.create_task(client.receive())
+        client.send(p.Hello(p.PROTOCOL_VERSION))
+        identity, hello = await leader.recv_multipart()
+        assert msgspec.msgpack.decode(hello, type=p.Hello).version == p.PROTOCOL_VERSION
+        load = p.RankLoad(0, 1, 10, 0, 0, 0, 4)
+        for raw in (b"\xc1", msgspec.msgpack.encode({"op": "nonsense"}),
+                    p.encode(p.Status(p.PROTOCOL_VERSION + 1, "x", "decode", 16, [load])),  # another version
+                    p.encode(p.Tokens("r.0", [5], False))):
+            await leader.send_multipart([identity, raw])
+        for _ in range(100):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        assert got == [p.Tokens("r.0", [5], False)] and not client.up  # the other version's status was ignored
+        await leader.send_multipart([identity, p.encode(p.Status(p.PROTOCOL_VERSION, "x", "decode", 16, [load]))])
+        for _ in range(100):
+            if client.up:
+                break
+            await asyncio.sleep(0.01)
+        assert client.up and client.free_pages == 9
+        receiving.cancel()
+        client.socket.close(0)
+        leader.close(0)
+        context.term()
+
+    asyncio.run(go())
