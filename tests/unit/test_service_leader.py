@@ -161,3 +161,20 @@ def test_hello_is_answered_with_status_and_another_version_is_refused(leader_and
     assert len(leader.routers) == 1
     exchange(leader, client, p.Hello(p.PROTOCOL_VERSION + 1), expect=1)
     assert len(leader.routers) == 0  # no heartbeats for a router that speaks another version
+
+
+def test_the_status_carries_the_instances_eplb_figures_to_the_routers_metrics(leader_and_client):
+    from prometheus_client import generate_latest
+
+    from moe_pd.serve.metrics import Metrics
+
+    leader, client = leader_and_client("decode", [decode_load(0)])
+    leader.eplb_metrics = lambda: {"balancedness": {"window": [0.5, 0.75], "step": [0.25, 1.0]}, "rebalances": 3,
+                                   "checks": 5, "bytes_moved": 4096}
+    exchange(leader, client, p.Hello(p.PROTOCOL_VERSION), expect=1)
+    (status,) = client.take_answers(1)
+    assert status.eplb == p.EplbStatus({"window": [0.5, 0.75], "step": [0.25, 1.0]}, 3, 5, 4096)
+    metrics = Metrics()
+    metrics.instance("decode@x:1", "decode", True, msgspec.to_builtins(status.ranks), msgspec.to_builtins(status.eplb))
+    text = generate_latest(metrics.registry).decode()
+    assert 'moe_pd_eplb_balancedness{instance="decode@x:1",layer="1",role="decode",scope="window"} 0.75' in text
