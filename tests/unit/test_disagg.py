@@ -24,7 +24,8 @@ def engines(model, prefill_blocks=64, decode_blocks=64):
     prefill = LLMEngine(model, KVCacheConfig(block_size=4, num_blocks=prefill_blocks), 8, 16,
                         hold_finished_pages=True)
     decode = LLMEngine(model, KVCacheConfig(block_size=4, num_blocks=decode_blocks), 8, 64)
-    return PrefillWorker(prefill, KVSender("prefill"), timeout_s=5), DecodeWorker(decode, timeout_s=5)
+    # KV deadlines far above a loaded machine's prefill time; tests of timeouts set their own
+    return PrefillWorker(prefill, KVSender("prefill"), timeout_s=30), DecodeWorker(decode, timeout_s=30)
 
 
 @pytest.fixture
