@@ -1,4 +1,5 @@
-"""DeepSeek's EPLB placement, reimplemented from its description (ANCHORS.md section 3).
+"""DeepSeek's EPLB placement, reimplemented from its public description and
+reference code (github.com/deepseek-ai/EPLB, eplb.py; DeepSeek-V3 technical report, arXiv:2412.19437).
 
 Legend: L layers, E logical experts, P physical slots (num_replicas), G GPUs, N nodes.
 
