@@ -108,7 +108,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             tokens = req.token_ids
-            hits = self.allocator.cached_prefix(tokens)
+            hits = self.allocator.cached_prefix(tokens) if req.prompt_logprobs is None else []
             hit_tokens = len(hits) * self.allocator.block_size
             num_new = min(len(tokens) - hit_tokens, budget)
             try:
