@@ -112,7 +112,8 @@ def test_streaming_chat_gives_the_same_tokens_as_non_streaming(server):
     ("/v1/completions", {"prompt": [1] * 2000}, None, 400, "does not fit the context"),
     ("/v1/completions", {"prompt": [256, 100000]}, None, 400, "token ids outside"),
     ("/v1/chat/completions", {"messages": []}, None, 400, "'messages' must be a non-empty list"),
-    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, None, 400, "'messages[0].role' must be one of"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, None, 400,
+     "'messages[0].role' must be one of"),
 ])
 def test_bad_requests_get_openai_errors(server, path, body, raw, status, message):
     url, _ = server

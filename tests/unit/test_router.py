@@ -11,9 +11,8 @@ import asyncio
 import pytest
 
 from moe_pd.config.serve import RouterConfig
-from moe_pd.engine.core.request import SamplingParams
+from moe_pd.engine.core.request import Logprob, SamplingParams
 from moe_pd.serve import protocol as p
-from moe_pd.engine.core.request import Logprob
 from moe_pd.serve.backend import Chunk, Job, Stream
 from moe_pd.serve.openai_api import APIError
 from moe_pd.serve.router import ClusterBackend
@@ -267,7 +266,8 @@ def test_logprobs_wait_for_prefill_which_sampled_the_first_token():
     first, second = Logprob(7, -0.5), Logprob(8, -0.25)
 
     def prefill_script(instance, msg):  # decode's tokens arrive before prefill's report with token 7's logprob
-        return [(d0, p.Tokens(msg.rid, [7], False, logprobs=[])), (d0, p.Tokens(msg.rid, [8], True, "length", [second])),
+        return [(d0, p.Tokens(msg.rid, [7], False, logprobs=[])),
+                (d0, p.Tokens(msg.rid, [8], True, "length", [second])),
                 (instance, p.Prefilled(msg.rid, "done", logprobs=[first], prompt_logprobs=[None, first]))]
 
     prefill.script = prefill_script
