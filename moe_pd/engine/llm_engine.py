@@ -157,10 +157,10 @@ class LLMEngine:
         t0 = time.perf_counter()
         sampled, failed = self._run(plan)
         self._account(plan, time.perf_counter() - t0)
-        for req in failed:  # its own logits failed it; the step and every other request go on
-            self.requests.transition(req, State.FAILED, "error: no token could be sampled (non-finite logits)")
-            outputs.append(output(req, []))
-        self.scheduler.update(plan, sampled)
+        # a request whose logits failed it ends alone; the step and every other request go on
+        self.scheduler.update(plan, sampled, {r.request_id: "no token could be sampled (non-finite logits)"
+                                              for r in failed})
+        outputs += [output(req, []) for req in failed]
         for item in plan.scheduled:
             token = sampled.get(item.seq.request_id)
             if token is not None:

@@ -122,9 +122,14 @@ class Scheduler:
             budget -= num_new
         return plan
 
-    def update(self, plan: StepPlan, sampled: dict[str, int]) -> None:
+    def update(self, plan: StepPlan, sampled: dict[str, int], failed: dict[str, str] | None = None) -> None:
         """Applies a step's results: `sampled` maps request id -> token for every request whose chunk
-        reached its end."""
+        reached its end, except those in `failed` (request id -> why): no token could be sampled for them
+        (non-finite logits), so they end FAILED alone and release what they hold."""
+        for rid, why in (failed or {}).items():
+            req = self.requests.get(rid)
+            if req is not None and req.state in (State.PREFILLING, State.DECODING):
+                self.requests.transition(req, State.FAILED, f"error: {why}")
         for item in plan.scheduled:
             req = item.seq
             if req.state not in (State.PREFILLING, State.DECODING):
