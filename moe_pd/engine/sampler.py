@@ -33,7 +33,8 @@ def apply_penalties(logits_V: torch.Tensor, output_ids: list[int], p: SamplingPa
 def filter_logits(logits_V: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Temperature-scaled logits with everything outside top-k / top-p set to -inf."""
     logits_V = logits_V.float() / max(p.temperature, 1e-5)
-    logits_V = torch.nan_to_num(logits_V, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+    logits_V = torch.nan_to_num(logits_V, nan=float("-inf"), posinf=torch.finfo(torch.float32).max,
+                                neginf=float("-inf"))
     if 0 < p.top_k < logits_V.shape[-1]:
         kth = torch.topk(logits_V, p.top_k).values[-1]
         logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
@@ -48,7 +49,8 @@ def filter_logits(logits_V: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 def _sample_row(logits_V: torch.Tensor, p: SamplingParams, gen: torch.Generator | None,
                 output_ids: list[int]) -> int | None:
-    logits_V = torch.nan_to_num(apply_penalties(logits_V, output_ids, p).float(), nan=float("-inf"))
+    logits_V = apply_penalties(logits_V, output_ids, p).float()
+    logits_V = logits_V.masked_fill(logits_V.isnan(), float("-inf"))
     if not bool(torch.isfinite(logits_V).any()) and not bool((logits_V == float("inf")).any()):
         return None  # nothing to choose from
     if p.greedy:

@@ -27,6 +27,10 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
+    def token_bytes(self, token: int) -> bytes | None:
+        """The bytes a token stands for (None: a special token)."""
+        return bytes([token]) if 0 <= token < 256 else None
+
 
 class HFTokenizer:
     """A tokenizer.json file (the `tokenizers` package), with the model's bos prepended."""

@@ -108,6 +108,7 @@ class _Generation:
         self.choices: list[Choice] = []
         self.response: web.StreamResponse | None = None
         self.first_at: float | None = None
+        self.checked = time.monotonic()
 
     def _submit(self) -> None:
         req, loop = self.req, asyncio.get_running_loop()
@@ -134,12 +135,16 @@ class _Generation:
     async def _next(self):
         if self.req.stream:
             return await self.queue.get()
-        while True:  # a non-streaming client that goes away is noticed here
+        while True:  # a non-streaming client that goes away is noticed here, tokens flowing or not
+            now = time.monotonic()
+            if now - self.checked >= DISCONNECT_POLL_S:
+                self.checked = now
+                if self._disconnected():
+                    raise ConnectionResetError("the client went away")
             try:
                 return await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                if self._disconnected():
-                    raise ConnectionResetError("the client went away") from None
+                pass
 
     async def run(self) -> web.StreamResponse:
         metrics = self.front.metrics
@@ -169,10 +174,13 @@ class _Generation:
                     self.front.backend.abort(self.streams[index].request_id)  # a stop string ended it
                 if self.req.stream:
                     await self._stream_chunk(choice, item)
-        except (asyncio.CancelledError, ConnectionResetError):
+        except (asyncio.CancelledError, ConnectionResetError) as exc:
             self._abort_unfinished()  # the client went away: free its pages everywhere
             metrics.requests.labels("aborted").inc()
-            raise
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.info("request %s: the client went away; aborted", self.id)  # an everyday event, not an error
+            return self.response or web.Response(status=499)
         for choice in self.choices:
             metrics.requests.labels(choice.reason or "unknown").inc()
         if self.first_at is not None and len(self.choices) == 1 and len(self.choices[0].ids) > 1:

@@ -88,7 +88,14 @@ class Choice:
         return out
 
     def token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token]) if self.tokenizer is not None else ""
+        """The token as text; a token that is no text of its own (part of a character, a special token) is
+        named the way OpenAI names partial bytes ("bytes:\\xe2"), or by its id, so top_logprobs keys stay
+        distinct."""
+        text = self.tokenizer.decode([token]) if self.tokenizer is not None else ""
+        if text and "\ufffd" not in text:
+            return text
+        raw = getattr(self.tokenizer, "token_bytes", lambda _: None)(token)
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw) if raw else f"<|token_{token}|>"
 
     # logprobs bodies ------------------------------------------------------------------------------------
     def completion_logprobs(self, entries: list[tuple[int, Logprob | None]], offset: int) -> dict:

@@ -23,16 +23,12 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from moe_pd.engine.core.request import pages_needed
 from moe_pd.serve import protocol as p
 from moe_pd.serve.backend import Chunk, Job, Stream
 from moe_pd.serve.openai_api import APIError, unavailable
 from moe_pd.serve.router_requests import DOWN, Attempt, Phase
-
-if TYPE_CHECKING:
-    from moe_pd.serve.router import ClusterBackend
 
 log = logging.getLogger("moe_pd.serve.router")
 
@@ -49,7 +45,8 @@ def _client_message(msg: p.Error) -> str:
 
 
 class Flow:
-    def __init__(self, backend: "ClusterBackend", stream: Stream, job: Job) -> None:
+    def __init__(self, backend, stream: Stream, job: Job) -> None:
+        """`backend`: the router's ClusterBackend (its config, table, metrics and instance choices)."""
         self.backend, self.cfg, self.stream, self.job = backend, backend.cfg, stream, job
         self.requests = backend.requests
         self.streamed: list[int] = []
