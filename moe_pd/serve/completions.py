@@ -205,7 +205,9 @@ class _Generation:
 
     async def _send(self, choices: list[dict]) -> None:
         body = envelope(self.id, self.created, self.front.model_name, self.req.chat, True, choices)
-        if self.req.include_usage:
+        if self.req.continuous_usage:
+            body["usage"] = self._usage()
+        elif self.req.include_usage:
             body["usage"] = None
         await self._write(body)
 
@@ -228,7 +230,7 @@ class _Generation:
         if self.req.stream:
             if self.response is None:
                 await self._prepare()
-            if self.req.include_usage:
+            if self.req.include_usage or self.req.continuous_usage:
                 body = envelope(self.id, self.created, self.front.model_name, self.req.chat, True, [])
                 await self._write({**body, "usage": self._usage()})
             await self.response.write(b"data: [DONE]\n\n")

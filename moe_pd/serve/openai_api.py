@@ -139,6 +139,8 @@ class GenerationRequest:
     n: int = 1
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False
+    """Streams: usage so far on every chunk (vLLM's stream_options.continuous_usage_stats; guidellm asks)."""
     stop: list[str] = field(default_factory=list)
     echo: bool = False
     logprobs: int | None = None
@@ -176,12 +178,14 @@ def parse_request(body: object, chat: bool, served_models: list[str], max_tokens
     key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _int(body, key, max_tokens_limit if chat else 16, 1, max_tokens_limit)
     stream = flag(body, "stream")
-    include_usage = False
+    include_usage = continuous_usage = False
     if body.get("stream_options") is not None:
         options = body["stream_options"]
-        if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise APIError("'stream_options' takes only 'include_usage'", param="stream_options")
+        if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
+            raise APIError("'stream_options' takes only 'include_usage' and 'continuous_usage_stats'",
+                           param="stream_options")
         include_usage = flag(options, "include_usage")
+        continuous_usage = flag(options, "continuous_usage_stats")
     if chat:
         logprobs = None
         if flag(body, "logprobs"):
@@ -203,7 +207,7 @@ def parse_request(body: object, chat: bool, served_models: list[str], max_tokens
                             frequency_penalty=_float(body, "frequency_penalty", 0.0, -2.0, 2.0),
                             logprobs=logprobs, prompt_logprobs=logprobs if echo and logprobs is not None else None)
     return GenerationRequest(prompts, max_tokens, params, _int(body, "seed", None, -_I64, 2**64 - 1), n, stream,
-                             include_usage, _stop(body.get("stop")), echo, logprobs,
+                             include_usage, continuous_usage, _stop(body.get("stop")), echo, logprobs,
                              flag(body, "return_token_ids"), flag(body, "ignore_eos"), chat)
 
 

@@ -185,6 +185,9 @@ def test_include_usage_ends_the_stream_and_chat_streams_open_with_the_role(serve
     assert all(c["usage"] is None for c in chunks[:-1])
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4  # max_completion_tokens
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    chunks = call(sse(url, "/v1/completions", greedy(max_tokens=3, stream_options={  # guidellm asks for both
+        "include_usage": True, "continuous_usage_stats": True})))
+    assert [c["usage"]["completion_tokens"] for c in chunks] == [1, 2, 3, 3] and chunks[-1]["choices"] == []
 
 
 def test_content_parts_and_the_developer_role_are_the_string_and_system_forms(server):
