@@ -71,8 +71,8 @@ class Rank:
         return p.RankLoad(self.rank, allocator.num_used, allocator.num_blocks,
                           len(requests.running) + requests.count(State.RESERVED), len(requests.waiting), queued,
                           self.max_running, self.address, requests.count(State.RESERVED, State.TRANSFERRING),
-                          requests.cached_tokens, requests.aborted, os.getpid(), dict(requests.transfers),
-                          requests.count(State.RESERVED))
+                          requests.cached_tokens, requests.aborted, os.getpid(),
+                          reserved=requests.count(State.RESERVED), transfers=dict(requests.transfers))
 
     address = ""
 
