@@ -44,6 +44,14 @@ def _client_message(msg: p.Error) -> str:
     return msg.message.removeprefix("error: ")
 
 
+def _refusal(msg: p.Error, role: str) -> APIError:
+    """An instance's final no: the request's own fault (4xx, its message), or the named role's (5xx)."""
+    if msg.status < 500:
+        return APIError(_client_message(msg), msg.status)
+    return APIError(f"the {role} instance failed the request ({_client_message(msg)})", msg.status,
+                    kind="server_error")
+
+
 class Flow:
     def __init__(self, backend, stream: Stream, job: Job) -> None:
         """`backend`: the router's ClusterBackend (its config, table, metrics and instance choices)."""
@@ -132,8 +140,7 @@ class Flow:
             if isinstance(msg, p.Error):
                 if msg.retry:
                     raise Retry(f"the colocated instance failed it ({_client_message(msg)})")
-                raise APIError(_client_message(msg), msg.status, kind="server_error" if msg.status >= 500 else
-                               "invalid_request_error")
+                raise _refusal(msg, "colocated")
             if attempt.phase is Phase.PREFILLING:
                 self.requests.transition(attempt, Phase.STREAMING)
             self._emit(msg, None, msg.prompt_logprobs)
@@ -159,8 +166,7 @@ class Flow:
                 self.requests.transition(attempt, Phase.WAITING)
                 continue
             if isinstance(msg, p.Error):
-                raise APIError(_client_message(msg), msg.status, kind="server_error" if msg.status >= 500 else
-                               "invalid_request_error")
+                raise _refusal(msg, "decode")
             return msg, prefills
 
     async def _disaggregated(self, attempt: Attempt, prompt, max_tokens, params, seed) -> None:
@@ -190,8 +196,7 @@ class Flow:
                     self.failed_ranks.add(attempt.address)
                 if msg.retry:
                     raise Retry(f"the {role} instance failed it ({_client_message(msg)})")
-                raise APIError(_client_message(msg), msg.status, kind="server_error" if msg.status >= 500 else
-                               "invalid_request_error")
+                raise _refusal(msg, role)
             elif msg == DOWN:
                 if source is decode or prefilled is None and (wait_for_prefill or attempt.phase is not Phase.STREAMING):
                     raise Retry(f"the {'decode' if source is decode else 'prefill'} instance went down")

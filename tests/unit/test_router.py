@@ -358,3 +358,12 @@ def test_the_instance_client_drops_garbage_and_ignores_another_protocol_version(
         context.term()
 
     asyncio.run(go())
+
+
+def test_an_instance_failure_names_its_role_and_nothing_internal():
+    backend, prefill, (d0, d1) = make_backend()
+    d0.script = reserve_ok
+    prefill.script = lambda inst, msg: [(inst, p.Error(msg.rid, "internal error", status=500))]
+    tokens, error = run(backend)
+    assert error.status == 500 and str(error) == "the prefill instance failed the request (internal error)"
+    assert d0.kinds()[-1] == "Abort:cmpl-1.0"  # the decode reservation is freed
