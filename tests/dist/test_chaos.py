@@ -23,6 +23,8 @@ OVERRIDES = ["kvcache.block_size=16", "kvcache.num_blocks=128", "runtime.log_lev
              "router:heartbeat_timeout_s=3", "router:queue_timeout_s=120", "router:log_level=WARNING"]
 LOAD = 6
 """Concurrent streams during a fault."""
+N = 300
+"""Tokens each of them asks for (long enough to be decoding when the fault comes)."""
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +60,9 @@ def body(i: int, n: int = 40) -> dict:
     return {"prompt": f"Request {i}: tell me a long story", "max_tokens": n, "temperature": 0, "ignore_eos": True}
 
 
-async def stream_tokens(url: str, req: dict) -> tuple[int, str | None, dict | None]:
-    """(tokens streamed, the last finish_reason, an error event) of one streaming completion."""
+async def stream_tokens(url: str, req: dict, progress: list | None = None) -> tuple[int, str | None, dict | None]:
+    """(tokens streamed, the last finish_reason, an error event) of one streaming completion; `progress`
+    (a one-item list) counts the tokens as they come."""
     count, reason, error = 0, None, None
     async with aiohttp.ClientSession() as s:
         async with s.post(url + "/v1/completions", json={**req, "stream": True, "return_token_ids": True,
@@ -76,6 +79,8 @@ async def stream_tokens(url: str, req: dict) -> tuple[int, str | None, dict | No
                 for choice in event.get("choices", []):
                     count += len(choice.get("token_ids", []))
                     reason = choice["finish_reason"] or reason
+                if progress is not None:
+                    progress[0] = count
     return count, reason, error
 
 
@@ -84,10 +89,15 @@ def pid_of(cluster: Cluster, role: str, rank: int) -> int:
     return next(r["pid"] for r in inst["ranks"] if r["rank"] == rank)
 
 
-async def under_load(cluster: Cluster, fault, n: int = 40):
-    """LOAD streams; `fault()` once every stream has its first tokens; every stream's outcome."""
-    tasks = [asyncio.create_task(stream_tokens(cluster.url, body(i, n))) for i in range(LOAD)]
-    await asyncio.sleep(1.0)
+async def under_load(cluster: Cluster, fault, n: int = N):
+    """LOAD streams; `fault()` once every stream is decoding (has a few tokens); every stream's outcome."""
+    progress = [[0] for _ in range(LOAD)]
+    tasks = [asyncio.create_task(stream_tokens(cluster.url, body(i, n), progress[i])) for i in range(LOAD)]
+    for _ in range(200):
+        if all(p[0] >= 3 for p in progress):
+            break
+        await asyncio.sleep(0.05)
+    assert all(p[0] < n for p in progress), "the load ended before the fault"
     fault()
     return await asyncio.gather(*tasks)
 
@@ -105,7 +115,7 @@ def test_disconnected_clients_are_aborted_everywhere(cluster):
     async def leave(streaming: bool):
         async with aiohttp.ClientSession() as s:
             try:
-                async with s.post(cluster.url + "/v1/completions", json={**body(0, 400), "stream": streaming},
+                async with s.post(cluster.url + "/v1/completions", json={**body(0, 900), "stream": streaming},
                                   timeout=aiohttp.ClientTimeout(total=1.5)) as r:
                     await r.content.readline()
             except asyncio.TimeoutError:
@@ -116,7 +126,7 @@ def test_disconnected_clients_are_aborted_everywhere(cluster):
 
     before = cluster.metrics().get('moe_pd_requests_total{outcome="aborted"}', 0)
     run(both())
-    assert_clean(cluster, timeout=30)  # long before 400 tokens each could have been generated
+    assert_clean(cluster, timeout=30)  # long before 900 tokens each could have been generated
     assert cluster.metrics()['moe_pd_requests_total{outcome="aborted"}'] - before == 4
 
 
@@ -126,7 +136,7 @@ def test_a_killed_rank_under_load_loses_no_request_and_the_cluster_heals(cluster
     started = time.monotonic()
     results = run(under_load(cluster, lambda: os.kill(victim, signal.SIGKILL)), timeout=240)
     for count, reason, error in results:  # migrated: every stream continued to its full length
-        assert error is None and (count, reason) == (40, "length"), results
+        assert error is None and (count, reason) == (N, "length"), results
     assert_clean(cluster, timeout=180)  # restarted by launch/supervise.sh, re-registered with the router
     assert time.monotonic() - started < 200
     assert pid_of(cluster, role, 0) != victim
@@ -140,7 +150,7 @@ def test_a_frozen_rank_is_routed_around_and_serves_again_after_sigcont(cluster):
         os.kill(victim, signal.SIGSTOP)
 
     async def go():
-        outcome = asyncio.create_task(under_load(cluster, freeze, n=30))
+        outcome = asyncio.create_task(under_load(cluster, freeze))
         await asyncio.sleep(6)  # past the 3 s heartbeat timeout: marked down, its requests migrate and wait
         assert cluster.health()[1]["status"] != "ok"
         os.kill(victim, signal.SIGCONT)
@@ -148,7 +158,7 @@ def test_a_frozen_rank_is_routed_around_and_serves_again_after_sigcont(cluster):
 
     results = run(go(), timeout=240)
     for count, reason, error in results:
-        assert error is None and (count, reason) == (30, "length"), results
+        assert error is None and (count, reason) == (N, "length"), results
     assert_clean(cluster, timeout=120)
     assert pid_of(cluster, "decode", 0) == victim  # the same process serves again
 
@@ -159,8 +169,10 @@ def test_sigterm_under_load_drains_and_leaves_nothing_running(cluster):
     descendants = subprocess.run(["pgrep", "-g", str(local.pid)], capture_output=True, text=True).stdout.split()
 
     async def go():
-        tasks = [asyncio.create_task(stream_tokens(cluster.url, body(i, 30))) for i in range(LOAD)]
-        await asyncio.sleep(1.0)
+        progress = [[0] for _ in range(LOAD)]
+        tasks = [asyncio.create_task(stream_tokens(cluster.url, body(i, N), progress[i])) for i in range(LOAD)]
+        while not all(p[0] >= 3 for p in progress):
+            await asyncio.sleep(0.05)
         local.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.5)
         late = await send(cluster.url, "/v1/completions", body(99, 4))
@@ -168,7 +180,7 @@ def test_sigterm_under_load_drains_and_leaves_nothing_running(cluster):
 
     results, late = run(go(), timeout=120)
     for count, reason, error in results:  # in flight when SIGTERM came: finished
-        assert error is None and (count, reason) == (30, "length"), results
+        assert error is None and (count, reason) == (N, "length"), results
     assert late[0] == 503 and late[1]["error"]["type"] == "server_error"
     local.wait(60)
     for pid in pids + [int(p) for p in descendants]:
