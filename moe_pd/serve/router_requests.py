@@ -48,7 +48,8 @@ class Phase(enum.Enum):
     """Waiting for the first token: prefill runs the prompt and ships its KV (PD), or the colocated instance
     runs it."""
     STREAMING = "streaming"
-    """Tokens reach the client; from here on the attempt is never re-run."""
+    """Tokens reach the client; an attempt that fails from here is migrated (the next attempt resumes after
+    the streamed tokens)."""
     FINISHED = "finished"
     FAILED = "failed"
     ABORTED = "aborted"
