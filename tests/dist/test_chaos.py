@@ -146,11 +146,15 @@ def test_a_killed_rank_under_load_loses_no_request_and_the_cluster_heals(cluster
 def test_a_frozen_rank_is_routed_around_and_serves_again_after_sigcont(cluster):
     victim = pid_of(cluster, "decode", 0)
 
-    def freeze():
-        os.kill(victim, signal.SIGSTOP)
-
     async def go():
+        frozen = asyncio.Event()
+
+        def freeze():
+            os.kill(victim, signal.SIGSTOP)
+            frozen.set()
+
         outcome = asyncio.create_task(under_load(cluster, freeze))
+        await frozen.wait()
         await asyncio.sleep(6)  # past the 3 s heartbeat timeout: marked down, its requests migrate and wait
         assert cluster.health()[1]["status"] != "ok"
         os.kill(victim, signal.SIGCONT)
