@@ -17,5 +17,6 @@ setup(
     + ["moe_pd.kernels", "moe_pd.conf"]
     + [f"moe_pd.conf.{group}" for group in CONF_GROUPS],
     package_dir={"moe_pd": "moe_pd", "moe_pd.kernels": "kernels", "moe_pd.conf": "conf"},
-    package_data={"moe_pd.conf": ["*.yaml"], **{f"moe_pd.conf.{g}": ["*.yaml"] for g in CONF_GROUPS}},
+    package_data={"moe_pd.conf": ["*.yaml"], **{f"moe_pd.conf.{g}": ["*.yaml"] for g in CONF_GROUPS},
+                  "moe_pd.assets": ["tiny_bytes/*"]},
 )

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The whole PD cluster on this machine (tiny model, CPU, gloo): a prefill instance (2 ranks), a decode
-# instance (4 ranks, EP 4) and the router. Prints the router's URL once every instance is up, then runs
-# until Ctrl-C / SIGTERM, which stops all three cleanly. Logs: $RUN_DIR/{prefill,decode,router}.log.
+# instance (4 ranks, EP 4) and the router, each kept running by launch/supervise.sh: a component that dies
+# (a killed rank takes its torchrun job down) is restarted and re-registers with the router, while the others
+# keep serving. Prints the router's URL once every instance is up, then runs until Ctrl-C / SIGTERM, which
+# drains all three (requests in flight finish, up to DRAIN_TIMEOUT=30 s) and stops them.
+# Logs: $RUN_DIR/{prefill,decode,router}.log.
 #
 # Arguments are Hydra overrides. model.* / model=... go to every component (e.g. model.path=/ckpt);
 # other plain overrides go to both instances (e.g. kvcache.num_blocks=512); prefill:KEY=V, decode:KEY=V and
@@ -10,6 +13,7 @@
 #   PREFILL_RANKS=2 DECODE_RANKS=4
 #   MODE=pd | colocated   (colocated: one instance of COLOCATED_RANKS=4 ranks does both phases: the baseline)
 #   RUN_DIR=runs/local/<date>   PYTHON=.venv/bin/python   READY_TIMEOUT=300 (seconds)
+#   DRAIN_TIMEOUT=30 (seconds; every component's drain_timeout_s)   RESTART_DELAY=1   MAX_RESTARTS=-1 (no limit)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
@@ -29,12 +33,23 @@ for arg in "$@"; do
     esac
 done
 
+DRAIN_TIMEOUT="${DRAIN_TIMEOUT:-30}"
+export READY_FILE="$RUN_DIR/.ready" RESTART_DELAY="${RESTART_DELAY:-1}" MAX_RESTARTS="${MAX_RESTARTS:--1}"
+rm -f "$READY_FILE"
 PIDS=()
-stop() {  # the ranks first (each stops at its next control exchange), then torchrun and the router
+stop() {  # every supervisor drains its component; whatever is left after the drain timeout is killed
     trap - INT TERM EXIT
-    for pid in "${PIDS[@]}"; do pkill -TERM -P "$pid" 2>/dev/null || true; done
-    sleep 1
-    [ "${#PIDS[@]}" -gt 0 ] && kill -TERM "${PIDS[@]}" 2>/dev/null || true
+    [ "${#PIDS[@]}" -gt 0 ] || return 0
+    kill -TERM "${PIDS[@]}" 2>/dev/null || true
+    for _ in $(seq $(( (DRAIN_TIMEOUT + 15) * 2 ))); do
+        kill -0 "${PIDS[@]}" 2>/dev/null || break
+        sleep 0.5
+    done
+    for pid in "${PIDS[@]}"; do  # past the deadline: the component's processes, then its supervisor
+        kill -0 "$pid" 2>/dev/null || continue
+        for child in $(pgrep -P "$pid"); do pkill -KILL -P "$child" 2>/dev/null; kill -KILL "$child" 2>/dev/null; done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
     wait 2>/dev/null || true
 }
 trap stop EXIT
@@ -43,7 +58,8 @@ trap 'exit 130' INT TERM
 instance() {  # role ranks port log overrides...
     local role="$1" ranks="$2" port="$3" name="$4"; shift 4
     NPROC_PER_NODE="$ranks" RUN_DIR="$RUN_DIR/$name" PYTHON="$PYTHON" \
-        bash launch/_instance.sh "$role" port="$port" "$@" >"$RUN_DIR/$name.log" 2>&1 &
+        bash launch/supervise.sh "$name" bash launch/_instance.sh "$role" port="$port" \
+        drain_timeout_s="$DRAIN_TIMEOUT" "$@" >"$RUN_DIR/$name.log" 2>&1 &
     PIDS+=($!)
 }
 
@@ -55,8 +71,8 @@ else
     instance decode "${DECODE_RANKS:-4}" "$DECODE_PORT" decode "${COMMON[@]}" "${DECODE[@]}"
     ROUTE=("prefill=[tcp://127.0.0.1:$PREFILL_PORT]" "decode=[tcp://127.0.0.1:$DECODE_PORT]")
 fi
-"$PYTHON" -m moe_pd.serve.router "hydra.run.dir=$RUN_DIR/router" port="$ROUTER_PORT" "${ROUTE[@]}" \
-    "${ROUTER[@]}" >"$RUN_DIR/router.log" 2>&1 &
+bash launch/supervise.sh router "$PYTHON" -m moe_pd.serve.router "hydra.run.dir=$RUN_DIR/router" \
+    port="$ROUTER_PORT" drain_timeout_s="$DRAIN_TIMEOUT" "${ROUTE[@]}" "${ROUTER[@]}" >"$RUN_DIR/router.log" 2>&1 &
 PIDS+=($!)
 
 URL="http://127.0.0.1:$ROUTER_PORT"
@@ -69,7 +85,10 @@ if ! "$PYTHON" -m moe_pd.serve.local_cluster wait "$URL" "${READY_TIMEOUT:-300}"
         | grep -v ChildFailedError | sed -E 's/^\[[a-z]+[0-9]+\]://' | sort | uniq -c | head -n 10 >&2 || true
     exit 1
 fi
+touch "$READY_FILE"
 echo "moe_pd $MODE cluster ready: $URL/v1 (logs in $RUN_DIR)"
-wait -n "${PIDS[@]}" || true
-echo "a component exited; stopping the cluster (logs in $RUN_DIR)" >&2
+# A dead component is restarted by its supervisor, the others serve on; this returns only when every
+# supervisor gave up (MAX_RESTARTS) or on Ctrl-C / SIGTERM.
+wait "${PIDS[@]}" 2>/dev/null || true
+echo "every component exited; see the logs in $RUN_DIR" >&2
 exit 1

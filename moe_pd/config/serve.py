@@ -24,12 +24,15 @@ class ServeConfig(EngineConfig):
     """Requests generated together."""
     max_tokens_limit: int = 4096
     """Largest 'max_tokens' a request may ask for."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM: how long requests in flight may take to finish (new ones get 503) before the server stops."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(0 <= self.port < 65536, "port", self.port, "must be in [0, 65535]")
         check(self.max_num_seqs > 0, "max_num_seqs", self.max_num_seqs, "must be > 0")
         check(self.max_tokens_limit > 0, "max_tokens_limit", self.max_tokens_limit, "must be > 0")
+        check(self.drain_timeout_s >= 0, "drain_timeout_s", self.drain_timeout_s, "must be >= 0")
 
 
 @dataclass
@@ -59,6 +62,9 @@ class ServiceConfig(RankGroupConfig):
     """Seconds between the leader's status messages to its routers."""
     idle_wait_ms: float = 5.0
     """How long an idle leader waits for requests before the ranks exchange control messages again."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM: the instance tells its routers it is draining (they send it nothing new), finishes what it
+    holds for up to this long, then its ranks exit."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,6 +75,7 @@ class ServiceConfig(RankGroupConfig):
         check(self.kv_timeout_s > 0, "kv_timeout_s", self.kv_timeout_s, "must be > 0")
         check(self.heartbeat_s > 0, "heartbeat_s", self.heartbeat_s, "must be > 0")
         check(self.idle_wait_ms >= 0, "idle_wait_ms", self.idle_wait_ms, "must be >= 0")
+        check(self.drain_timeout_s >= 0, "drain_timeout_s", self.drain_timeout_s, "must be >= 0")
 
 
 @dataclass
@@ -95,6 +102,19 @@ class RouterConfig:
     """An instance silent for this long is marked down: its requests fail, new ones go elsewhere."""
     request_timeout_s: float = 600.0
     """A request with no progress from its instances for this long fails with 504."""
+    migration_limit: int = 3
+    """How often a request is run again after a failed KV transfer or a lost instance (from prefill, with the
+    tokens already streamed appended) before it fails."""
+    max_waiting: int = 256
+    """Requests that may wait at the router for room (back-pressure) at once; more get 503 at once."""
+    queue_timeout_s: float = 30.0
+    """Longest a request waits at the router for room (or for an instance to come back) before a 503."""
+    retry_after_s: float = 2.0
+    """Retry-After of the router's 503 answers."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM: how long requests in flight may take to finish (new ones get 503) before the router stops."""
+    max_body_bytes: int = 8 * 2**20
+    """Largest request body (413 above)."""
     log_level: str = "INFO"
     """Python logging level."""
 
@@ -107,3 +127,9 @@ class RouterConfig:
         check(self.max_tokens_limit > 0, "max_tokens_limit", self.max_tokens_limit, "must be > 0")
         check(self.heartbeat_timeout_s > 0, "heartbeat_timeout_s", self.heartbeat_timeout_s, "must be > 0")
         check(self.request_timeout_s > 0, "request_timeout_s", self.request_timeout_s, "must be > 0")
+        check(self.migration_limit >= 0, "migration_limit", self.migration_limit, "must be >= 0")
+        check(self.max_waiting >= 0, "max_waiting", self.max_waiting, "must be >= 0")
+        check(self.queue_timeout_s >= 0, "queue_timeout_s", self.queue_timeout_s, "must be >= 0")
+        check(self.retry_after_s > 0, "retry_after_s", self.retry_after_s, "must be > 0")
+        check(self.drain_timeout_s >= 0, "drain_timeout_s", self.drain_timeout_s, "must be >= 0")
+        check(self.max_body_bytes > 0, "max_body_bytes", self.max_body_bytes, "must be > 0")

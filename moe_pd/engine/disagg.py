@@ -10,20 +10,23 @@ bytes. Both are driven by `step()`; the serving ranks (moe_pd.serve.rank) and th
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 import torch
 
-from moe_pd.engine.core.request import Request, SamplingParams, State
+from moe_pd.engine.core.request import Logprob, Request, SamplingParams, State
 from moe_pd.engine.llm_engine import LLMEngine, RequestOutput
 from moe_pd.kvcache.transfer.base import Transfer, TransferState
 from moe_pd.kvcache.transfer.zmq_transport import KVReceiver, KVSender
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class PrefillResult:
-    """Prefill is done with a request: its transfer ended in `state`."""
+    """Prefill is done with a request: its transfer ended in `state` (or it failed before one: `error`)."""
 
     request_id: str
     first_token: int
@@ -31,6 +34,12 @@ class PrefillResult:
     detail: str = ""
     nbytes: int = 0
     latency_s: float = 0.0
+    logprobs: list[Logprob] | None = None
+    """The first token's log-probability, when the request asked (decode's tokens carry the rest)."""
+    prompt_logprobs: list[Logprob | None] | None = None
+    error: str = ""
+    """Why the request failed before its KV was shipped (no token could be sampled, the address was
+    unusable); '' when it was shipped."""
 
 
 class PrefillWorker:
@@ -63,9 +72,16 @@ class PrefillWorker:
         results = []
         requests = self.engine.requests
         if self.engine.scheduler.running or self.engine.scheduler.waiting if run_engine is None else run_engine:
-            self.engine.step()
+            for out in self.engine.step()[1]:
+                if out.finished and (out.finish_reason or "").startswith("error"):
+                    results.append(PrefillResult(out.request_id, -1, TransferState.CANCELLED, error=out.finish_reason))
         for req in requests.in_state(State.PREFILLED):
-            self._ship(req)
+            try:
+                self._ship(req)
+            except Exception as exc:  # this request's destination or bytes: it fails alone
+                log.exception("shipping the KV of %s to %r failed", req.request_id, req.destination)
+                requests.transition(req, State.FAILED, f"error: its KV could not be sent ({type(exc).__name__})")
+                results.append(PrefillResult(req.request_id, -1, TransferState.CANCELLED, error=req.finish_reason))
         for answer in self.sender.poll(timeout_ms=0):
             req = requests.get(answer.request_id)
             if req is not None and req.state is State.TRANSFERRING:
@@ -89,7 +105,8 @@ class PrefillWorker:
 
     @staticmethod
     def _result(req: Request, t: Transfer) -> PrefillResult:
-        return PrefillResult(req.request_id, req.output_ids[0], t.state, t.detail, t.nbytes, t.latency_s)
+        return PrefillResult(req.request_id, req.output_ids[0], t.state, t.detail, t.nbytes, t.latency_s,
+                             req.logprobs, req.prompt_logprobs)
 
 
 def rng_bytes(req: Request) -> bytes:

@@ -18,10 +18,10 @@ import torch
 
 from moe_pd.config.kvcache import KVCacheConfig
 from moe_pd.config.overlap import OverlapConfig
-from moe_pd.engine.core.request import Request, SamplingParams, State
+from moe_pd.engine.core.request import Logprob, Request, SamplingParams, State
 from moe_pd.engine.core.scheduler import Scheduler, StepPlan
 from moe_pd.engine.cuda_graph import DecodeGraphRunner
-from moe_pd.engine.sampler import sample
+from moe_pd.engine.sampler import logprobs, sample
 from moe_pd.kvcache.block_manager import BlockManager
 from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
 from moe_pd.kvcache.transfer.base import Transfer
@@ -42,11 +42,20 @@ class RequestOutput:
     tokens match the colocated engine's)."""
     listener: Any = None
     """The request's listener (Request.listener)."""
+    logprobs: list[Logprob] | None = None
+    """The new tokens' log-probabilities, when the request asked for them."""
+    prompt_logprobs: list[Logprob | None] | None = None
+    """With the request's first token: its prompt's log-probabilities, when it asked for them."""
 
 
 def output(req: Request, tokens: list[int]) -> RequestOutput:
     state = req.generator.get_state() if req.generator is not None and req.finished else None
-    return RequestOutput(req.request_id, tokens, req.finished, req.finish_reason, state, req.listener)
+    lp = None
+    if req.logprobs is not None and tokens:  # aligned to output_ids' tail (decode lacks prefill's first token's)
+        offset = len(req.output_ids) - len(req.logprobs)
+        lp = req.logprobs[max(0, len(req.output_ids) - len(tokens) - offset):]
+    first = req.prompt_logprobs if len(req.output_ids) == len(tokens) and tokens else None
+    return RequestOutput(req.request_id, tokens, req.finished, req.finish_reason, state, req.listener, lp, first)
 
 
 @dataclass
@@ -146,9 +155,12 @@ class LLMEngine:
         if not self._sync_step(not plan.is_empty, plan.num_tokens, longest):
             return False, outputs
         t0 = time.perf_counter()
-        sampled = self._run(plan)
+        sampled, failed = self._run(plan)
         self._account(plan, time.perf_counter() - t0)
-        self.scheduler.update(plan, sampled)
+        # a request whose logits failed it ends alone; the step and every other request go on
+        self.scheduler.update(plan, sampled, {r.request_id: "no token could be sampled (non-finite logits)"
+                                              for r in failed})
+        outputs += [output(req, []) for req in failed]
         for item in plan.scheduled:
             token = sampled.get(item.seq.request_id)
             if token is not None:
@@ -183,7 +195,9 @@ class LLMEngine:
         schedule = DECODE if max_query_len <= 1 else PREFILL
         return forward_two_micro_batches(self.model, split_step(ids_T, batch), self.cache, schedule)
 
-    def _run(self, plan: StepPlan) -> dict[str, int]:
+    def _run(self, plan: StepPlan) -> tuple[dict[str, int], list[Request]]:
+        """The step's forward and sampling: (request id -> sampled token, requests no token could be sampled
+        for)."""
         items = plan.scheduled
         batch = AttentionBatch.build([s.seq.block_table for s in items], [s.context for s in items],
                                      [s.num_new for s in items], self.cache.block_size, self.device)
@@ -191,11 +205,34 @@ class LLMEngine:
         ids_T = torch.tensor(ids, dtype=torch.int64, device=self.device)
         with torch.inference_mode():
             hidden_TD = self._forward(ids_T, batch)
+            self._prompt_logprobs(items, batch, hidden_TD)
             rows = [i for i, s in enumerate(items) if s.samples]
             if not rows:
-                return {}
+                return {}, []
             last_B = (batch.query_starts_B + batch.query_lens_B - 1)[rows]
             logits_BV = self.model.logits(hidden_TD[last_B])
         reqs = [items[i].seq for i in rows]
-        tokens = sample(logits_BV, [r.params for r in reqs], [r.generator for r in reqs])
-        return {r.request_id: t for r, t in zip(reqs, tokens)}
+        tokens = sample(logits_BV, [r.params for r in reqs], [r.generator for r in reqs], [r.output_ids for r in reqs])
+        wanted = [b for b, (r, t) in enumerate(zip(reqs, tokens)) if r.logprobs is not None and t is not None]
+        if wanted:
+            for b, lp in zip(wanted, logprobs(logits_BV[wanted], [tokens[b] for b in wanted],
+                                              [reqs[b].params.logprobs for b in wanted])):
+                reqs[b].logprobs.append(lp)
+        return ({r.request_id: t for r, t in zip(reqs, tokens) if t is not None},
+                [r for r, t in zip(reqs, tokens) if t is None])
+
+    def _prompt_logprobs(self, items, batch: AttentionBatch, hidden_TD: torch.Tensor) -> None:
+        """Appends, for requests that asked, the log-probability of each prompt token this chunk's positions
+        predict (position p predicts token p + 1)."""
+        for b, item in enumerate(items):
+            req = item.seq
+            if req.prompt_logprobs is None:
+                continue
+            start = len(req.prompt_logprobs) - 1  # the first position still to predict (recomputes skip)
+            end = min(item.context + item.num_new, len(req.prompt_ids) - 1)
+            if start < item.context or start >= end:
+                continue
+            first_row = int(batch.query_starts_B[b]) + start - item.context
+            logits_PV = self.model.logits(hidden_TD[first_row : first_row + end - start])
+            targets = req.prompt_ids[start + 1 : end + 1]
+            req.prompt_logprobs += logprobs(logits_PV, targets, [req.params.prompt_logprobs] * len(targets))

@@ -10,7 +10,7 @@ from moe_pd.config.model import ModelConfig
 
 
 class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
 
 
@@ -20,12 +20,16 @@ class ByteTokenizer:
     def __init__(self, bos_token_id: int | None) -> None:
         self.bos_token_id = bos_token_id
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = list(text.encode("utf-8"))
-        return ([self.bos_token_id] if self.bos_token_id is not None else []) + ids
+        return ([self.bos_token_id] if self.bos_token_id is not None and add_bos else []) + ids
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token: int) -> bytes | None:
+        """The bytes a token stands for (None: a special token)."""
+        return bytes([token]) if 0 <= token < 256 else None
 
 
 class HFTokenizer:
@@ -37,9 +41,9 @@ class HFTokenizer:
         self._tok = _Tokenizer.from_file(str(file))
         self.bos_token_id = bos_token_id
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
-        if self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+        if add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id] + ids
         return ids
 

@@ -47,7 +47,8 @@ def make_server(cfg: ServeConfig) -> tuple[web.Application, EngineLoop]:
 async def serve(cfg: ServeConfig) -> None:
     app, loop = make_server(cfg)
     try:
-        await serve_until_signalled(app, cfg.host, cfg.port, f"moe_pd serving {cfg.served_model_name} at {{url}}")
+        await serve_until_signalled(app, cfg.host, cfg.port, f"moe_pd serving {cfg.served_model_name} at {{url}}",
+                                    cfg.drain_timeout_s)
     finally:
         loop.stop()
 

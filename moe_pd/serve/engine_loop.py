@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING
 
 from moe_pd.engine.core.request import InvalidRequest
 from moe_pd.engine.llm_engine import LLMEngine
-from moe_pd.serve.backend import Stream
+from moe_pd.serve.backend import Chunk, Job, Stream
 
 if TYPE_CHECKING:
     from moe_pd.serve.metrics import Metrics
-    from moe_pd.serve.openai_api import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +40,8 @@ class EngineLoop:
         self._commands.put(None)
         self._thread.join(timeout=10)
 
-    def submit(self, stream: Stream, request: "GenerationRequest") -> None:
-        self._commands.put(("add", stream, request.prompt_ids, request.max_tokens, request.params, request.seed,
-                            request.ignore_eos))
+    def submit(self, stream: Stream, job: Job) -> None:
+        self._commands.put(("add", stream, job.prompt_ids, job.max_tokens, job.params, job.seed, job.ignore_eos))
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -70,7 +68,7 @@ class EngineLoop:
         metrics.instance("local", "colocated", True, body["instances"][0]["ranks"])
 
     def _push(self, stream: Stream, item) -> None:
-        stream.loop.call_soon_threadsafe(stream.tokens.put_nowait, item)
+        stream.loop.call_soon_threadsafe(stream.put, item)
 
     def _apply(self, command) -> None:
         if command[0] == "add":
@@ -111,4 +109,9 @@ class EngineLoop:
                 continue
             self.steps += 1
             for out in outputs:
-                self._push(out.listener, (out.new_token_ids, out.finished, out.finish_reason))
+                reason = out.finish_reason or ""
+                if out.finished and reason.startswith("error"):  # this request alone failed in the step
+                    self._push(out.listener, RuntimeError(reason))
+                    continue
+                self._push(out.listener, Chunk(out.new_token_ids, out.finished, out.finish_reason, out.logprobs,
+                                               out.prompt_logprobs))

@@ -1,153 +1,123 @@
 """The OpenAI-compatible HTTP app over a Backend: one engine in this process (moe_pd.serve.api_server) or a
 PD cluster (moe_pd.serve.router).
 
-Endpoints: POST /v1/completions and /v1/chat/completions (streaming over SSE with "stream": true),
-GET /v1/models, /health, /metrics (Prometheus). Prompts are text or token ids; "return_token_ids": true
-adds the generated ids to each choice as `token_ids`. Bad requests get HTTP 4xx with an OpenAI-style error
-body; a client that disconnects has its request aborted and its pages freed.
+Endpoints: POST /v1/completions and /v1/chat/completions (moe_pd.serve.completions), POST /tokenize and
+/detokenize (as vLLM and SGLang offer them), GET /v1/models, /health, /metrics (Prometheus). Every error,
+whatever its status (400, 404, 405, 413, 500, 503), has an OpenAI-style JSON body; a 503 carries Retry-After.
+
+SIGTERM or SIGINT drains: new requests get 503 with Retry-After and /health says "draining" (503, so load
+balancers stop sending), requests in flight finish for up to `drain_timeout_s`, then the server stops.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
-import time
-import uuid
 
 from aiohttp import web
 from aiohttp.web_log import AccessLogger
 from prometheus_client import generate_latest
 
-from moe_pd.engine.core.request import InvalidRequest
 from moe_pd.engine.tokenizer import Tokenizer
-from moe_pd.serve.backend import Backend, Stream
+from moe_pd.serve.backend import Backend
+from moe_pd.serve.completions import Front, generate
 from moe_pd.serve.metrics import Metrics
-from moe_pd.serve.openai_api import APIError, GenerationRequest, check_prompt, parse_request
+from moe_pd.serve.openai_api import APIError, decode_body, flag, render_chat, token_id_list
 
 log = logging.getLogger(__name__)
 
+MAX_BODY_BYTES = 8 * 2**20
+"""Largest request body (413 above)."""
 
-class IncrementalText:
-    """Streams text as tokens arrive without splitting characters: a token that ends inside a multi-byte
-    character (the decoded text ends in U+FFFD) is held back until the character is complete."""
+FRONT = web.AppKey("front", Front)
 
-    def __init__(self, tokenizer: Tokenizer | None) -> None:
-        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
+_STATUS_KINDS = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
 
-    def add(self, ids: list[int], final: bool) -> str:
-        if self.tokenizer is None:
-            return ""
-        self.ids += ids
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd") and not final:
-            return ""
-        delta, self.sent = text[len(self.sent):], text
-        return delta
+
+@web.middleware
+async def json_errors(request: web.Request, handler):
+    """Every error as an OpenAI-style JSON body: APIErrors, aiohttp's own (404, 405, 413) and bugs (500)."""
+    try:
+        return await handler(request)
+    except APIError as exc:
+        return web.json_response(exc.body(), status=exc.status, headers=exc.headers())
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = APIError(exc.reason if exc.status != 413 else f"the request body is larger than {MAX_BODY_BYTES} bytes",
+                         exc.status, kind=_STATUS_KINDS.get(exc.status, "invalid_request_error"))
+        return web.json_response(error.body(), status=exc.status, headers={
+            k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")})
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return web.json_response(APIError("internal error", 500, kind="server_error").body(), status=500)
 
 
 def build_app(backend: Backend, tokenizer: Tokenizer | None, model_name: str, max_tokens_limit: int,
-              vocab_size: int, max_context: int, metrics: Metrics | None = None) -> web.Application:
+              vocab_size: int, max_context: int, metrics: Metrics | None = None,
+              max_body_bytes: int = MAX_BODY_BYTES) -> web.Application:
     """The HTTP app over a backend: an engine in this process (EngineLoop) or a PD cluster (router)."""
-    metrics = metrics or Metrics()
-    app = web.Application()
-
-    def error(exc: APIError) -> web.Response:
-        return web.json_response(exc.body(), status=exc.status)
-
-    async def read(request: web.Request, chat: bool) -> GenerationRequest:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise APIError("the request body is not valid JSON") from None
-        parsed = parse_request(body, chat, [model_name], max_tokens_limit)
-        if parsed.prompt_ids is None:
-            if tokenizer is None:
-                raise APIError("this model has no tokenizer: send 'prompt' as a list of token ids", param="prompt")
-            parsed.prompt_ids = tokenizer.encode(parsed.prompt_text)
-        check_prompt(parsed.prompt_ids, vocab_size, max_context)
-        return parsed
-
-    async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
-        try:
-            req = await read(request, chat)
-        except APIError as exc:
-            return error(exc)
-        request_id = _request_id(request, chat)
-        stream = Stream(request_id, asyncio.get_running_loop())
-        backend.submit(stream, req)
-        created = int(time.time())
-        response = None
-        ids: list[int] = []
-        first_at = None
-        reason = None
-        text = IncrementalText(tokenizer)
-        try:
-            while True:
-                item = await stream.tokens.get()
-                if isinstance(item, Exception):
-                    failure = item if isinstance(item, APIError) else (
-                        APIError(str(item)) if isinstance(item, InvalidRequest) else
-                        APIError(str(item), status=500, kind="server_error"))
-                    metrics.requests.labels("rejected" if failure.status < 500 else "failed").inc()
-                    if response is None:
-                        return error(failure)
-                    await response.write(f"data: {json.dumps(failure.body())}\n\n".encode())
-                    await response.write_eof()
-                    return response
-                new, finished, reason = item
-                if new and first_at is None:
-                    first_at = time.monotonic()
-                    metrics.ttft.observe(first_at - stream.submitted)
-                ids += new
-                metrics.tokens.inc(len(new))
-                if req.stream:
-                    if response is None:
-                        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                                               "X-Request-Id": request_id,
-                                                               "Cache-Control": "no-cache"})
-                        await response.prepare(request)
-                    chunk = _chunk(request_id, created, model_name, chat, new, text.add(new, finished),
-                                   reason if finished else None, req.return_token_ids)
-                    await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                if finished:
-                    break
-        except (asyncio.CancelledError, ConnectionResetError):
-            backend.abort(request_id)  # the client went away: free its pages everywhere
-            metrics.requests.labels("aborted").inc()
-            raise
-        if first_at is not None and len(ids) > 1:
-            metrics.tpot.observe((time.monotonic() - first_at) / (len(ids) - 1))
-        metrics.requests.labels(reason or "unknown").inc()
-        if req.stream:
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-            return response
-        body = _final(request_id, created, model_name, chat, ids, tokenizer, reason, req.return_token_ids,
-                      len(req.prompt_ids))
-        return web.json_response(body, headers={"X-Request-Id": request_id})
+    front = Front(backend, tokenizer, model_name, max_tokens_limit, vocab_size, max_context, metrics or Metrics())
+    front.idle.set()
+    app = web.Application(middlewares=[json_errors], client_max_size=max_body_bytes)
+    app[FRONT] = front
 
     async def completions(request):
-        return await generate(request, chat=False)
+        return await generate(front, request, chat=False)
 
     async def chat_completions(request):
-        return await generate(request, chat=True)
+        return await generate(front, request, chat=True)
+
+    async def tokenize(request):
+        body = decode_body(await request.read())
+        if not isinstance(body, dict) or set(body) - {"model", "prompt", "messages", "add_special_tokens",
+                                                        "add_generation_prompt"}:
+            raise APIError("/tokenize takes 'prompt' or 'messages' (and 'model', 'add_special_tokens')")
+        if tokenizer is None:
+            raise APIError("this model has no tokenizer")
+        if isinstance(body.get("prompt"), str) and "messages" not in body:
+            text = body["prompt"]
+            render_chat([{"role": "user", "content": text}])  # the same Unicode checks
+        elif "messages" in body and "prompt" not in body:
+            text = render_chat(body["messages"])
+        else:
+            raise APIError("/tokenize takes a string 'prompt' or a list of 'messages'", param="prompt")
+        ids = tokenizer.encode(text, add_bos=flag(body, "add_special_tokens", True))
+        return web.json_response({"count": len(ids), "max_model_len": max_context, "tokens": ids})
+
+    async def detokenize(request):
+        body = decode_body(await request.read())
+        if not isinstance(body, dict) or set(body) - {"model", "tokens"}:
+            raise APIError("/detokenize takes 'tokens' (and 'model')")
+        ids = token_id_list(body.get("tokens"), "tokens")
+        if tokenizer is None:
+            raise APIError("this model has no tokenizer")
+        if any(t >= vocab_size for t in ids):
+            raise APIError(f"'tokens' has ids outside [0, {vocab_size})", param="tokens")
+        text = tokenizer.decode(ids)
+        return web.json_response({"prompt": text, "text": text})
 
     async def models(_):
         return web.json_response({"object": "list", "data": [{"id": model_name, "object": "model",
-                                                              "owned_by": "moe_pd"}]})
+                                                              "owned_by": "moe_pd", "max_model_len": max_context}]})
 
     async def health(_):
         ok, body = backend.health()
+        if front.draining:
+            ok, body = False, {**body, "status": "draining"}
         return web.json_response(body, status=200 if ok else 503)
 
     async def prometheus(_):
-        backend.refresh(metrics)
-        return web.Response(body=generate_latest(metrics.registry), content_type="text/plain")
+        backend.refresh(front.metrics)
+        return web.Response(body=generate_latest(front.metrics.registry), content_type="text/plain")
 
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", prometheus)
@@ -162,9 +132,23 @@ class ProbeQuietAccessLogger(AccessLogger):
             super().log(request, response, time)
 
 
-async def serve_until_signalled(app: web.Application, host: str, port: int, banner: str) -> None:
-    """Serves `app` until SIGINT or SIGTERM. `banner` is printed with {url} replaced by the real address
-    (port 0 picks a free port)."""
+async def drain(app: web.Application, timeout_s: float) -> bool:
+    """Stops admission and waits up to `timeout_s` for the requests in flight; True when they all finished."""
+    front = app[FRONT]
+    front.draining = True
+    log.info("draining: %d request(s) in flight, up to %.0f s", front.in_flight, timeout_s)
+    try:
+        await asyncio.wait_for(front.idle.wait(), timeout_s)
+        return True
+    except asyncio.TimeoutError:
+        log.warning("drain timeout: %d request(s) still in flight are cut off", front.in_flight)
+        return False
+
+
+async def serve_until_signalled(app: web.Application, host: str, port: int, banner: str,
+                                drain_timeout_s: float = 30.0) -> None:
+    """Serves `app` until SIGINT or SIGTERM, then drains (`drain`) and stops. `banner` is printed with {url}
+    replaced by the real address (port 0 picks a free port)."""
     runner = web.AppRunner(app, access_log_class=ProbeQuietAccessLogger)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -175,45 +159,6 @@ async def serve_until_signalled(app: web.Application, host: str, port: int, bann
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
+    await drain(app, drain_timeout_s)
     log.info("shutting down")
     await runner.cleanup()
-
-
-def _request_id(request: web.Request, chat: bool) -> str:
-    """A unique id naming the request in the router's and the instances' logs, returned in the response's
-    X-Request-Id header: the client's X-Request-Id (printable, up to 64 characters) plus a unique suffix,
-    or a fresh one."""
-    given = request.headers.get("X-Request-Id", "")
-    if given and len(given) <= 64 and given.isprintable() and " " not in given:
-        return f"{given}.{uuid.uuid4().hex[:8]}"
-    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:16]}"
-
-
-def _text(tokenizer: Tokenizer | None, ids: list[int]) -> str:
-    return tokenizer.decode(ids) if tokenizer else ""
-
-
-def _chunk(request_id, created, model, chat, ids, text, reason, with_ids) -> dict:
-    if chat:
-        choice = {"index": 0, "delta": {"content": text}, "finish_reason": reason}
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": reason}
-    if with_ids:
-        choice["token_ids"] = ids
-    return {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-            "model": model, "choices": [choice]}
-
-
-def _final(request_id, created, model, chat, ids, tokenizer, reason, with_ids, prompt_tokens) -> dict:
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": _text(tokenizer, ids)},
-                  "finish_reason": reason}
-    else:
-        choice = {"index": 0, "text": _text(tokenizer, ids), "finish_reason": reason}
-    if with_ids:
-        choice["token_ids"] = ids
-    return {"id": request_id, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": model, "choices": [choice],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(ids),
-                      "total_tokens": prompt_tokens + len(ids)}}
-

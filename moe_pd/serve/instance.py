@@ -2,9 +2,12 @@
 
 Every iteration each rank sends one RankReport (its load, its events, whether its engine has work, whether
 it was asked to stop) through the ControlPlane; the leader's report also carries every rank's commands,
-which it read from the routers. If any rank has engine work or got a command, all ranks then run one
-engine step together: an idle rank runs an empty forward, so every MoE all-to-all stays paired. The
-decision is taken from the exchanged reports only, so it is the same on every rank.
+which it read from the routers. A rank asked to stop starts the instance's drain: the leader tells its routers
+(Status.draining), the ranks finish what they hold, and once nothing is left (or `drain_timeout_s` passed) the
+leader's report says `leave` and every rank returns in the same iteration. If any rank has engine work or
+got a command, all ranks then run one engine step together: an idle rank runs an empty forward, so every MoE
+all-to-all stays paired. The decision is taken from the exchanged reports only, so it is the same on every
+rank.
 """
 
 from __future__ import annotations
@@ -22,20 +25,25 @@ log = logging.getLogger(__name__)
 
 def serve_rank(worker: Rank, plane: ControlPlane, leader: Leader | None, should_stop: Callable[[], bool],
                idle_wait_ms: float) -> None:
-    """Runs until a rank asks to stop (SIGTERM/SIGINT). `leader`: rank 0's, None on the other ranks."""
+    """Runs until the instance has drained after a rank was asked to stop (SIGTERM/SIGINT): the leader then
+    says `leave` and every rank returns. `leader`: rank 0's, None on the other ranks."""
     events: list[p.Event] = []
     busy = False
+    leave = False
     while True:
         commands = leader.collect(0 if busy or events else idle_wait_ms) if leader else {}
-        mine = p.RankReport(worker.rank, worker.load(), events, worker.busy, should_stop(), commands)
+        mine = p.RankReport(worker.rank, worker.load(), events, worker.busy, should_stop(), leave=leave,
+                            commands=commands)
         raw = plane.exchange(p.encode(mine))
         reports = [r for rank, data in enumerate(raw) if (r := p.decode_report(data, rank)) is not None]
+        if any(r.leave for r in reports):
+            return
         if leader is not None:
             leader.loads = [r.load for r in reports]
             leader.deliver([e for r in reports for e in r.events])
+            if any(r.stop for r in reports):
+                leave = leader.drained()
             leader.heartbeat()
-        if any(r.stop for r in reports):
-            return
         everyone = next((r.commands for r in reports if r.rank == 0), {})
         events = [e for cmd in everyone.get(worker.rank, []) for e in worker.apply(cmd)]
         # Only exchanged facts decide whether to step, so every rank decides the same.

@@ -29,6 +29,10 @@ class InstanceClient:
         self.socket.connect(address)
         self.status: p.Status | None = None
         self.last_seen: float | None = None
+        self.status_at = 0.0
+        """When its latest status came."""
+        self.refused_at = 0.0
+        """When it last refused a reservation for room (the router waits for a newer status)."""
         self._was_up = False
         self._version_warned = False
 
@@ -55,6 +59,15 @@ class InstanceClient:
     @property
     def free_pages(self) -> int:
         return sum(r.kv_total - r.kv_used for r in self.ranks)
+
+    @property
+    def rank_room(self) -> int:
+        """Free KV pages on its emptiest rank (a request's pages are all on one rank)."""
+        return max((r.kv_total - r.kv_used for r in self.ranks), default=0)
+
+    @property
+    def draining(self) -> bool:
+        return self.status is not None and self.status.draining
 
     @property
     def queued_tokens(self) -> int:
@@ -87,6 +100,7 @@ class InstanceClient:
                 self._version_warned = True
             return
         self.status, self.last_seen = status, time.monotonic()
+        self.status_at = self.last_seen
         if self.up and not self._was_up:
             log.info("%s instance %s is up (%d ranks)", self.role, self.address, len(self.ranks))
             self._was_up = True
@@ -104,5 +118,7 @@ class InstanceClient:
             await asyncio.sleep(min(0.5, self.timeout_s / 4))
 
     def describe(self) -> dict:
-        return {"name": self.address, "role": self.role, "up": self.up,
-                "ranks": msgspec.to_builtins(self.ranks)}
+        """Its latest status; a down instance shows no ranks (its last numbers are not its state)."""
+        up = self.up
+        return {"name": self.address, "role": self.role, "up": up, "draining": up and self.draining,
+                "ranks": msgspec.to_builtins(self.ranks) if up else []}

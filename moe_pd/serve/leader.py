@@ -92,6 +92,29 @@ class Leader:
         """EplbManager.metrics of this rank, added to every status for the routers' /metrics."""
         self.prefix = PrefixIndex(block_size)
         self._last_beat = 0.0
+        self.drain_started: float | None = None
+        """When a rank was asked to stop: the instance finishes what it holds, routers send it nothing new."""
+
+    @property
+    def draining(self) -> bool:
+        return self.drain_started is not None
+
+    def drained(self) -> bool:
+        """Called every iteration while draining: True once nothing is left (no route, no request on any rank)
+        and the routers had two heartbeats to learn of the drain, or once `drain_timeout_s` passed."""
+        now = time.monotonic()
+        if self.drain_started is None:
+            self.drain_started = now
+            self._last_beat = 0.0  # tell the routers at once
+            log.info("%s: draining (%d request(s) held, up to %.0f s)", self.name, len(self.routes),
+                     self.cfg.drain_timeout_s)
+        elapsed = now - self.drain_started
+        holding = len(self.routes) or any(load.running or load.waiting or load.in_transfer for load in self.loads)
+        if elapsed > self.cfg.drain_timeout_s:
+            if holding:
+                log.warning("%s: drain timeout with %d request(s) still held", self.name, len(self.routes))
+            return True
+        return not holding and elapsed >= 2 * self.cfg.heartbeat_s
 
     # from the routers ---------------------------------------------------------------------------------------
     def collect(self, wait_ms: float) -> dict[int, list[p.Command]]:
@@ -196,7 +219,8 @@ class Leader:
 
     def status(self) -> p.Status:
         eplb = msgspec.convert(self.eplb_metrics(), p.EplbStatus) if self.eplb_metrics is not None else None
-        return p.Status(p.PROTOCOL_VERSION, self.name, self.cfg.role, self.block_size, self.loads, eplb)
+        return p.Status(p.PROTOCOL_VERSION, self.name, self.cfg.role, self.block_size, self.loads, eplb,
+                        self.draining)
 
     def heartbeat(self) -> None:
         now = time.monotonic()

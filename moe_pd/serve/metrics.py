@@ -41,8 +41,20 @@ class Metrics:
                                      labels, registry=r)
         self.eplb_bytes = Gauge("moe_pd_eplb_bytes_moved", "Expert weight bytes EPLB moved between ranks since "
                                 "start-up", labels, registry=r)
-        self.retries = Counter("moe_pd_retries", "Requests re-run on another decode rank after a failed transfer",
-                               registry=r)
+        self.retries = Counter("moe_pd_retries", "Request attempts run again (a failed transfer, a lost instance: "
+                               "re-run or migrated with the tokens already streamed)", registry=r)
+        self.reserved = Gauge("moe_pd_kv_reserved_requests", "Decode reservations waiting for their KV", labels,
+                              registry=r)
+        self.in_transfer = Gauge("moe_pd_kv_requests_in_transfer", "Requests whose KV is on the wire (sent by "
+                                 "prefill, or expected by decode)", labels, registry=r)
+        self.router_waiting = Gauge("moe_pd_router_waiting_requests", "Requests waiting at the router for room "
+                                    "(back-pressure)", registry=r)
+        self.router_attempts = Gauge("moe_pd_router_live_attempts", "Request attempts the router has in flight",
+                                     registry=r)
+
+    def router(self, waiting: int, attempts: int) -> None:
+        self.router_waiting.set(waiting)
+        self.router_attempts.set(attempts)
 
     def instance(self, name: str, role: str, up: bool, ranks: list[dict], eplb: dict | None = None) -> None:
         """One instance's gauges from its latest status (ranks: RankLoad dicts; eplb: EplbManager.metrics())."""
@@ -58,6 +70,8 @@ class Metrics:
         self.running.labels(name, role).set(sum(x["running"] for x in ranks))
         self.waiting.labels(name, role).set(sum(x["waiting"] for x in ranks))
         self.kv_pages.labels(name, role).set(used)
+        self.reserved.labels(name, role).set(sum(x.get("reserved", 0) for x in ranks))
+        self.in_transfer.labels(name, role).set(sum(x.get("in_transfer", 0) for x in ranks))
         self.kv_usage.labels(name, role).set(used / total if total else 0.0)
         states: dict[str, int] = {}
         for rank in ranks:

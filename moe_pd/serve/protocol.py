@@ -27,11 +27,11 @@ from typing import Annotated, Union
 
 import msgspec
 
-from moe_pd.engine.core.request import SamplingParams
+from moe_pd.engine.core.request import Logprob, SamplingParams
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Bump on any change a peer of the previous version would misread."""
 
 TokenIds = Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(min_length=1)]
@@ -110,6 +110,8 @@ class RankLoad(msgspec.Struct, forbid_unknown_fields=True):
     """Requests aborted since start-up."""
     pid: int = 0
     """The rank's process id."""
+    reserved: int = 0
+    """Decode ranks: requests holding pages reserved for KV that has not arrived yet."""
     transfers: dict[str, int] = {}
     """Prefill ranks: KV transfers finished since start-up, by final state (done, timed_out, rejected,
     cancelled: aborted while on the wire)."""
@@ -132,6 +134,8 @@ class Status(Message, tag="status"):
     block_size: int
     ranks: list[RankLoad] = []
     eplb: EplbStatus | None = None
+    draining: bool = False
+    """The instance got SIGTERM: it finishes what it holds and takes nothing new (routers send it nothing)."""
 
 
 class Reserved(Message, tag="reserved"):
@@ -146,6 +150,11 @@ class Tokens(Message, tag="tokens"):
     ids: list[int]
     finished: bool
     reason: str | None = None
+    logprobs: list[Logprob] | None = None
+    """The tail of `ids`' log-probabilities, when asked (a decode rank's first Tokens lacks the first token's:
+    prefill sampled it, and Prefilled carries it)."""
+    prompt_logprobs: list[Logprob | None] | None = None
+    """Colocated, with the first token: the prompt's log-probabilities, when asked."""
 
 
 class Prefilled(Message, tag="prefilled"):
@@ -156,6 +165,10 @@ class Prefilled(Message, tag="prefilled"):
     detail: str = ""
     nbytes: int = 0
     latency_s: float = 0.0
+    logprobs: list[Logprob] | None = None
+    """The first token's log-probability, when asked."""
+    prompt_logprobs: list[Logprob | None] | None = None
+    """The prompt's log-probabilities (echo), when asked."""
 
 
 class Error(Message, tag="error"):
@@ -189,7 +202,9 @@ class RankReport(msgspec.Struct, forbid_unknown_fields=True):
     busy: bool = False
     """The rank's engine has requests to run."""
     stop: bool = False
-    """The rank was asked to stop (SIGTERM/SIGINT): every rank leaves the loop."""
+    """The rank was asked to stop (SIGTERM/SIGINT): the instance drains."""
+    leave: bool = False
+    """The leader's only: drained (or out of time), every rank leaves the loop now."""
     commands: dict[int, list[Command]] = {}
     """The leader's only: the commands for each rank, applied by every rank after the exchange."""
 

@@ -47,12 +47,13 @@ class Rank:
                 raise InvalidRequest(f"rank {self.rank} does not take '{type(cmd).__name__.lower()}' requests")
             return self._start(cmd)
         except OutOfBlocks as exc:
-            return [p.Error(cmd.rid, f"rank {self.rank}: {exc}", retry=True, status=503)]
+            log.info("rank %d: no KV pages for %s now (%s)", self.rank, cmd.rid, exc)
+            return [p.Error(cmd.rid, "no free KV cache pages", retry=True, status=503)]
         except InvalidRequest as exc:
             return [p.Error(cmd.rid, str(exc), retry=False, status=400)]
-        except Exception as exc:  # a bug: fail this request, keep the rank (and its peers) running
+        except Exception:  # a bug: fail this request, keep the rank (and its peers) running
             log.exception("rank %d: %s of %s failed", self.rank, type(cmd).__name__, cmd.rid)
-            return [p.Error(cmd.rid, f"internal error on rank {self.rank}: {type(exc).__name__}", status=500)]
+            return [p.Error(cmd.rid, "internal error", status=500)]
 
     def _start(self, cmd: p.Command) -> list[p.Event]:
         raise NotImplementedError
@@ -70,7 +71,8 @@ class Rank:
         return p.RankLoad(self.rank, allocator.num_used, allocator.num_blocks,
                           len(requests.running) + requests.count(State.RESERVED), len(requests.waiting), queued,
                           self.max_running, self.address, requests.count(State.RESERVED, State.TRANSFERRING),
-                          requests.cached_tokens, requests.aborted, os.getpid(), dict(requests.transfers))
+                          requests.cached_tokens, requests.aborted, os.getpid(),
+                          reserved=requests.count(State.RESERVED), transfers=dict(requests.transfers))
 
     address = ""
 
@@ -82,8 +84,10 @@ def tokens_event(out: RequestOutput) -> p.Event:
     reason = out.finish_reason or ""
     if out.finished and (reason.startswith("error") or not (out.new_token_ids or reason in ("stop", "length"))):
         retry = "KV transfer" in reason  # the KV never came: another decode rank may do better
-        return p.Error(out.request_id, reason or "the request failed", retry=retry, status=503 if retry else 400)
-    return p.Tokens(out.request_id, out.new_token_ids, out.finished, out.finish_reason)
+        return p.Error(out.request_id, reason or "the request failed", retry=retry,
+                       status=503 if retry else 500 if reason.startswith("error") else 400)
+    return p.Tokens(out.request_id, out.new_token_ids, out.finished, out.finish_reason, out.logprobs,
+                    out.prompt_logprobs)
 
 
 class ColocatedRank(Rank):
@@ -111,7 +115,8 @@ class PrefillRank(Rank):
         self.worker.cancel(rid)
 
     def step(self, run_engine: bool) -> list[p.Event]:
-        return [p.Prefilled(r.request_id, r.state.value, r.detail, r.nbytes, r.latency_s)
+        return [p.Error(r.request_id, r.error, status=500) if r.error else
+                p.Prefilled(r.request_id, r.state.value, r.detail, r.nbytes, r.latency_s, r.logprobs, r.prompt_logprobs)
                 for r in self.worker.step(run_engine)]
 
     def close(self) -> None:

@@ -2,9 +2,12 @@
 queue its answers land in. One table per router; instances hand it their messages, and it alone decides
 which attempt (if any) a message belongs to.
 
-    PD:        RESERVING --Reserved--> PREFILLING --Tokens--> STREAMING --last Tokens--> FINISHED
-    colocated:                          PREFILLING --Tokens--> STREAMING --last Tokens--> FINISHED
-    any live state --> FAILED (an error, a lost instance, no progress: a re-run is a new attempt)
+    PD:        WAITING --> RESERVING --Reserved--> PREFILLING --Tokens--> STREAMING --last Tokens--> FINISHED
+                  ^            |  refused: no free pages (back-pressure: wait for room again)
+                  '------------'
+    colocated: WAITING --------------------------> PREFILLING --Tokens--> STREAMING --last Tokens--> FINISHED
+    any live state --> FAILED (an error, a lost instance, no progress, no room in time: a re-run, or a
+                              migration after tokens were streamed, is a new attempt)
                    --> ABORTED (the client went away)
 
 An instance holds an attempt from the message that gives it work until its final answer for it (decode:
@@ -37,13 +40,16 @@ class Instance(Protocol):
 
 
 class Phase(enum.Enum):
+    WAITING = "waiting"
+    """Queued at the router until an instance has room (bounded in number and time); it holds nothing."""
     RESERVING = "reserving"
     """PD: a decode instance was asked to reserve pages."""
     PREFILLING = "prefilling"
     """Waiting for the first token: prefill runs the prompt and ships its KV (PD), or the colocated instance
     runs it."""
     STREAMING = "streaming"
-    """Tokens reach the client; from here on the attempt is never re-run."""
+    """Tokens reach the client; an attempt that fails from here is migrated (the next attempt resumes after
+    the streamed tokens)."""
     FINISHED = "finished"
     FAILED = "failed"
     ABORTED = "aborted"
@@ -54,7 +60,8 @@ class Phase(enum.Enum):
 
 
 NEXT = {
-    Phase.RESERVING: {Phase.PREFILLING, Phase.FAILED, Phase.ABORTED},
+    Phase.WAITING: {Phase.RESERVING, Phase.PREFILLING, Phase.FAILED, Phase.ABORTED},
+    Phase.RESERVING: {Phase.WAITING, Phase.PREFILLING, Phase.FAILED, Phase.ABORTED},
     Phase.PREFILLING: {Phase.STREAMING, Phase.FAILED, Phase.ABORTED},
     Phase.STREAMING: {Phase.FINISHED, Phase.FAILED, Phase.ABORTED},
 }
@@ -78,6 +85,9 @@ class Attempt:
     """Instances that hold something of it (pages, a queue place, a transfer) until their final answer."""
     address: str = ""
     """PD: the decode rank's KV address, from Reserved."""
+    resumed: int = 0
+    """Tokens an earlier attempt already streamed to the client: this attempt's prompt ends with them
+    (migration, as Dynamo's: the client's stream continues)."""
 
 
 def final_for(instance: Instance, attempt: Attempt, msg: p.Message) -> bool:
@@ -96,10 +106,13 @@ class RouterRequests:
         self.tasks: dict[str, asyncio.Task] = {}
         """Each request's flow (all its attempts), by request id, while it runs."""
 
-    def open(self, request_id: str, number: int, phase: Phase) -> Attempt:
-        attempt = Attempt(f"{request_id}.{number}", request_id, phase)
+    def open(self, request_id: str, number: int, phase: Phase = Phase.WAITING, resumed: int = 0) -> Attempt:
+        attempt = Attempt(f"{request_id}.{number}", request_id, phase, resumed=resumed)
         self.attempts[attempt.rid] = attempt
         return attempt
+
+    def count(self, phase: Phase) -> int:
+        return sum(a.phase is phase for a in self.attempts.values())
 
     def send(self, attempt: Attempt, instance: Instance, msg: p.Message) -> None:
         """Gives the instance work for the attempt: it holds the attempt until its final answer."""
@@ -129,6 +142,8 @@ class RouterRequests:
         if attempt.phase.final or phase not in NEXT[attempt.phase]:
             raise ValueError(f"attempt {attempt.rid}: no transition {attempt.phase.value} -> {phase.value}")
         attempt.phase = phase
+        if phase is Phase.WAITING:  # refused for room: the instance that refused holds nothing of it
+            attempt.decode, attempt.address = None, ""
         if not phase.final:
             return
         holders, attempt.holders = attempt.holders, []
@@ -150,4 +165,5 @@ class RouterRequests:
         for rid, attempt in self.attempts.items():
             assert rid == attempt.rid and not attempt.phase.final, attempt
             assert set(attempt.holders) <= {attempt.decode, attempt.prefill} - {None}, attempt
-            assert attempt.prefill is None or attempt.phase is not Phase.RESERVING, attempt
+            assert attempt.prefill is None or attempt.phase not in (Phase.RESERVING, Phase.WAITING), attempt
+            assert attempt.phase is not Phase.WAITING or not attempt.holders, attempt

@@ -105,7 +105,8 @@ def test_64_concurrent_streams_complete_with_their_token_counts(pd):
     ({"prompt": "hi", "max_tokens": 10**6}, 400, "'max_tokens'=1000000 is out of range"),
     ({"prompt": "hi", "model": "gpt-4"}, 404, "model 'gpt-4' does not exist"),
     ({"prompt": "hi", "temperature": -1}, 400, "'temperature'=-1 is out of range"),
-    ({"prompt": "hi", "n": 2}, 400, "out of range"),
+    ({"prompt": "hi", "n": 0}, 400, "'n'=0 is out of range"),
+    ({"prompt": "hi", "stream": "false"}, 400, "'stream' must be true or false"),
 ])
 def test_bad_input_gets_an_openai_error_from_the_router(pd, body, status, message):
     got, answer = run(complete(pd.url, body))

@@ -1,6 +1,7 @@
-"""Faults in a PD cluster: a KV transfer that never arrives, a decode rank killed mid-run, a dead prefill
-instance. The router stays up, requests get an answer (re-run or a clear error), and no KV page is left
-behind."""
+"""Faults in a PD cluster of instances started one by one: a KV transfer that never arrives, a decode rank
+killed mid-run (its request migrates to another decode instance), a dead prefill instance. The router stays
+up, requests get their answer, and no KV page is left behind. tests/dist/test_chaos.py does more under
+launch/local.sh."""
 
 import os
 import signal
@@ -48,7 +49,7 @@ def test_a_dropped_kv_transfer_times_out_frees_its_pages_and_is_rerun_once(tmp_p
         cluster.stop()
 
 
-def test_a_killed_decode_rank_fails_its_requests_and_the_router_carries_on(tmp_path):
+def test_a_killed_decode_rank_migrates_its_requests_and_the_router_carries_on(tmp_path):
     cluster = Cluster(tmp_path)
     try:
         prefill = cluster.instance("prefill", 1, *QUIET)
@@ -61,15 +62,19 @@ def test_a_killed_decode_rank_fails_its_requests_and_the_router_carries_on(tmp_p
         async def long_request_then_kill():
             import asyncio
 
-            task = asyncio.create_task(stream(cluster.url, greedy([BOS, 7, 7, 7], 1000)))
+            task = asyncio.create_task(stream(cluster.url, greedy([BOS, 7, 7, 7], 300)))
             await asyncio.sleep(1.0)  # decoding on the doomed instance by now
             os.kill(victim, signal.SIGKILL)
             return await task
 
         started = time.monotonic()
-        events = run(long_request_then_kill(), timeout=60)
-        assert "error" in events[-1] and "went down" in events[-1]["error"]["message"], events[-1]
-        assert time.monotonic() - started < 30
+        events = run(long_request_then_kill(), timeout=90)
+        # migrated to the spare with the tokens already streamed: the stream just continues to its end
+        assert all("error" not in e for e in events), events[-1]
+        assert sum(len(e["choices"][0]["token_ids"]) for e in events) == 300
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        assert time.monotonic() - started < 60
+        assert cluster.metrics()["moe_pd_retries_total"] == 1
 
         status, body = cluster.health()
         assert status == 200 and body["status"] == "degraded"

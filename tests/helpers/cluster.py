@@ -43,7 +43,11 @@ class Cluster:
         cluster.local = LocalCluster(run_dir, overrides, mode, env={**_env(), "READY_TIMEOUT": "150", **env})
         cluster.procs.append(cluster.local.proc)
         cluster.url = cluster.local.url
-        cluster.wait_ready()
+        try:
+            cluster.wait_ready()
+        except BaseException:
+            cluster.stop()  # never leave a half-started cluster running
+            raise
         return cluster
 
     def instance(self, role: str, ranks: int, *overrides: str) -> str:

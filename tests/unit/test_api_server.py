@@ -96,22 +96,24 @@ def test_streaming_chat_gives_the_same_tokens_as_non_streaming(server):
     status, whole = call(post(url, "/v1/chat/completions", req))
     assert status == 200 and whole["object"] == "chat.completion"
     assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == whole["choices"][0]["token_ids"]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and len(chunks) == 6
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}  # OpenAI opens with the role
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and len(chunks) == 7
 
 
 @pytest.mark.parametrize("path, body, raw, status, message", [
     ("/v1/completions", None, b"{not json", 400, "not valid JSON"),
     ("/v1/completions", {"prompt": ""}, None, 400, "'prompt' is empty"),
-    ("/v1/completions", {"prompt": []}, None, 400, "'prompt' is empty"),
+    ("/v1/completions", {"prompt": []}, None, 400, "'prompt' must be a string"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, None, 400, "'max_tokens'=0 is out of range"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 10_000}, None, 400, "'max_tokens'=10000 is out of range"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, None, 404, "model 'gpt-4' does not exist"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, None, 400, "out of range"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, None, 400, "'n'=0 is out of range"),
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, None, 400, "'temperature' must be a number"),
     ("/v1/completions", {"prompt": [1] * 2000}, None, 400, "does not fit the context"),
     ("/v1/completions", {"prompt": [256, 100000]}, None, 400, "token ids outside"),
     ("/v1/chat/completions", {"messages": []}, None, 400, "'messages' must be a non-empty list"),
-    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, None, 400, "needs a 'role'"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, None, 400,
+     "'messages[0].role' must be one of"),
 ])
 def test_bad_requests_get_openai_errors(server, path, body, raw, status, message):
     url, _ = server
@@ -172,10 +174,11 @@ def test_concurrent_streaming_requests_complete(server):
 
 def test_streamed_text_never_splits_a_character():
     from moe_pd.engine.tokenizer import ByteTokenizer
-    from moe_pd.serve.http_app import IncrementalText
+    from moe_pd.serve.backend import Chunk
+    from moe_pd.serve.openai_output import Choice
 
-    text = IncrementalText(ByteTokenizer(256))
-    pieces = [text.add([b], final=False) for b in "né✓".encode()]
+    text = Choice(0, ByteTokenizer(256), [])
+    pieces = [(text.add(Chunk([b], False)), text.delta())[1] for b in "né✓".encode()]
     assert "".join(pieces) == "né✓" and "\ufffd" not in "".join(pieces)
     assert pieces[1] == "" and pieces[2] == "é"  # the first byte of é is held back
 

@@ -155,3 +155,34 @@ def test_the_table_says_where_a_request_is_and_what_it_holds(workers):
     assert prefill.engine.requests.describe("x")["state"] == "prefilling"  # 16-token chunks: not done yet
     drive(prefill, decode)
     assert decode.engine.requests.describe("x") is None and prefill.engine.requests.describe("x") is None
+
+
+def test_pd_logprobs_equal_colocated_prefill_carrying_the_first_and_the_prompts(model, workers):
+    """Prefill samples the first token, so its report carries that token's logprob and the prompt's (echo);
+    decode's outputs carry the rest. Together they are the colocated engine's."""
+    from moe_pd.engine.core.request import SamplingParams
+
+    params = SamplingParams(logprobs=2, prompt_logprobs=2)
+    prompt = PROMPTS["b"]
+    engine = LLMEngine(model, KVCacheConfig(block_size=4, num_blocks=64), 8, 64)
+    engine.add_request("x", prompt, 4, params, ignore_eos=True)
+    want, want_prompt = [], None
+    while engine.has_work:
+        for o in engine.step()[1]:
+            want += o.logprobs
+            want_prompt = o.prompt_logprobs or want_prompt
+    prefill, decode = workers
+    decode.reserve("x", prompt, 4, SamplingParams(logprobs=2), ignore_eos=True)  # decode never scores the prompt
+    prefill.submit("x", prompt, decode.address, params)
+    got = []
+    deadline = time.monotonic() + 30
+    results = []
+    while (prefill.has_work or decode.has_work) and time.monotonic() < deadline:
+        results += prefill.step()
+        for out in decode.step():
+            got += out.logprobs
+    (result,) = results
+    close = lambda a, b: a.token == b.token and abs(a.logprob - b.logprob) < 1e-4  # noqa: E731
+    assert len(result.prompt_logprobs) == len(prompt) and result.prompt_logprobs[0] is None
+    assert all(close(a, b) for a, b in zip(result.prompt_logprobs[1:], want_prompt[1:]))
+    assert len(result.logprobs + got) == 4 and all(close(a, b) for a, b in zip(result.logprobs + got, want))

@@ -24,6 +24,7 @@ def test_wheel_contents(wheel):
     assert {"moe_pd/conf/model/tiny.yaml", "moe_pd/conf/model/deepseek_v3.yaml", "moe_pd/conf/model/path.yaml",
             "moe_pd/conf/model/deepseek_v2_lite.yaml"} <= set(names)
     assert "moe_pd/kernels/__init__.py" in names
+    assert {"moe_pd/assets/tiny_bytes/tokenizer.json", "moe_pd/assets/tiny_bytes/tokenizer_config.json"} <= set(names)
     assert not any(n.startswith("kernels/") or n.startswith("conf/") for n in names)
 
 

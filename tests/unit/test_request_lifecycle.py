@@ -1,6 +1,10 @@
 """The request lifecycle under random event sequences (hypothesis): arrivals, steps, KV transfers that land,
-get lost or are refused, answers that get lost, timeouts, aborts and a lost instance. After every event:
-nothing is held by a request that ended, and every counter equals the sum over live requests.
+get lost or are refused, answers that get lost, timeouts, aborts and a lost instance; and the failure paths
+of issue "Reliability": rejected requests (hostile content), a step that fails one request (no token could be
+sampled), a failure at any state (a transfer that cannot be sent, a rank's command error), a client that
+disconnects at any state; at the router: waiting for room, a reservation refused for room, a queue timeout,
+a refusal, and migration after tokens were streamed. After every event: nothing is held by a request that
+ended, and every counter equals the sum over live requests.
 
 Rank level: a prefill rank and a decode rank (which also takes colocated requests), each a Scheduler over
 its RequestTable, driven the way moe_pd.engine.disagg drives them, with the wire in between modelled as
@@ -29,9 +33,14 @@ def fake_token(req: Request) -> int:
     return (sum(req.token_ids) * 31 + len(req.token_ids)) % 50 + 1
 
 
-def step(scheduler: Scheduler) -> None:
+def step(scheduler: Scheduler, fail: int = -1) -> None:
+    """One step; the sampling row `fail` (if any) gets no token and fails its request alone."""
     plan = scheduler.schedule()
-    scheduler.update(plan, {s.seq.request_id: fake_token(s.seq) for s in plan.scheduled if s.samples})
+    rows = [s.seq for s in plan.scheduled if s.samples]
+    failed = {rows[fail % len(rows)].request_id: "no token"} if fail >= 0 and rows else {}
+    scheduler.update(plan, {r.request_id: fake_token(r) for r in rows if r.request_id not in failed}, failed)
+    for rid in failed:
+        assert rid not in scheduler.requests
 
 
 def new_side(hold: bool, pages: int) -> Scheduler:
@@ -73,10 +82,59 @@ class RankLifecycle(RuleBasedStateMachine):
         except InvalidRequest:
             pass
 
+    @rule(kind=st.sampled_from(["outside_vocab", "empty", "too_long", "too_big", "duplicate"]),
+          on_prefill=st.booleans())
+    def arrive_hostile(self, kind: str, on_prefill: bool) -> None:
+        """Content no rank can run is refused at the door and leaves nothing behind."""
+        side = self.prefill if on_prefill else self.decode
+        before = (len(side.requests), side.allocator.num_used, dict(side.requests.by_state))
+        live = sorted(side.requests.live)
+        if kind == "duplicate" and not live:
+            return
+        rid = live[0] if kind == "duplicate" else f"bad{self.n}"
+        prompt = {"outside_vocab": [5, 100, 7], "empty": [], "too_long": [3] * CONTEXT}.get(kind, [3, 4])
+        max_new = 10**6 if kind == "too_big" else 4
+        try:
+            if kind == "too_big" or on_prefill:
+                req = Request(prompt, max_new, rid, destination="d" if on_prefill else "")
+                side.add(req)
+            else:
+                side.reserve(Request(prompt, max_new, rid), Transfer(self.clock + TIMEOUT))
+        except InvalidRequest:
+            assert (len(side.requests), side.allocator.num_used, dict(side.requests.by_state)) == before
+            return
+        assert kind == "too_big", kind  # a huge max_new_tokens is capped at the context, not refused
+        self._new(side, side.requests.get(rid))
+
+    @rule(on_prefill=st.booleans(), i=st.integers(0, 99))
+    def fail_at_any_state(self, on_prefill: bool, i: int) -> None:
+        """A failure that names one request (its KV could not be sent, a command error): FAILED from wherever
+        it is, releasing everything."""
+        side = self.prefill if on_prefill else self.decode
+        live = sorted(side.requests.live)
+        if live:
+            req = side.requests.get(live[i % len(live)])
+            if req.transfer is not None:
+                req.transfer.finish(TransferState.CANCELLED, "failed")
+            side.requests.transition(req, State.FAILED, "error: failed")
+            assert not req.block_table and req.transfer is None
+
     # steps and the wire ---------------------------------------------------------------------------------------
+    @rule(fail=st.integers(-1, 3))
+    def step_prefill_failing_one(self, fail: int) -> None:
+        step(self.prefill, fail)
+        self._ship()
+
+    @rule(fail=st.integers(-1, 3))
+    def step_decode_failing_one(self, fail: int) -> None:
+        step(self.decode, fail)
+
     @rule()
     def step_prefill(self) -> None:
         step(self.prefill)
+        self._ship()
+
+    def _ship(self) -> None:
         for req in self.prefill.requests.in_state(State.PREFILLED):
             req.transfer = Transfer(self.clock + TIMEOUT, req.destination)
             self.prefill.requests.transition(req, State.TRANSFERRING)
@@ -205,16 +263,51 @@ class RouterLifecycle(RuleBasedStateMachine):
             assert attempt.inbox.get_nowait() == (instance, msg)
         assert attempt.inbox.empty()
 
-    @rule(colocated=st.booleans())
-    def arrive(self, colocated: bool) -> None:
+    @rule()
+    def arrive(self) -> None:
+        """A request waits at the router (back-pressure) until an instance has room."""
         self.n += 1
+        self.attempts.append(self.table.open(f"r{self.n}", 0))
+
+    @rule(i=st.integers(0, 99), colocated=st.booleans())
+    def room(self, i: int, colocated: bool) -> None:
+        """An instance has room: the waiting attempt asks it (a reservation, or the whole request)."""
+        attempt = self._pick(i, Phase.WAITING)
         inst = self.colocated if colocated else self.decode
-        if not inst.up:
+        if attempt is None or not inst.up:
             return
-        attempt = self.table.open(f"r{self.n}", 0, Phase.PREFILLING if colocated else Phase.RESERVING)
+        self.table.transition(attempt, Phase.PREFILLING if colocated else Phase.RESERVING)
         attempt.decode = inst
-        self.table.send(attempt, inst, p.Generate(attempt.rid, [1], 4) if colocated else p.Reserve(attempt.rid, [1], 4))
-        self.attempts.append(attempt)
+        msg = p.Generate(attempt.rid, [1], 4) if colocated else p.Reserve(attempt.rid, [1], 4)
+        self.table.send(attempt, inst, msg)
+
+    @rule(i=st.integers(0, 99))
+    def refused_for_room(self, i: int) -> None:
+        """The decode instance had no pages after all: the attempt waits again, holding nothing."""
+        attempt = self._pick(i, Phase.RESERVING)
+        if attempt is None or self.decode not in attempt.holders:
+            return
+        self._answer(self.decode, attempt, p.Error(attempt.rid, "no free KV cache pages", retry=True, status=503),
+                     final=True)
+        self.table.transition(attempt, Phase.WAITING)
+        assert attempt.holders == [] and attempt.decode is None
+
+    @rule(i=st.integers(0, 99))
+    def waited_too_long(self, i: int) -> None:
+        attempt = self._pick(i, Phase.WAITING)
+        if attempt is not None:
+            self.table.transition(attempt, Phase.FAILED)
+
+    @rule(i=st.integers(0, 99))
+    def migrate(self, i: int) -> None:
+        """The attempt fails after tokens were streamed (its decode instance died, or failed it): it ends FAILED
+        (aborted wherever held) and the next attempt waits with the streamed tokens in its prompt."""
+        attempt = self._pick(i, Phase.STREAMING, Phase.PREFILLING)
+        if attempt is None:
+            return
+        self.table.transition(attempt, Phase.FAILED)
+        number = int(attempt.rid.rsplit(".", 1)[1]) + 1
+        self.attempts.append(self.table.open(attempt.request_id, number, resumed=attempt.resumed + 1))
 
     @rule(i=st.integers(0, 99))
     def reserved(self, i: int) -> None:
@@ -246,13 +339,14 @@ class RouterLifecycle(RuleBasedStateMachine):
         if not done:
             self.table.transition(attempt, Phase.FAILED)
 
-    @rule(i=st.integers(0, 99), from_prefill=st.booleans())
-    def error(self, i: int, from_prefill: bool) -> None:
+    @rule(i=st.integers(0, 99), from_prefill=st.booleans(), status=st.sampled_from([400, 500, 503]))
+    def error(self, i: int, from_prefill: bool, status: int) -> None:
+        """An instance refuses (400: the request's content) or fails it (500, 503)."""
         attempt = self._pick(i, Phase.RESERVING, Phase.PREFILLING, Phase.STREAMING)
         source = attempt and (attempt.prefill if from_prefill else attempt.decode)
         if attempt is None or source not in attempt.holders:
             return
-        self._answer(source, attempt, p.Error(attempt.rid, "no", retry=True), final=True)
+        self._answer(source, attempt, p.Error(attempt.rid, "no", retry=status == 503, status=status), final=True)
         self.table.transition(attempt, Phase.FAILED)
 
     @rule(which=st.sampled_from(["d", "p", "c"]))
@@ -272,7 +366,7 @@ class RouterLifecycle(RuleBasedStateMachine):
 
     @rule(i=st.integers(0, 99))
     def client_goes_away(self, i: int) -> None:
-        attempt = self._pick(i, Phase.RESERVING, Phase.PREFILLING, Phase.STREAMING)
+        attempt = self._pick(i, Phase.WAITING, Phase.RESERVING, Phase.PREFILLING, Phase.STREAMING)
         if attempt is not None:
             self.table.transition(attempt, Phase.ABORTED)
 
@@ -289,6 +383,9 @@ class RouterLifecycle(RuleBasedStateMachine):
                 assert inst is self.prefill and ended[rid].phase is Phase.FINISHED, (inst.address, ended[rid])
         live = Counter(a.phase for a in self.table.attempts.values())
         assert sum(live.values()) == len(self.attempts) - len(ended)
+        assert self.table.count(Phase.WAITING) == live[Phase.WAITING]
+        for attempt in self.table.attempts.values():  # one live attempt per request, never two
+            assert sum(a.request_id == attempt.request_id for a in self.table.attempts.values()) == 1
 
 
 TestRouterLifecycle = RouterLifecycle.TestCase

@@ -1,6 +1,8 @@
-"""The router's request flows against scripted instances (no processes): a failed KV transfer is re-run once
-away from the rank that failed, every abandoned attempt is aborted where it holds something, and what can
-not be re-run fails with the right status. tests/dist/test_pd_faults.py runs the same paths end to end."""
+"""The router's request flows against scripted instances (no processes): a failed KV transfer is re-run away
+from the rank that failed, a lost instance's requests migrate with the tokens already streamed, requests wait
+(bounded) for room, every abandoned attempt is aborted where it holds something, and what can not be re-run
+fails with the right status. tests/dist/test_pd_faults.py and tests/dist/test_chaos.py run the same paths end
+to end."""
 
 from __future__ import annotations
 
@@ -9,10 +11,10 @@ import asyncio
 import pytest
 
 from moe_pd.config.serve import RouterConfig
-from moe_pd.engine.core.request import SamplingParams
+from moe_pd.engine.core.request import Logprob, SamplingParams
 from moe_pd.serve import protocol as p
-from moe_pd.serve.backend import Stream
-from moe_pd.serve.openai_api import APIError, GenerationRequest
+from moe_pd.serve.backend import Chunk, Job, Stream
+from moe_pd.serve.openai_api import APIError
 from moe_pd.serve.router import ClusterBackend
 
 
@@ -21,7 +23,8 @@ class Fake:
 
     def __init__(self, backend, address: str, role: str, free_pages: int = 100) -> None:
         self.backend, self.address, self.role, self.free_pages = backend, address, role, free_pages
-        self.up, self.queued_tokens, self.block_size = True, 0, 16
+        self.up, self.queued_tokens, self.block_size, self.draining = True, 0, 16, False
+        self.status_at, self.refused_at, self.rank_room = 0.5, 0.0, 10**6
         self.sent: list[p.Message] = []
         self.script = lambda instance, msg: []
 
@@ -37,10 +40,10 @@ class Fake:
 MADE: list[ClusterBackend] = []
 
 
-def make_backend(decodes: int = 2):
+def make_backend(decodes: int = 2, **cfg):
     """A router whose instances are scripted fakes (its real clients connect to nothing and are closed)."""
     backend = ClusterBackend(RouterConfig(prefill=["tcp://127.0.0.1:9"], decode=["tcp://127.0.0.1:9"],
-                                          request_timeout_s=5))
+                                          request_timeout_s=5, **cfg))
     MADE.append(backend)
     prefill = Fake(backend, "tcp://p", "prefill")
     decode = [Fake(backend, f"tcp://d{i}", "decode", free_pages=100 - i) for i in range(decodes)]
@@ -65,15 +68,16 @@ def prefill_then_tokens(decode_of, transfer="done", tokens=((7, False), (8, True
     return script
 
 
-def run(backend, max_tokens: int = 2) -> tuple[list, Exception | None]:
-    request = GenerationRequest([1, 2, 3], None, max_tokens, SamplingParams(), None, True, True, True, False)
+def run(backend, max_tokens: int = 2, params: SamplingParams = SamplingParams()) -> tuple[list, Exception | None]:
+    job = Job([1, 2, 3], max_tokens, params)
 
     async def go():
         stream = Stream("cmpl-1", asyncio.get_running_loop())
-        await backend._run(backend._disaggregated, stream, request)
+        await backend._run(stream, job)
         items = []
         while not stream.tokens.empty():
-            items.append(stream.tokens.get_nowait())
+            item = stream.tokens.get_nowait()[1]
+            items.append(item if isinstance(item, Exception) else (item.ids, item.finished, item.reason))
         return items
 
     items = asyncio.run(go())
@@ -128,39 +132,89 @@ def test_a_decode_side_transfer_failure_aborts_prefill_and_reruns():
     assert prefill.kinds() == ["Prefill:cmpl-1.0", "Abort:cmpl-1.0", "Prefill:cmpl-1.1"]
 
 
-def test_the_second_failure_is_a_503():
-    backend, prefill, (d0, d1) = make_backend()
+def test_the_request_fails_with_a_503_after_its_migration_limit():
+    backend, prefill, (d0, d1) = make_backend(migration_limit=1)
     d0.script = reserve_ok
     prefill.script = prefill_then_tokens(lambda msg: d0, "rejected")
     tokens, error = run(backend)
-    assert tokens == [] and isinstance(error, APIError) and error.status == 503
-    assert "KV transfer rejected" in str(error) and backend.metrics.retries._value.get() == 1
+    assert tokens == [] and isinstance(error, APIError) and error.status == 503 and error.retry_after
+    assert "KV transfer from prefill to decode rejected" in str(error) and backend.metrics.retries._value.get() == 2
     assert d0.kinds().count("Abort:cmpl-1.0") == 1 and d0.kinds().count("Abort:cmpl-1.1") == 1
+    assert "tcp://" not in str(error) and "kv-" not in str(error)  # no internal details
 
 
-def test_no_rerun_once_tokens_reached_the_client():
+def test_a_decode_failure_mid_stream_migrates_with_the_streamed_tokens():
     backend, prefill, (d0, d1) = make_backend()
     d0.script = reserve_ok
 
     def prefill_script(instance, msg):
-        return [(d0, p.Tokens(msg.rid, [7], False)), (d0, p.Error(msg.rid, "rank died", retry=True, status=503))]
+        if msg.rid.endswith(".0"):  # the first decode rank streams one token, then fails
+            return [(d0, p.Tokens(msg.rid, [7], False)), (d0, p.Error(msg.rid, "rank died", retry=True, status=503))]
+        return prefill_then_tokens(lambda m: d0, tokens=((8, False), (9, True)))(instance, msg)
 
     prefill.script = prefill_script
     tokens, error = run(backend, max_tokens=4)
-    assert tokens == [([7], False, None)] and error.status == 503
-    assert [k for k in d0.kinds() if k.startswith("Reserve")] == ["Reserve:cmpl-1.0"]
-    assert prefill.kinds() == ["Prefill:cmpl-1.0", "Abort:cmpl-1.0"]  # prefill still held it
+    assert error is None and [t for ids, _, _ in tokens for t in ids] == [7, 8, 9]
+    again = [m for m in d0.sent if isinstance(m, p.Reserve)][1]
+    assert again.rid == "cmpl-1.1" and again.prompt == [1, 2, 3, 7] and again.max_tokens == 3  # Dynamo's migration
+    assert prefill.sent[-1].prompt == [1, 2, 3, 7]
+    assert prefill.kinds()[:2] == ["Prefill:cmpl-1.0", "Abort:cmpl-1.0"]  # prefill still held the first
 
 
-def test_a_full_decode_instance_is_avoided_on_the_rerun():
+def test_a_full_decode_instance_sends_the_request_back_to_wait_and_another_takes_it():
     backend, prefill, (d0, d1) = make_backend()
     d0.script = lambda inst, msg: [(inst, p.Error(msg.rid, "no free pages", retry=True, status=503))] \
         if isinstance(msg, p.Reserve) else []
     d1.script = reserve_ok
     prefill.script = prefill_then_tokens(lambda msg: d1)
     tokens, error = run(backend)
-    assert error is None and d0.kinds() == ["Reserve:cmpl-1.0"] and d1.kinds() == ["Reserve:cmpl-1.1"]
-    assert d1.sent[0].exclude == []  # an instance that was full, not a rank whose transfer failed
+    # the same attempt: refused for room, it waited (d0 is not tried again before its next heartbeat)
+    assert error is None and d0.kinds() == ["Reserve:cmpl-1.0"] and d1.kinds() == ["Reserve:cmpl-1.0"]
+    assert d1.sent[0].exclude == [] and backend.metrics.retries._value.get() == 0
+
+
+def test_a_request_waits_for_room_then_runs():
+    backend, prefill, (d0, d1) = make_backend()
+    d0.script = reserve_ok
+    prefill.script = prefill_then_tokens(lambda msg: d0)
+    d0.rank_room = d1.rank_room = 0  # nobody has room ...
+
+    async def room_later():
+        await asyncio.sleep(0.3)
+        d0.rank_room = 100  # ... until a heartbeat says d0 has
+
+    async def go():
+        asyncio.get_running_loop().create_task(room_later())
+        return await asyncio.to_thread(lambda: None), await _run_async(backend)
+
+    _, (tokens, error) = asyncio.run(go())
+    assert error is None and tokens[-1][1] is True and d1.sent == []
+
+
+async def _run_async(backend):
+    stream = Stream(f"cmpl-w{len(backend.requests.tasks)}-{id(backend)}-{asyncio.get_running_loop().time()}",
+                    asyncio.get_running_loop())
+    await backend._run(stream, Job([1, 2, 3], 2))
+    items = []
+    while not stream.tokens.empty():
+        items.append(stream.tokens.get_nowait()[1])
+    return [(i.ids, i.finished, i.reason) for i in items if isinstance(i, Chunk)], \
+        next((i for i in items if isinstance(i, Exception)), None)
+
+
+def test_waiting_is_bounded_in_time_and_in_number():
+    backend, prefill, (d0, d1) = make_backend(queue_timeout_s=0.2, max_waiting=1, retry_after_s=3)
+    d0.rank_room = d1.rank_room = 0
+    tokens, error = run(backend)
+    assert error.status == 503 and error.retry_after == 3 and "within 0 s" in str(error)
+
+    async def two():  # one waits; the second finds the queue full at once
+        first = asyncio.create_task(_run_async(backend))
+        await asyncio.sleep(0.05)
+        return await _run_async(backend), await first
+
+    (_, full), (_, timed_out) = asyncio.run(two())
+    assert "too many requests are waiting" in str(full) and "within" in str(timed_out)
 
 
 def test_a_request_no_rank_can_hold_fails_at_once_with_a_400():
@@ -188,28 +242,62 @@ def test_a_prefill_instance_lost_before_shipping_is_rerun_on_any_rank():
     assert d0.sent[2].exclude == []  # the decode rank did nothing wrong
 
 
-def test_a_decode_instance_lost_fails_the_request():
+def test_a_decode_instance_lost_migrates_to_another():
     backend, prefill, (d0, d1) = make_backend()
-    d0.script = reserve_ok
+    d0.script = d1.script = reserve_ok
+
     def prefill_script(instance, msg):
-        if isinstance(msg, p.Prefill):
+        if msg.rid.endswith(".0"):
+            d0.up = False
             asyncio.get_running_loop().call_soon(backend.requests.instance_down, d0)
-        return []
+            return []
+        return prefill_then_tokens(lambda m: d1)(instance, msg)
 
     prefill.script = prefill_script
     tokens, error = run(backend)
-    assert error.status == 503 and "decode instance tcp://d0 went down" in str(error)
-    assert prefill.kinds() == ["Prefill:cmpl-1.0", "Abort:cmpl-1.0"]
+    assert error is None and tokens[-1] == ([8], True, "length")
+    assert prefill.kinds() == ["Prefill:cmpl-1.0", "Abort:cmpl-1.0", "Prefill:cmpl-1.1"]
+    assert d1.kinds() == ["Reserve:cmpl-1.1"]
+
+
+def test_logprobs_wait_for_prefill_which_sampled_the_first_token():
+    backend, prefill, (d0, d1) = make_backend()
+    d0.script = reserve_ok
+    first, second = Logprob(7, -0.5), Logprob(8, -0.25)
+
+    def prefill_script(instance, msg):  # decode's tokens arrive before prefill's report with token 7's logprob
+        return [(d0, p.Tokens(msg.rid, [7], False, logprobs=[])),
+                (d0, p.Tokens(msg.rid, [8], True, "length", [second])),
+                (instance, p.Prefilled(msg.rid, "done", logprobs=[first], prompt_logprobs=[None, first]))]
+
+    prefill.script = prefill_script
+
+    async def go():
+        stream = Stream("cmpl-l", asyncio.get_running_loop())
+        await backend._run(stream, Job([1, 2, 3], 2, SamplingParams(logprobs=0, prompt_logprobs=0)))
+        return [stream.tokens.get_nowait()[1] for _ in range(stream.tokens.qsize())]
+
+    chunks = asyncio.run(go())
+    assert [c.logprobs for c in chunks] == [[first], [second]]
+    assert chunks[0].prompt_logprobs == [None, first] and chunks[1].prompt_logprobs is None
+    assert d0.sent[0].params.prompt_logprobs is None  # decode never computes the prompt's
+
+
+def test_a_draining_instance_gets_no_new_request():
+    backend, prefill, (d0, d1) = make_backend()
+    d0.draining = True
+    d1.script = reserve_ok
+    prefill.script = prefill_then_tokens(lambda msg: d1)
+    tokens, error = run(backend)
+    assert error is None and d0.sent == [] and d1.kinds() == ["Reserve:cmpl-1.0"]
 
 
 def test_a_client_that_goes_away_aborts_every_holder():
     backend, prefill, (d0, d1) = make_backend()
     d0.script = reserve_ok
-    request = GenerationRequest([1, 2, 3], None, 8, SamplingParams(), None, True, True, True, False)
-
     async def go():
         stream = Stream("cmpl-9", asyncio.get_running_loop())
-        backend.submit(stream, request)
+        backend.submit(stream, Job([1, 2, 3], 8))
         for _ in range(20):
             await asyncio.sleep(0)
         assert prefill.kinds() == ["Prefill:cmpl-9.0"]  # reserved, prefill running: both hold it
@@ -270,3 +358,12 @@ def test_the_instance_client_drops_garbage_and_ignores_another_protocol_version(
         context.term()
 
     asyncio.run(go())
+
+
+def test_an_instance_failure_names_its_role_and_nothing_internal():
+    backend, prefill, (d0, d1) = make_backend()
+    d0.script = reserve_ok
+    prefill.script = lambda inst, msg: [(inst, p.Error(msg.rid, "internal error", status=500))]
+    tokens, error = run(backend)
+    assert error.status == 500 and str(error) == "the prefill instance failed the request (internal error)"
+    assert d0.kinds()[-1] == "Abort:cmpl-1.0"  # the decode reservation is freed

@@ -178,3 +178,35 @@ def test_the_status_carries_the_instances_eplb_figures_to_the_routers_metrics(le
     metrics.instance("decode@x:1", "decode", True, msgspec.to_builtins(status.ranks), msgspec.to_builtins(status.eplb))
     text = generate_latest(metrics.registry).decode()
     assert 'moe_pd_eplb_balancedness{instance="decode@x:1",layer="1",role="decode",scope="window"} 0.75' in text
+
+
+def test_a_draining_leader_says_so_and_leaves_once_nothing_is_held(leader_and_client, monkeypatch):
+    import moe_pd.serve.leader as leader_module
+
+    clock = {"now": 100.0}
+    monkeypatch.setattr(leader_module.time, "monotonic", lambda: clock["now"])
+    leader, router = leader_and_client("decode", [decode_load(0)])
+    leader.cfg.heartbeat_s, leader.cfg.drain_timeout_s = 0.5, 10.0
+    exchange(leader, router, reserve("a.0"))
+    assert not leader.drained() and leader.status().draining  # the drain starts; the routers hear it at once
+    clock["now"] += 0.6
+    assert not leader.drained()  # nothing held yet, but the routers have not had two heartbeats
+    clock["now"] += 0.6
+    assert not leader.drained()  # two heartbeats, but a route is held
+    leader.routes.close("a.0")
+    leader.loads = [decode_load(0, running=1)]
+    assert not leader.drained()  # and a rank still runs a request
+    leader.loads = [decode_load(0)]
+    assert leader.drained()
+
+
+def test_a_drain_ends_at_its_timeout_whatever_is_held(leader_and_client, monkeypatch):
+    import moe_pd.serve.leader as leader_module
+
+    clock = {"now": 100.0}
+    monkeypatch.setattr(leader_module.time, "monotonic", lambda: clock["now"])
+    leader, router = leader_and_client("decode", [decode_load(0, running=3)])
+    leader.cfg.drain_timeout_s = 2.0
+    assert not leader.drained()
+    clock["now"] += 2.5
+    assert leader.drained()

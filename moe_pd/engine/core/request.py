@@ -4,7 +4,8 @@
     prefill:    QUEUED -> PREFILLING -> PREFILLED -> TRANSFERRING -> FINISHED (decode stored the KV)
     decode:     RESERVED -> DECODING -> FINISHED
     preemption: PREFILLING | DECODING -> QUEUED (pages dropped; recomputed from its tokens)
-    any live state -> ABORTED (the client or the router gave up) | FAILED (it can never run, its KV never came)
+    any live state -> ABORTED (the client or the router gave up) | FAILED (it can never run, its KV never came,
+                or a step failed for it alone: no finite logits)
 
 HOLDS says what a request holds in each state (pages, a batch slot, a place in the queue, a transfer entry),
 NEXT which states may follow; moe_pd.engine.core.table.RequestTable owns the records and its `transition`
@@ -22,16 +23,45 @@ from typing import Any
 
 from moe_pd.kvcache.transfer.base import Transfer
 
+MIN_TEMPERATURE = 1e-5
+"""Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing logits by a tinier one overflows
+them to inf, and the sampler would draw from NaN probabilities."""
+MAX_LOGPROBS = 20
+"""Most alternatives a token's logprobs may list (OpenAI's limit for top_logprobs)."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token the output already holds (OpenAI's presence_penalty)."""
+    frequency_penalty: float = 0.0
+    """Subtracted once per occurrence in the output so far (OpenAI's frequency_penalty)."""
+    logprobs: int | None = None
+    """Each generated token's log-probability with this many alternatives (0: the token's only); None: none."""
+    prompt_logprobs: int | None = None
+    """The same for every prompt token (echo with logprobs); such a request computes its whole prompt (no
+    prefix-cache hits), as the cached positions' logits were never computed."""
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """A token's log-probability under the model (raw logits, before penalties and temperature) and the
+    `top` most likely tokens at its position as (token id, log-probability), best first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class InvalidRequest(ValueError):
@@ -148,10 +178,18 @@ class Request:
     """Its KV transfer entry, while it holds one (TRANSFERRING, RESERVED)."""
     listener: Any = None
     """Who streams its tokens (the one-process server's HTTP stream); travels in every RequestOutput."""
+    logprobs: list[Logprob] | None = None
+    """Its generated tokens' log-probabilities, when params.logprobs asks for them."""
+    prompt_logprobs: list[Logprob | None] | None = None
+    """Its prompt tokens' log-probabilities (the first has none), when params.prompt_logprobs asks."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
             raise InvalidRequest(f"request {self.request_id}: max_new_tokens must be > 0")
+        if self.params.logprobs is not None and self.logprobs is None:
+            self.logprobs = []
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
 
     @property
     def token_ids(self) -> list[int]:

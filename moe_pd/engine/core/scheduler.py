@@ -108,7 +108,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             tokens = req.token_ids
-            hits = self.allocator.cached_prefix(tokens)
+            hits = self.allocator.cached_prefix(tokens) if req.prompt_logprobs is None else []
             hit_tokens = len(hits) * self.allocator.block_size
             num_new = min(len(tokens) - hit_tokens, budget)
             try:
@@ -122,9 +122,14 @@ class Scheduler:
             budget -= num_new
         return plan
 
-    def update(self, plan: StepPlan, sampled: dict[str, int]) -> None:
+    def update(self, plan: StepPlan, sampled: dict[str, int], failed: dict[str, str] | None = None) -> None:
         """Applies a step's results: `sampled` maps request id -> token for every request whose chunk
-        reached its end."""
+        reached its end, except those in `failed` (request id -> why): no token could be sampled for them
+        (non-finite logits), so they end FAILED alone and release what they hold."""
+        for rid, why in (failed or {}).items():
+            req = self.requests.get(rid)
+            if req is not None and req.state in (State.PREFILLING, State.DECODING):
+                self.requests.transition(req, State.FAILED, f"error: {why}")
         for item in plan.scheduled:
             req = item.seq
             if req.state not in (State.PREFILLING, State.DECODING):
