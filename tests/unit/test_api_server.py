@@ -5,8 +5,8 @@ import json
 
 import aiohttp
 import pytest
-from aiohttp import web
 
+from helpers.local_server import serving
 from helpers.tiny import TINY
 from moe_pd.config.kvcache import KVCacheConfig
 from moe_pd.config.sampling import SamplingConfig
@@ -21,30 +21,13 @@ PROMPT_IDS = [256, *b"Hello server"]
 @pytest.fixture(scope="module")
 def server():
     """(base URL, engine loop), served from a background event loop thread for the whole module."""
-    import threading
-
     app, engine_loop = make_server(ServeConfig(model=TINY, kvcache=KVCacheConfig(block_size=4, num_blocks=256),
                                                served_model_name="tiny", max_tokens_limit=64))
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    state = {}
-
-    async def start():
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        state["runner"] = runner
-        state["url"] = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-        ready.set()
-
-    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
-    thread.start()
-    assert ready.wait(30)
-    yield state["url"], engine_loop
-    asyncio.run_coroutine_threadsafe(state["runner"].cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    engine_loop.stop()
+    try:
+        with serving(app) as url:
+            yield url, engine_loop
+    finally:
+        engine_loop.stop()
 
 
 def call(coro):
