@@ -40,6 +40,15 @@ class AttentionBatch:
     host_context_lens: list[int] = field(default_factory=list)
     host_query_lens: list[int] = field(default_factory=list)
     block_size: int = 0
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
+    """Per-step values every layer shares (the gathered cache slots, rope angles), filled by the first
+    layer that needs them (`cached`)."""
+
+    def cached(self, key: str, make):
+        value = self.memo.get(key)
+        if value is None:
+            value = self.memo[key] = make()
+        return value
 
     @property
     def num_seqs(self) -> int:
@@ -67,13 +76,18 @@ class AttentionBatch:
             if len(table) < needed:
                 raise ValueError(f"block table holds {len(table)} pages, {total} tokens need {needed}")
         tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
-        query_B = torch.tensor(list(query_lens), dtype=torch.int64)
-        starts_B = torch.cumsum(query_B, 0) - query_B
-        seq_T = torch.repeat_interleave(torch.arange(len(tables)), query_B)
-        positions_T = torch.tensor(list(context_lens), dtype=torch.int64)[seq_T] + torch.arange(seq_T.numel()) \
-            - starts_B[seq_T]
         tables_BM = torch.tensor(tables, dtype=torch.int64).reshape(len(tables), width)
-        slots_T = tables_BM[seq_T, positions_T // block_size] * block_size + positions_T % block_size
+        if all(n == 1 for n in query_lens):  # decode: one token per sequence, plain lists cost less
+            positions_T = list(context_lens)
+            slots_T = [t[p // block_size] * block_size + p % block_size for t, p in zip(tables, positions_T)]
+            query_B, starts_B = list(query_lens), list(range(len(tables)))
+        else:
+            query_B = torch.tensor(list(query_lens), dtype=torch.int64)
+            starts_B = torch.cumsum(query_B, 0) - query_B
+            seq_T = torch.repeat_interleave(torch.arange(len(tables)), query_B)
+            positions_T = torch.tensor(list(context_lens), dtype=torch.int64)[seq_T] + torch.arange(seq_T.numel()) \
+                - starts_B[seq_T]
+            slots_T = tables_BM[seq_T, positions_T // block_size] * block_size + positions_T % block_size
         as_long = lambda v: torch.as_tensor(v, dtype=torch.int64).to(device)  # noqa: E731
         return AttentionBatch(
             positions_T=as_long(positions_T),
@@ -121,11 +135,16 @@ def write_latent(cache_PSW: torch.Tensor, slot_mapping_T: torch.Tensor, latent_T
 
 def gather_latent(cache_PSW: torch.Tensor, batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sequence's cached rows padded to max_seq_len: (kv [B, Lmax, C + R], valid [B, Lmax])."""
-    block_size = cache_PSW.shape[1]
-    pos_L = torch.arange(batch.max_seq_len, device=cache_PSW.device)
+    slot_BL, valid_BL = batch.cached("latent_slots", lambda: _latent_slots(batch, cache_PSW.shape[1],
+                                                                         cache_PSW.device))
+    return cache_PSW.view(-1, cache_PSW.shape[-1])[slot_BL], valid_BL
+
+
+def _latent_slots(batch: AttentionBatch, block_size: int, device: torch.device):
+    """The cache row of each sequence's positions (0 past its length) and which positions are valid;
+    the same for every layer of a step."""
+    pos_L = torch.arange(batch.max_seq_len, device=device)
     valid_BL = pos_L[None, :] < batch.seq_lens_B[:, None]
     page_BL = batch.block_tables_BM.gather(1, (pos_L // block_size).expand(batch.num_seqs, -1)
                                            .clamp(max=max(batch.block_tables_BM.shape[1] - 1, 0)))
-    slot_BL = torch.where(valid_BL, page_BL * block_size + pos_L % block_size, 0)
-    rows = cache_PSW.view(-1, cache_PSW.shape[-1])
-    return rows[slot_BL], valid_BL
+    return torch.where(valid_BL, page_BL * block_size + pos_L % block_size, 0), valid_BL

@@ -36,7 +36,7 @@ class TorchOps:
         """Rows grouped by expert slot; `scales`: the FP8 weights' block scales (RoutedExperts.scales)."""
         if scales is not None:
             return grouped_swiglu_fp8(x_ND, counts_E.tolist(), w13_EFD, scales[0], w2_EDF, scales[1])
-        return grouped_swiglu(x_ND, counts_E.tolist(), w13_EFD, w2_EDF)
+        return grouped_swiglu(x_ND, counts_E, w13_EFD, w2_EDF)
 
     def experts_masked(self, x_ECD: torch.Tensor, masked_m_E: torch.Tensor, w13_EFD: torch.Tensor,
                        w2_EDF: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Traces: <run_dir>/profile/<role>/iter_<step>/rank<rank>_trace.json.gz, one per rank, Chrome trace format
 (opens in Perfetto or chrome://tracing; `python -m moe_pd.profiling.report` merges the ranks). Model code
 labels its work with record_function ranges named 'L<layer> <STAGE>(<micro-batch>)', e.g. 'L3 ATTN-0(1)',
-'L3 DISPATCH(0)', 'L3 DISPATCH-WAIT(0)'; those ranges cost ~1 us each when no profiler runs.
+'L3 DISPATCH(0)', 'L3 DISPATCH-WAIT(0)'; those ranges are entered only while a profiler runs.
 """
 
 from __future__ import annotations
