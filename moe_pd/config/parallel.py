@@ -16,7 +16,7 @@ class ParallelConfig:
 
     dispatcher: str = "auto"
     """Token dispatcher: 'auto' (local for one rank, all_to_all otherwise), 'local', 'all_to_all',
-    'deepep' (DeepEP Buffer, GPUs) or 'nvshmem' (nvshmem4py one-sided puts, GPU)."""
+    'deepep' (DeepEP, GPUs; deepep_api picks V1 Buffer or V2 ElasticBuffer) or 'nvshmem' (nvshmem4py one-sided puts, GPU)."""
     backend: str = "auto"
     """torch.distributed backend: 'auto' (nccl on CUDA, gloo on CPU), 'gloo' or 'nccl'."""
     ep_size: Optional[int] = None
@@ -27,10 +27,18 @@ class ParallelConfig:
     fp8_dispatch: bool = False
     """Send dispatch payloads as FP8 e4m3 with per-token 1x128 scales, as DeepSeek does (combine stays
     in the activation dtype)."""
+    deepep_api: str = "v1"
+    """DeepEP API: 'v1' (deep_ep.Buffer: normal and low-latency kernels on NVSHMEM, receive hooks) or 'v2'
+    (deep_ep.ElasticBuffer on NCCL's GIN backend: one dispatch for both, no receive hook); docs/deepep.md."""
     deepep_mode: str = "auto"
-    """DeepEP kernels: 'normal' (prefill), 'low_latency' (decode) or 'auto' (low latency for decode steps)."""
+    """DeepEP use: 'normal' (prefill: throughput, the host learns the counts), 'low_latency' (decode: static
+    shapes, no host sync) or 'auto' (low latency when no rank has more than
+    deepep_max_dispatch_tokens_per_rank tokens in the step)."""
     deepep_max_dispatch_tokens_per_rank: int = 128
-    """Low-latency buffer capacity: tokens one rank may send per step (DeepEP recommends < 256)."""
+    """Low-latency capacity: tokens one rank may send per decode step (DeepEP recommends < 256)."""
+    deepep_max_tokens_per_rank: int = 4096
+    """V2 only: the most tokens one rank dispatches in any step (sizes the ElasticBuffer; at least the
+    scheduler's max_num_batched_tokens)."""
     padded_max_tokens: int = 128
     """all_to_all backend: when no rank runs more tokens than this in a step (decode), exchange fixed-size
     buffers instead of exchanging counts first, so dispatch never blocks (0: always exchange counts)."""
@@ -46,6 +54,7 @@ class ParallelConfig:
         check_choice("parallel.dispatcher", self.dispatcher, DISPATCHERS)
         check_choice("parallel.backend", self.backend, ("auto", "gloo", "nccl"))
         check_choice("parallel.deepep_mode", self.deepep_mode, ("auto", "normal", "low_latency"))
+        check_choice("parallel.deepep_api", self.deepep_api, ("v1", "v2"))
         check(self.ep_size is None or self.ep_size > 0, "parallel.ep_size", self.ep_size, "must be > 0 or null")
         check(self.num_redundant_experts >= 0, "parallel.num_redundant_experts", self.num_redundant_experts,
               "must be >= 0")
@@ -56,5 +65,8 @@ class ParallelConfig:
               "must be > 0")
         check(self.deepep_max_dispatch_tokens_per_rank > 0, "parallel.deepep_max_dispatch_tokens_per_rank",
               self.deepep_max_dispatch_tokens_per_rank, "must be > 0")
+        check(self.deepep_max_tokens_per_rank >= self.deepep_max_dispatch_tokens_per_rank,
+              "parallel.deepep_max_tokens_per_rank", self.deepep_max_tokens_per_rank,
+              "must be >= parallel.deepep_max_dispatch_tokens_per_rank")
         check(self.dry_run_world_size is None or self.dry_run_world_size > 0, "parallel.dry_run_world_size",
               self.dry_run_world_size, "must be > 0 or null")

@@ -96,6 +96,25 @@ def grouped_swiglu_fp8(x_ND: torch.Tensor, counts_E: Sequence[int], w13_EFD: tor
     return _per_expert(x_ND, counts_E, w2_EDF.shape[1], mlp)
 
 
+def swiglu_experts(x_ND: torch.Tensor, counts_E: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor,
+                   scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Rows grouped by expert slot through the torch reference; `scales`: FP8 weights' block scales."""
+    if scales is not None:
+        return grouped_swiglu_fp8(x_ND, counts_E.tolist(), w13_EFD, scales[0], w2_EDF, scales[1])
+    return grouped_swiglu(x_ND, counts_E, w13_EFD, w2_EDF)
+
+
+def masked_swiglu(x_ECD: torch.Tensor, masked_m_E: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor,
+                  scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The masked layout [E, capacity, D] with masked_m_E valid rows per expert (rows past it: 0)."""
+    out = x_ECD.new_zeros(*x_ECD.shape[:2], w2_EDF.shape[1])
+    for e, rows in enumerate(masked_m_E.tolist()):
+        one = (scales[0][e : e + 1], scales[1][e : e + 1]) if scales is not None else None
+        out[e, :rows] = swiglu_experts(x_ECD[e, :rows], torch.tensor([rows]), w13_EFD[e : e + 1],
+                                       w2_EDF[e : e + 1], one)
+    return out
+
+
 class RoutedExperts(nn.Module):
     """The routed experts this rank holds, by global id."""
 
@@ -150,12 +169,8 @@ class RoutedExperts(nn.Module):
         """Rows grouped by slot ([N, D], counts_E each), or the masked layout ([E, capacity, D], counts_E
         valid rows per slot) from MaskedLocalDispatcher."""
         if x_ND.dim() == 3:
-            if self.ops is None:
-                raise RuntimeError("the masked layout needs moe_pd.model.ops (DeepseekForCausalLM.use_ops)")
-            return self.ops.experts_masked(x_ND, counts_E, self.gate_up_proj, self.down_proj, self.scales)
+            masked = self.ops.experts_masked if self.ops is not None else masked_swiglu
+            return masked(x_ND, counts_E, self.gate_up_proj, self.down_proj, self.scales)
         if self.ops is not None:
             return self.ops.experts(x_ND, counts_E, self.gate_up_proj, self.down_proj, self.scales)
-        if self.scales is not None:
-            return grouped_swiglu_fp8(x_ND, counts_E.tolist(), self.gate_up_proj, self.scales[0], self.down_proj,
-                                      self.scales[1])
-        return grouped_swiglu(x_ND, counts_E, self.gate_up_proj, self.down_proj)
+        return swiglu_experts(x_ND, counts_E, self.gate_up_proj, self.down_proj, self.scales)

@@ -16,7 +16,7 @@ import torch
 
 from moe_pd.config.errors import ConfigError
 from moe_pd.config.model import ModelConfig
-from moe_pd.model.experts import grouped_swiglu, grouped_swiglu_fp8
+from moe_pd.model.experts import masked_swiglu, swiglu_experts
 from moe_pd.model.gate import route
 
 
@@ -34,19 +34,12 @@ class TorchOps:
     def experts(self, x_ND: torch.Tensor, counts_E: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor,
                 scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Rows grouped by expert slot; `scales`: the FP8 weights' block scales (RoutedExperts.scales)."""
-        if scales is not None:
-            return grouped_swiglu_fp8(x_ND, counts_E.tolist(), w13_EFD, scales[0], w2_EDF, scales[1])
-        return grouped_swiglu(x_ND, counts_E, w13_EFD, w2_EDF)
+        return swiglu_experts(x_ND, counts_E, w13_EFD, w2_EDF, scales)
 
     def experts_masked(self, x_ECD: torch.Tensor, masked_m_E: torch.Tensor, w13_EFD: torch.Tensor,
                        w2_EDF: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The masked layout [E, capacity, D] with masked_m_E valid rows per expert (rows past it: 0)."""
-        out = x_ECD.new_zeros(*x_ECD.shape[:2], w2_EDF.shape[1])
-        for e, rows in enumerate(masked_m_E.tolist()):
-            one = (scales[0][e : e + 1], scales[1][e : e + 1]) if scales is not None else None
-            out[e, :rows] = self.experts(x_ECD[e, :rows], torch.tensor([rows]), w13_EFD[e : e + 1],
-                                         w2_EDF[e : e + 1], one)
-        return out
+        return masked_swiglu(x_ECD, masked_m_E, w13_EFD, w2_EDF, scales)
 
 
 class TritonOps(TorchOps):

@@ -29,6 +29,12 @@ def make_dispatcher(cfg: ParallelConfig, state: ParallelState, hidden_size: int,
 
         return AllToAllDispatcher(state, hidden_size, placement, recorder, fp8=cfg.fp8_dispatch,
                                   delay_s=comm_delay_ms / 1000, padded_max_tokens=cfg.padded_max_tokens)
+    if kind == "deepep" and cfg.deepep_api == "v2":
+        from moe_pd.parallel.dispatch.deepep_v2 import make_deepep_v2_dispatcher
+
+        return make_deepep_v2_dispatcher(state, hidden_size, _placement(placement, state), cfg.deepep_mode,
+                                         cfg.deepep_max_tokens_per_rank, cfg.deepep_max_dispatch_tokens_per_rank,
+                                         cfg.fp8_dispatch, top_k)
     if kind == "deepep":
         from moe_pd.parallel.dispatch.deepep import make_deepep_dispatcher
 

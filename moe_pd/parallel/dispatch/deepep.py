@@ -1,4 +1,4 @@
-"""Adapter to DeepEP's V1 `deep_ep.Buffer` (github.com/deepseek-ai/DeepEP, `deep_ep/buffer.py`): normal
+"""Adapter to DeepEP's V1 `deep_ep.Buffer` (github.com/deepseek-ai/DeepEP, `deep_ep/buffers/legacy.py`): normal
 kernels for prefill-sized steps, low-latency kernels with receive hooks for decode-sized steps.
 
 Legend: T tokens on this rank, D hidden, K top-k, E local expert slots, R ranks, P physical slots,
@@ -82,7 +82,7 @@ class DeepEPDispatcher(Dispatcher):
             self._use_low_latency = max_tokens_any_rank <= self.max_tokens
 
     def dispatch_start(self, x_TD, topk_ids_TK, topk_weights_TK, layer: int = -1):
-        phys_TK = self.to_physical(topk_ids_TK, layer)
+        phys_TK = self.to_physical(topk_ids_TK, layer).contiguous()
         if self._use_low_latency:
             return self._ll_dispatch_start(x_TD, phys_TK, topk_weights_TK)
         return self._normal_dispatch_start(x_TD, phys_TK, topk_weights_TK)
@@ -95,7 +95,8 @@ class DeepEPDispatcher(Dispatcher):
         if isinstance(handle, _LowLatencyHandle):
             y_ECD = grouped_to_masked(y_MD, handle.counts_E, handle.capacity)
             combined, event, hook = self.low_latency.low_latency_combine(
-                y_ECD, handle.topk_ids_TK, handle.topk_weights_TK, handle.deepep_handle, return_recv_hook=True)
+                y_ECD, handle.topk_ids_TK, handle.topk_weights_TK.float().contiguous(), handle.deepep_handle,
+                return_recv_hook=True)
             return combined, hook
         partial_ND = permute.reduce(y_MD, handle.expansion)  # DeepEP's normal combine does not weight
         combined, _, event = self.normal.combine(partial_ND, handle.deepep_handle, async_finish=True)
@@ -137,7 +138,7 @@ class DeepEPDispatcher(Dispatcher):
             raise RuntimeError(f"{x_TD.shape[0]} tokens exceed the low-latency capacity of "
                                f"{self.max_tokens} per rank (parallel.deepep_max_dispatch_tokens_per_rank)")
         recv, counts_E, handle, _, hook = self.low_latency.low_latency_dispatch(
-            x_TD, phys_TK, self.max_tokens, self.placement.num_slots, use_fp8=self.fp8, return_recv_hook=True)
+            x_TD.contiguous(), phys_TK, self.max_tokens, self.placement.num_slots, use_fp8=self.fp8, return_recv_hook=True)
         return "ll", recv, counts_E, handle, hook, phys_TK, weights_TK, x_TD.dtype
 
     def _ll_dispatch_wait(self, pending) -> DispatchResult:
