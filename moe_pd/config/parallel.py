@@ -16,7 +16,8 @@ class ParallelConfig:
 
     dispatcher: str = "auto"
     """Token dispatcher: 'auto' (local for one rank, all_to_all otherwise), 'local', 'all_to_all',
-    'deepep' (DeepEP, GPUs; deepep_api picks V1 Buffer or V2 ElasticBuffer) or 'nvshmem' (nvshmem4py one-sided puts, GPU)."""
+    'deepep' (DeepEP, GPUs; deepep_api picks V1 Buffer or V2 ElasticBuffer) or 'nvshmem' (nvshmem4py
+    one-sided puts, GPU)."""
     backend: str = "auto"
     """torch.distributed backend: 'auto' (nccl on CUDA, gloo on CPU), 'gloo' or 'nccl'."""
     ep_size: Optional[int] = None

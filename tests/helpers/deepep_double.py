@@ -30,6 +30,7 @@ import torch.distributed as dist
 from moe_pd.fp8 import quantize_act_1x128
 
 ALIGNMENT = 128  # LEGACY_NUM_BUFFER_ALIGNMENT_BYTES
+RANK_COUNTS = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144, 160)  # get_dispatch_config's table
 
 
 class EventOverlap:
@@ -100,12 +101,12 @@ class Buffer:
     # static helpers --------------------------------------------------------------------------------------
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
-        assert num_ranks in (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144, 160), f"Unsupported number of EP ranks: {num_ranks}"
+        assert num_ranks in RANK_COUNTS, f"Unsupported number of EP ranks: {num_ranks}"
         return Config(Buffer.num_sms, 6, 256, 6, 128)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
-        assert num_ranks in (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144, 160), f"Unsupported number of EP ranks: {num_ranks}"
+        assert num_ranks in RANK_COUNTS, f"Unsupported number of EP ranks: {num_ranks}"
         return Config(Buffer.num_sms, 4, 256, 6, 128)
 
     @staticmethod
@@ -149,7 +150,7 @@ class Buffer:
             assert topk_idx is None and topk_weights is None
             prefix, _, _, src_idx, in_rank, send_head = handle
         else:
-            assert num_tokens_per_rank is not None and is_token_in_rank is not None and num_tokens_per_expert is not None
+            assert None not in (num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert)
             assert topk_weights is None or topk_weights.dtype == torch.float32, "topk_weights must be float32"
             in_rank = is_token_in_rank
         send_rank, send_token = in_rank.t().nonzero(as_tuple=True)  # rank-major, then token order
@@ -164,7 +165,8 @@ class Buffer:
         assert torch.equal(send_split.int(), num_tokens_per_rank.int())
         per_rank = num_tokens_per_expert.shape[0] // self.group_size
         ids = topk_idx[send_token]
-        local = torch.where((ids >= 0) & (ids // per_rank == send_rank[:, None]), ids - send_rank[:, None] * per_rank, -1)
+        mine = (ids >= 0) & (ids // per_rank == send_rank[:, None])
+        local = torch.where(mine, ids - send_rank[:, None] * per_rank, -1)
         weights = torch.where(local >= 0, topk_weights[send_token].float(), 0.0)
         recv_ids = exchange(local, send_split.tolist(), recv_split.tolist(), self.group)
         recv_weights = exchange(weights, send_split.tolist(), recv_split.tolist(), self.group)
@@ -269,7 +271,8 @@ class Buffer:
             got = rows[slot_order]
             where = (row_expert[slot_order], position)
             if use_fp8:
-                q, s = quantize_act_1x128(got) if len(got) else (got.to(torch.float8_e4m3fn), got.new_zeros(0, hidden // 128))
+                q, s = quantize_act_1x128(got) if len(got) else (got.to(torch.float8_e4m3fn),
+                                                                 got.new_zeros(0, hidden // 128))
                 recv[where], scales[where] = q, s
             else:
                 recv[where] = got

@@ -123,7 +123,7 @@ class ElasticBuffer:
                 (handle.num_experts, handle.expert_alignment, handle.num_max_tokens_per_rank)
             assert do_expand == handle.do_expand, "a cached dispatch keeps the handle's layout"
         num_sms = num_sms or self.get_theoretical_num_sms(num_experts, topk_idx.shape[1])
-        assert (num_qps or self.get_theoretical_num_qps(num_sms)) <= self.num_allocated_qps, "Allocated QPs are not enough"
+        assert (num_qps or self.get_theoretical_num_qps(num_sms)) <= self.num_allocated_qps, "too few QPs"
         num_max_tokens_per_rank = num_max_tokens_per_rank or self.num_max_tokens_per_rank
         expert_alignment = expert_alignment if expert_alignment is not None else 1
         do_cpu_sync = True if do_cpu_sync is None else do_cpu_sync
@@ -134,7 +134,7 @@ class ElasticBuffer:
         assert (sf is not None) == (data.dtype == torch.float8_e4m3fn), "FP8 x comes as (e4m3, scales)"
         assert data.dtype in self.activation_dtypes + (torch.float8_e4m3fn,), f"x dtype {data.dtype}"
         tokens, hidden = data.shape
-        assert tokens <= num_max_tokens_per_rank, f"{tokens} tokens > num_max_tokens_per_rank {num_max_tokens_per_rank}"
+        assert tokens <= num_max_tokens_per_rank, f"{tokens} tokens > num_max_tokens_per_rank"
         assert topk_idx.dtype == torch.int64 and topk_idx.is_contiguous() and topk_idx.shape[0] == tokens
         assert topk_weights is None or (topk_weights.dtype == torch.float32 and topk_weights.is_contiguous())
         num_topk, ranks = topk_idx.shape[1], self.num_ranks

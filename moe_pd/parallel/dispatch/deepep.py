@@ -138,7 +138,8 @@ class DeepEPDispatcher(Dispatcher):
             raise RuntimeError(f"{x_TD.shape[0]} tokens exceed the low-latency capacity of "
                                f"{self.max_tokens} per rank (parallel.deepep_max_dispatch_tokens_per_rank)")
         recv, counts_E, handle, _, hook = self.low_latency.low_latency_dispatch(
-            x_TD.contiguous(), phys_TK, self.max_tokens, self.placement.num_slots, use_fp8=self.fp8, return_recv_hook=True)
+            x_TD.contiguous(), phys_TK, self.max_tokens, self.placement.num_slots, use_fp8=self.fp8,
+            return_recv_hook=True)
         return "ll", recv, counts_E, handle, hook, phys_TK, weights_TK, x_TD.dtype
 
     def _ll_dispatch_wait(self, pending) -> DispatchResult:
