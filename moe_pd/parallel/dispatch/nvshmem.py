@@ -27,53 +27,62 @@ from moe_pd.parallel.state import ParallelState
 
 
 class _Shmem:
-    """The few nvshmem4py calls used here, behind one seam (names differ between nvshmem4py releases)."""
+    """Every nvshmem4py call this backend makes, behind one seam, with nvshmem4py 0.4's names
+    (nvshmem.core: get_unique_id, init, my_pe, n_pes, tensor, free_tensor, put, barrier, Teams,
+    NvshmemStream, finalize) and cuda-core's `Device` and `Buffer` (nvshmem4py 0.4 imports `cuda.core`;
+    cuda-core >= 0.5 has no `cuda.core.experimental`). tests/helpers/nvshmem_double.py mirrors them.
+
+    nvshmem4py resolves a torch tensor to its whole symmetric allocation (by data pointer), so a slice
+    cannot be put directly; puts go through cuda-core `Buffer` views of exactly the rows to move, from a
+    symmetric send buffer (a symmetric or registered source is what RDMA transports need)."""
 
     def __init__(self, state: ParallelState) -> None:
         try:
             import nvshmem.core as nvshmem
-            from cuda.core.experimental import Device
+            from cuda.core import Buffer, Device
         except ImportError as exc:
-            raise ConfigError(f"parallel.dispatcher='nvshmem' needs nvshmem4py-cu13 (pip install "
-                              f"'moe-pd[gpu]'): {exc}") from None
+            raise ConfigError(f"parallel.dispatcher='nvshmem' needs nvshmem4py-cu13 >= 0.4 with cuda-core "
+                              f">= 0.5 (pip install 'moe-pd[gpu]'): {exc}") from None
         if state.device.type != "cuda":
             raise ConfigError("parallel.dispatcher='nvshmem' needs runtime.device=cuda")
-        self.nv = nvshmem
+        self.nv, self.buffer_cls = nvshmem, Buffer
         self.device = Device(state.device.index or 0)
         self.device.set_current()
-        uid = [nvshmem.get_unique_id() if state.rank == 0 else nvshmem.get_unique_id(empty=True)]
+        uid = [nvshmem.get_unique_id(empty=state.rank != 0)]
         if state.world_size > 1:
             dist.broadcast_object_list(uid, src=0, group=state.group)
         nvshmem.init(device=self.device, uid=uid[0], rank=state.rank, nranks=state.world_size,
                      initializer_method="uid")
         self.my_pe, self.n_pes = nvshmem.my_pe(), nvshmem.n_pes()
-        interop = getattr(nvshmem, "interop", None)
-        self._torch = getattr(interop, "torch", None) if interop else None
-        if self._torch is None:
-            import nvshmem.core.interop.torch as torch_interop
-
-            self._torch = torch_interop
-        self._buffers: list[torch.Tensor] = []
+        self._tensors: list[torch.Tensor] = []
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        tensor = self._torch.empty(shape, dtype=dtype)
-        self._buffers.append(tensor)
+        """A tensor on the symmetric heap (same address offset on every PE)."""
+        tensor = self.nv.tensor(shape, dtype=dtype)
+        self._tensors.append(tensor)
         return tensor
 
-    def stream(self):
-        return self.device.create_stream(torch.cuda.current_stream())
+    def _view(self, rows: torch.Tensor):
+        assert rows.is_contiguous()
+        return self.buffer_cls.from_handle(rows.data_ptr(), rows.numel() * rows.element_size())
+
+    def _stream(self):
+        return self.nv.NvshmemStream(torch.cuda.current_stream())
 
     def put(self, dst: torch.Tensor, src: torch.Tensor, pe: int) -> None:
+        """Copies `src` (rows of a symmetric tensor) into `dst` (the same-sized rows of a symmetric tensor)
+        on PE `pe`, ordered on the current stream."""
         if src.numel():
-            self.nv.put(dst, src.contiguous(), remote_pe=pe, stream=self.stream())
+            self.nv.put(self._view(dst), self._view(src), remote_pe=pe, stream=self._stream())
 
     def barrier(self) -> None:
-        self.nv.barrier(self.nv.Teams.TEAM_WORLD, stream=self.stream())
+        """Every PE's puts issued so far are complete and visible."""
+        self.nv.barrier(self.nv.Teams.TEAM_WORLD, stream=self._stream())
 
     def close(self) -> None:
-        for tensor in self._buffers:
-            self._torch.free_tensor(tensor)
-        self._buffers.clear()
+        for tensor in self._tensors:
+            self.nv.free_tensor(tensor)
+        self._tensors.clear()
         self.nv.finalize()
 
 
@@ -100,6 +109,10 @@ class NvshmemDispatcher(Dispatcher):
         self.recv_x = self.shmem.empty((ranks * capacity, hidden_size), dtype)
         self.recv_meta = self.shmem.empty((ranks * capacity, 2 * top_k), torch.float32)
         self.back_x = self.shmem.empty((ranks * capacity, hidden_size), dtype)
+        # What this PE puts comes from here (a put's source lives on the symmetric heap too).
+        self.send_counts_R = self.shmem.empty((ranks,), torch.int64)
+        self.send_x = self.shmem.empty((ranks * capacity, hidden_size), dtype)
+        self.send_meta = self.shmem.empty((ranks * capacity, 2 * top_k), torch.float32)
 
     def _region(self, buffer: torch.Tensor, source: int, rows: int) -> torch.Tensor:
         return buffer[source * self.capacity : source * self.capacity + rows]
@@ -112,12 +125,15 @@ class NvshmemDispatcher(Dispatcher):
         send_token_S, send_rank_S, local_ids_SK = permute.token_rank_layout(phys_TK, self.num_local_experts, ranks)
         send_counts_R = torch.bincount(send_rank_S, minlength=ranks)
         meta_SK2 = permute.row_metadata(local_ids_SK, topk_weights_TK[send_token_S])
-        payload = x_TD[send_token_S].to(self.recv_x.dtype)
+        sent = len(send_token_S)
+        self.send_x[:sent] = x_TD[send_token_S]
+        self.send_meta[:sent] = meta_SK2
+        self.send_counts_R.copy_(send_counts_R)
         for r, start, count in zip(range(ranks), (torch.cumsum(send_counts_R, 0) - send_counts_R).tolist(),
                                    send_counts_R.tolist()):
-            self.shmem.put(self.counts_R[me : me + 1], send_counts_R[r : r + 1], r)
-            self.shmem.put(self._region(self.recv_x, me, count), payload[start : start + count], r)
-            self.shmem.put(self._region(self.recv_meta, me, count), meta_SK2[start : start + count], r)
+            self.shmem.put(self.counts_R[me : me + 1], self.send_counts_R[r : r + 1], r)
+            self.shmem.put(self._region(self.recv_x, me, count), self.send_x[start : start + count], r)
+            self.shmem.put(self._region(self.recv_meta, me, count), self.send_meta[start : start + count], r)
         return send_token_S, send_counts_R.tolist(), x_TD.shape[0], x_TD.dtype
 
     def dispatch_wait(self, pending) -> DispatchResult:
@@ -131,10 +147,11 @@ class NvshmemDispatcher(Dispatcher):
                               NvshmemHandle(expansion, send_token_S, send_counts, recv_counts, num_tokens))
 
     def combine_start(self, y_MD, handle: NvshmemHandle):
-        partial_ND = permute.reduce(y_MD, handle.expansion).to(self.back_x.dtype)
+        partial_ND = permute.reduce(y_MD, handle.expansion)
+        self.send_x[: partial_ND.shape[0]] = partial_ND
         start = 0
         for r, count in enumerate(handle.recv_counts):
-            self.shmem.put(self._region(self.back_x, self.state.rank, count), partial_ND[start : start + count], r)
+            self.shmem.put(self._region(self.back_x, self.state.rank, count), self.send_x[start : start + count], r)
             start += count
         return handle, y_MD.dtype
 
