@@ -73,8 +73,9 @@ def _grouped_linear(x_ND: torch.Tensor, offsets_E: torch.Tensor, w_EOI: torch.Te
 def grouped_swiglu(x_ND: torch.Tensor, counts_E: torch.Tensor | Sequence[int], w13_EFD: torch.Tensor,
                    w2_EDF: torch.Tensor) -> torch.Tensor:
     """Reference grouped expert MLP: rows [start, start + counts[e]) go through expert slot e. One grouped
-    GEMM per projection where torch has one (bit-identical to a per-expert loop on CPU), else a loop."""
-    if grouped_mm_supported(x_ND) and w13_EFD.dtype == x_ND.dtype:
+    GEMM per projection where torch has one (bit-identical to a per-expert loop on CPU); a loop over the
+    experts with rows when there are fewer rows than experts (a small decode step) or no grouped GEMM."""
+    if grouped_mm_supported(x_ND) and w13_EFD.dtype == x_ND.dtype and x_ND.shape[0] >= w13_EFD.shape[0]:
         offsets_E = torch.cumsum(torch.as_tensor(counts_E, device=x_ND.device), 0, dtype=torch.int32)
         return _grouped_linear(_swiglu(_grouped_linear(x_ND, offsets_E, w13_EFD)), offsets_E, w2_EDF)
     counts = counts_E.tolist() if isinstance(counts_E, torch.Tensor) else counts_E
