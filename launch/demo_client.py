@@ -22,16 +22,22 @@ def metrics_summary(url: str) -> list[str]:
     values = {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines)}
 
     def mean(name: str) -> str:
-        count = values.get(f"{name}_count", 0)
-        return f"{1000 * values[f'{name}_sum'] / count:.1f} ms" if count else "n/a"
+        count = total(f"{name}_count")
+        return f"{1000 * total(f'{name}_sum') / count:.1f} ms" if count else "n/a"
 
-    transfers = values.get("moe_pd_kv_transfer_seconds_count", 0)
+    def total(name: str) -> float:  # over the backend label
+        return sum(v for k, v in values.items() if k == name or k.startswith(name + "{"))
+
+    backends = sorted({k.split('backend="')[1].split('"')[0] for k in values
+                       if k.startswith("moe_pd_kv_transfer_seconds_count{")})
+    transfers = total("moe_pd_kv_transfer_seconds_count")
     out = [f"requests finished: {sum(v for k, v in values.items() if k.startswith('moe_pd_requests_total')):.0f}",
            f"tokens generated: {values.get('moe_pd_generated_tokens_total', 0):.0f}",
            f"mean time to first token: {mean('moe_pd_time_to_first_token_seconds')}",
            f"mean time per output token: {mean('moe_pd_time_per_output_token_seconds')}"]
     if transfers:
-        out.append(f"KV transfers: {transfers:.0f}, {values['moe_pd_kv_transfer_bytes_total'] / 1024:.1f} KiB, "
+        kib = total("moe_pd_kv_transfer_bytes_total") / 1024
+        out.append(f"KV transfers ({', '.join(backends)}): {transfers:.0f}, {kib:.1f} KiB, "
                    f"mean {mean('moe_pd_kv_transfer_seconds')}")
     out += [f"{k.split('{')[1].rstrip('}')}: {v:.0f} KV pages in use" for k, v in values.items()
             if k.startswith("moe_pd_kv_pages_used")]

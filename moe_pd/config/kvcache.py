@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from moe_pd.config.errors import check, check_choice
 
 TIER_WRITE_POLICIES = ("write_through", "write_back")
+TRANSFER_BACKENDS = ("auto", "zmq", "nixl")
 
 
 @dataclass
@@ -34,7 +35,23 @@ class KVCacheConfig:
     """When device pages reach the tiers: write_through (as soon as a page is full; another rank can hit
     it at once) or write_back (only when the device evicts it)."""
 
+    transfer: str = "auto"
+    """KV transfer from prefill to decode ranks: zmq (pyzmq over TCP, host-staged), nixl (NIXL over UCX,
+    straight into the reserved decode pages), or auto: the backend measured faster on the cache's device
+    (docs/kv_transfer.md: nixl on CPU; zmq on CUDA until a GPU measurement says otherwise), zmq when NIXL is
+    not installed. Prefill and decode instances must use the same one."""
+    nixl_busy_poll_ms: float = 1.0
+    """NIXL: milliseconds between UCX progress rounds while data moves (this rank's transfers, or a peer's
+    into this rank's pages)."""
+    nixl_wait_poll_ms: float = 5.0
+    """NIXL: milliseconds between progress rounds while a transfer is expected but not started (a decode
+    rank's reservations): the most a transfer waits for its target to notice it."""
+
     def __post_init__(self) -> None:
+        check_choice("kvcache.transfer", self.transfer, TRANSFER_BACKENDS)
+        check(self.nixl_busy_poll_ms > 0, "kvcache.nixl_busy_poll_ms", self.nixl_busy_poll_ms, "must be > 0")
+        check(self.nixl_wait_poll_ms >= self.nixl_busy_poll_ms, "kvcache.nixl_wait_poll_ms", self.nixl_wait_poll_ms,
+              "must be >= kvcache.nixl_busy_poll_ms")
         check(self.block_size > 0, "kvcache.block_size", self.block_size, "must be > 0")
         check(self.num_blocks > 0, "kvcache.num_blocks", self.num_blocks, "must be > 0")
         check(self.host_tier_gib == -1.0 or self.host_tier_gib >= 0, "kvcache.host_tier_gib", self.host_tier_gib,

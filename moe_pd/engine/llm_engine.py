@@ -24,7 +24,7 @@ from moe_pd.engine.cuda_graph import DecodeGraphRunner
 from moe_pd.engine.sampler import logprobs, sample
 from moe_pd.kvcache.block_manager import BlockManager
 from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
-from moe_pd.kvcache.transfer.base import Transfer
+from moe_pd.kvcache.transfer.base import KVTarget, Transfer
 from moe_pd.model.transformer import DeepseekForCausalLM
 from moe_pd.overlap.micro_batch import split_step
 from moe_pd.overlap.schedule import DECODE, PREFILL, forward_two_micro_batches
@@ -109,9 +109,9 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_ids: list[int], max_new_tokens: int,
                     params: SamplingParams = SamplingParams(), seed: int | None = None, ignore_eos: bool = False,
-                    destination: str = "", listener: Any = None) -> Request:
+                    destination: KVTarget | None = None, listener: Any = None) -> Request:
         """Queues a request; raises InvalidRequest for one that can never run (its prompt, or a size no cache
-        of this engine holds). `destination`: a prefill instance's decode rank for its KV."""
+        of this engine holds). `destination`: a prefill instance's decode-rank reservation for its KV."""
         req = self._record(request_id, prompt_ids, max_new_tokens, params, seed, ignore_eos,
                            destination=destination, listener=listener)
         return self.scheduler.add(req)

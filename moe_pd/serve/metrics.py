@@ -2,7 +2,8 @@
 
 Request metrics (TTFT, TPOT, outcomes, tokens) are observed by the HTTP handlers; instance gauges (queue
 lengths, KV usage, transfers by final state) are refreshed from the instances' heartbeats at each scrape,
-labelled by instance; transfer bytes and latency come from each finished request's prefill report."""
+labelled by instance; transfer bytes and latency come from each finished request's prefill report. Every
+transfer series carries the backend that moved the bytes (backend="zmq" or "nixl")."""
 
 from __future__ import annotations
 
@@ -27,13 +28,14 @@ class Metrics:
         self.waiting = Gauge("moe_pd_waiting_requests", "Requests queued", labels, registry=r)
         self.kv_usage = Gauge("moe_pd_kv_cache_usage", "Fraction of KV pages in use", labels, registry=r)
         self.kv_pages = Gauge("moe_pd_kv_pages_used", "KV pages in use (all ranks)", labels, registry=r)
-        self.transfer_bytes = Counter("moe_pd_kv_transfer_bytes", "KV bytes shipped from prefill to decode",
-                                      registry=r)
-        self.transfer_seconds = Histogram("moe_pd_kv_transfer_seconds", "KV transfer time, send to answer",
-                                          registry=r, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                                                               0.1, 0.25, 0.5, 1, 5, 30))
+        self.transfer_bytes = Counter("moe_pd_kv_transfer_bytes", "KV bytes shipped from prefill to decode, by "
+                                      "transfer backend", ["backend"], registry=r)
+        self.transfer_seconds = Histogram("moe_pd_kv_transfer_seconds", "KV transfer time, send to answer (zmq) "
+                                          "or to the last byte written (nixl)", ["backend"], registry=r,
+                                          buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                                   1, 5, 30))
         self.transfers = Gauge("moe_pd_kv_transfers", "KV transfers a prefill instance finished since it started, "
-                               "by final state", [*labels, "state"], registry=r)
+                               "by transfer backend and final state", [*labels, "backend", "state"], registry=r)
         self.eplb_balancedness = Gauge("moe_pd_eplb_balancedness", "Mean / max rows received per rank, per MoE "
                                        "layer, at the last EPLB check: over its window or in its last step",
                                        [*labels, "layer", "scope"], registry=r)
@@ -73,9 +75,10 @@ class Metrics:
         self.reserved.labels(name, role).set(sum(x.get("reserved", 0) for x in ranks))
         self.in_transfer.labels(name, role).set(sum(x.get("in_transfer", 0) for x in ranks))
         self.kv_usage.labels(name, role).set(used / total if total else 0.0)
-        states: dict[str, int] = {}
+        states: dict[tuple[str, str], int] = {}
         for rank in ranks:
             for state, count in rank.get("transfers", {}).items():
-                states[state] = states.get(state, 0) + count
-        for state, count in states.items():
-            self.transfers.labels(name, role, state).set(count)
+                key = (rank.get("kv_backend", ""), state)
+                states[key] = states.get(key, 0) + count
+        for (backend, state), count in states.items():
+            self.transfers.labels(name, role, backend, state).set(count)

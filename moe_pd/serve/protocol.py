@@ -6,8 +6,9 @@ the ranks of an instance, as a typed struct (msgspec: validated decoding, tagged
     rank -> ranks:     RankReport, once per iteration through the ControlPlane: the rank's load and events
                        (what it sends to routers), and on the leader the commands for every rank
 
-"reserve" takes pages on a decode rank (the answer names the rank's KV address, which the router hands to
-prefill in "prefill"); "prefill" runs a prompt and ships its KV to that address; "generate" is both phases
+"reserve" takes pages on a decode rank (the answer names where its KV goes: a KVTarget with the rank's
+address, its transfer backend, and for NIXL its agent metadata and the reserved pages, which the router hands
+to prefill in "prefill"); "prefill" runs a prompt and ships its KV there; "generate" is both phases
 on a colocated instance. Every request message carries the router's request id plus an attempt suffix
 (`cmpl-...`.0, .1), so a late answer for an abandoned attempt is never taken for the re-run's.
 
@@ -28,11 +29,12 @@ from typing import Annotated, Union
 import msgspec
 
 from moe_pd.engine.core.request import Logprob, SamplingParams
+from moe_pd.kvcache.transfer.base import KVTarget
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 2
-"""Bump on any change a peer of the previous version would misread."""
+PROTOCOL_VERSION = 3
+"""Bump on any change a peer of the previous version would misread (3: Reserved and Prefill carry a KVTarget)."""
 
 TokenIds = Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(min_length=1)]
 Seed = int | None
@@ -69,17 +71,20 @@ class Reserve(_Request, tag="reserve"):
 
 
 class Prefill(Message, tag="prefill"):
-    """Run the prompt, sample its first token, ship its KV to the decode rank at `decode`."""
+    """Run the prompt, sample its first token, ship its KV into the decode rank's reservation `kv`."""
 
     rid: str
     prompt: TokenIds
-    decode: str
+    kv: KVTarget
     params: SamplingParams = SamplingParams()
     seed: Seed = None
 
 
 class Abort(Message, tag="abort"):
     rid: str
+    writer: bool = True
+    """Whether a prefill instance was asked to write the attempt's KV (False: nothing can write into its
+    reserved decode pages, which are free at once)."""
 
 
 Command = Union[Generate, Reserve, Prefill, Abort]
@@ -114,7 +119,9 @@ class RankLoad(msgspec.Struct, forbid_unknown_fields=True):
     """Decode ranks: requests holding pages reserved for KV that has not arrived yet."""
     transfers: dict[str, int] = {}
     """Prefill ranks: KV transfers finished since start-up, by final state (done, timed_out, rejected,
-    cancelled: aborted while on the wire)."""
+    failed, cancelled: aborted while on the wire)."""
+    kv_backend: str = ""
+    """The rank's KV transfer backend (zmq, nixl; '' on colocated ranks)."""
 
 
 class EplbStatus(msgspec.Struct):
@@ -140,8 +147,8 @@ class Status(Message, tag="status"):
 
 class Reserved(Message, tag="reserved"):
     rid: str
-    address: str
-    """The decode rank's KV address, for the Prefill message."""
+    kv: KVTarget
+    """Where prefill ships the KV (for the Prefill message); `kv.address` names the decode rank."""
     rank: int
 
 
@@ -169,6 +176,8 @@ class Prefilled(Message, tag="prefilled"):
     """The first token's log-probability, when asked."""
     prompt_logprobs: list[Logprob | None] | None = None
     """The prompt's log-probabilities (echo), when asked."""
+    backend: str = ""
+    """The transfer backend that moved it."""
 
 
 class Error(Message, tag="error"):

@@ -3,8 +3,9 @@ and load in protocol messages. A prefill, a decode and a colocated rank are thre
 same engine, not one class with None checks.
 
 A request's own bad content (ids outside the vocabulary, a prompt too long) fails that request with a 400;
-no free pages fail it with a 503 the router may retry elsewhere; anything else is a bug, logged with its
-traceback and answered with a 500, and the rank carries on.
+no free pages fail it with a 503 the router may retry elsewhere; a KV target this rank cannot send to (another
+transfer backend) with a 500; anything else is a bug, logged with its traceback and answered with a 500, and
+the rank carries on.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from moe_pd.engine.core.request import InvalidRequest, State
 from moe_pd.engine.disagg import DecodeWorker, PrefillWorker
 from moe_pd.engine.llm_engine import LLMEngine, RequestOutput
 from moe_pd.kvcache.block_manager import OutOfBlocks
-from moe_pd.kvcache.transfer.zmq_transport import KVReceiver, KVSender
+from moe_pd.kvcache.transfer.base import TransferError
+from moe_pd.kvcache.transfer.select import make_receiver, make_sender, resolve_backend
 from moe_pd.serve import protocol as p
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ class Rank:
     def apply(self, cmd: p.Command) -> list[p.Event]:
         try:
             if isinstance(cmd, p.Abort):
-                self._abort(cmd.rid)
+                self._abort(cmd)
                 return []
             if not isinstance(cmd, self.takes):
                 raise InvalidRequest(f"rank {self.rank} does not take '{type(cmd).__name__.lower()}' requests")
@@ -51,6 +53,9 @@ class Rank:
             return [p.Error(cmd.rid, "no free KV cache pages", retry=True, status=503)]
         except InvalidRequest as exc:
             return [p.Error(cmd.rid, str(exc), retry=False, status=400)]
+        except TransferError as exc:  # a KV target this rank cannot send to: its configuration, not a bug
+            log.error("rank %d: %s: %s", self.rank, cmd.rid, exc)
+            return [p.Error(cmd.rid, str(exc), retry=False, status=500)]
         except Exception:  # a bug: fail this request, keep the rank (and its peers) running
             log.exception("rank %d: %s of %s failed", self.rank, type(cmd).__name__, cmd.rid)
             return [p.Error(cmd.rid, "internal error", status=500)]
@@ -58,8 +63,8 @@ class Rank:
     def _start(self, cmd: p.Command) -> list[p.Event]:
         raise NotImplementedError
 
-    def _abort(self, rid: str) -> None:
-        self.engine.abort(rid)
+    def _abort(self, cmd: p.Abort) -> None:
+        self.engine.abort(cmd.rid)
 
     def step(self, run_engine: bool) -> list[p.Event]:
         return [tokens_event(out) for out in (self.engine.step()[1] if run_engine else [])]
@@ -68,13 +73,15 @@ class Rank:
         """Everything counted from the engine's request table (engine.requests)."""
         requests, allocator = self.engine.requests, self.engine.allocator
         queued = sum(r.num_uncomputed for r in (*requests.waiting, *requests.running) if r.is_prefill)
+        in_transfer = requests.count(State.RESERVED, State.FENCED, State.TRANSFERRING)
         return p.RankLoad(self.rank, allocator.num_used, allocator.num_blocks,
                           len(requests.running) + requests.count(State.RESERVED), len(requests.waiting), queued,
-                          self.max_running, self.address, requests.count(State.RESERVED, State.TRANSFERRING),
-                          requests.cached_tokens, requests.aborted, os.getpid(),
-                          reserved=requests.count(State.RESERVED), transfers=dict(requests.transfers))
+                          self.max_running, self.address, in_transfer, requests.cached_tokens, requests.aborted,
+                          os.getpid(), reserved=requests.count(State.RESERVED), transfers=dict(requests.transfers),
+                          kv_backend=self.kv_backend)
 
     address = ""
+    kv_backend = ""
 
     def close(self) -> None:
         pass
@@ -107,16 +114,21 @@ class PrefillRank(Rank):
         super().__init__(engine, rank, max_running)
         self.worker = worker
 
+    @property
+    def kv_backend(self) -> str:
+        return self.worker.sender.backend
+
     def _start(self, cmd: p.Prefill) -> list[p.Event]:
-        self.worker.submit(cmd.rid, cmd.prompt, cmd.decode, cmd.params, cmd.seed)
+        self.worker.submit(cmd.rid, cmd.prompt, cmd.kv, cmd.params, cmd.seed)
         return []
 
-    def _abort(self, rid: str) -> None:
-        self.worker.cancel(rid)
+    def _abort(self, cmd: p.Abort) -> None:
+        self.worker.cancel(cmd.rid)
 
     def step(self, run_engine: bool) -> list[p.Event]:
         return [p.Error(r.request_id, r.error, status=500) if r.error else
-                p.Prefilled(r.request_id, r.state.value, r.detail, r.nbytes, r.latency_s, r.logprobs, r.prompt_logprobs)
+                p.Prefilled(r.request_id, r.state.value, r.detail, r.nbytes, r.latency_s, r.logprobs, r.prompt_logprobs,
+                            backend=self.kv_backend)
                 for r in self.worker.step(run_engine)]
 
     def close(self) -> None:
@@ -136,12 +148,16 @@ class DecodeRank(Rank):
     def address(self) -> str:
         return self.worker.address
 
-    def _start(self, cmd: p.Reserve) -> list[p.Event]:
-        self.worker.reserve(cmd.rid, cmd.prompt, cmd.max_tokens, cmd.params, cmd.seed, cmd.ignore_eos)
-        return [p.Reserved(cmd.rid, self.worker.address, self.rank)]
+    @property
+    def kv_backend(self) -> str:
+        return self.worker.receiver.backend
 
-    def _abort(self, rid: str) -> None:
-        self.worker.abort(rid)
+    def _start(self, cmd: p.Reserve) -> list[p.Event]:
+        req = self.worker.reserve(cmd.rid, cmd.prompt, cmd.max_tokens, cmd.params, cmd.seed, cmd.ignore_eos)
+        return [p.Reserved(cmd.rid, self.worker.target(req), self.rank)]
+
+    def _abort(self, cmd: p.Abort) -> None:
+        self.worker.abort(cmd.rid, cmd.writer)
 
     def step(self, run_engine: bool) -> list[p.Event]:
         return [tokens_event(out) for out in self.worker.step(run_engine)]
@@ -151,13 +167,15 @@ class DecodeRank(Rank):
 
 
 def make_rank(cfg: ServiceConfig, engine: LLMEngine, rank: int) -> Rank:
+    """The rank's role, with its end of the KV transfer backend (created once, here)."""
+    if cfg.role == "colocated":
+        return ColocatedRank(engine, rank, cfg.max_num_seqs)
+    kv = engine.cache.kv_LPSW
+    backend = resolve_backend(cfg.kvcache.transfer, kv.device.type)
+    name = f"{cfg.role}-{rank}"
     if cfg.role == "prefill":
         drop = cfg.testing.drop_kv_transfers if rank == 0 else 0
-        worker = PrefillWorker(engine, KVSender(f"prefill-{rank}"), cfg.kv_timeout_s, drop)
-        return PrefillRank(engine, rank, cfg.max_num_seqs, worker)
-    if cfg.role == "decode":
-        receiver = KVReceiver(engine.cache.kv_LPSW, bind=f"tcp://{cfg.kv_host}:*")
-        if cfg.advertise_host:
-            receiver.address = receiver.address.replace(f"//{cfg.kv_host}:", f"//{cfg.advertise_host}:")
-        return DecodeRank(engine, rank, cfg.max_num_seqs, DecodeWorker(engine, receiver, cfg.kv_timeout_s))
-    return ColocatedRank(engine, rank, cfg.max_num_seqs)
+        sender = make_sender(backend, cfg.kvcache, kv, name, cfg.kv_host, cfg.kv_timeout_s)
+        return PrefillRank(engine, rank, cfg.max_num_seqs, PrefillWorker(engine, sender, cfg.kv_timeout_s, drop))
+    receiver = make_receiver(backend, cfg.kvcache, kv, name, cfg.kv_host, cfg.advertise_host, cfg.kv_timeout_s)
+    return DecodeRank(engine, rank, cfg.max_num_seqs, DecodeWorker(engine, receiver, cfg.kv_timeout_s))

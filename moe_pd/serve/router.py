@@ -156,8 +156,8 @@ class ClusterBackend:
 
     def observe_transfer(self, msg: p.Prefilled) -> None:
         if msg.state == "done":
-            self.metrics.transfer_bytes.inc(msg.nbytes)
-            self.metrics.transfer_seconds.observe(msg.latency_s)
+            self.metrics.transfer_bytes.labels(msg.backend).inc(msg.nbytes)
+            self.metrics.transfer_seconds.labels(msg.backend).observe(msg.latency_s)
 
 
 async def serve(cfg: RouterConfig) -> None:

@@ -172,9 +172,9 @@ class Flow:
     async def _disaggregated(self, attempt: Attempt, prompt, max_tokens, params, seed) -> None:
         reserved, prefills = await self._reserve(attempt, prompt, max_tokens, params, seed)
         decode, prefill = attempt.decode, self.backend.pick_prefill(prefills, prompt)
-        attempt.address, attempt.prefill = reserved.address, prefill
+        attempt.address, attempt.prefill = reserved.kv.address, prefill
         self.requests.transition(attempt, Phase.PREFILLING)
-        self.requests.send(attempt, prefill, p.Prefill(attempt.rid, prompt, reserved.address, params, seed))
+        self.requests.send(attempt, prefill, p.Prefill(attempt.rid, prompt, reserved.kv, params, seed))
         wait_for_prefill = params.logprobs is not None or params.prompt_logprobs is not None
         held: list[p.Tokens] = []
         prefilled: p.Prefilled | None = None

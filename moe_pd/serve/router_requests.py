@@ -12,7 +12,8 @@ which attempt (if any) a message belongs to.
 
 An instance holds an attempt from the message that gives it work until its final answer for it (decode:
 the last Tokens or an Error; prefill: Prefilled or an Error). Ending an attempt in FAILED or ABORTED sends
-Abort to every instance still holding it, so nothing of an abandoned attempt keeps pages anywhere; a
+Abort to every instance still holding it (saying whether a prefill instance was ever asked to write its KV,
+so a decode rank knows whether a write may still land), so nothing of an abandoned attempt keeps pages anywhere; a
 FINISHED attempt needs none (a prefill instance still shipping has its answer from decode on the way).
 """
 
@@ -151,7 +152,7 @@ class RouterRequests:
         if phase is not Phase.FINISHED:
             for instance in holders:
                 try:
-                    instance.send(p.Abort(attempt.rid))
+                    instance.send(p.Abort(attempt.rid, writer=attempt.prefill is not None))
                 except Exception:  # the record is gone already; the instance's own timeout frees the rest
                     log.exception("could not abort %s on %s", attempt.rid, instance.address)
 

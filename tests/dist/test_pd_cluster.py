@@ -1,5 +1,6 @@
 """The PD cluster of launch/local.sh over HTTP: the same tokens as colocated serving and offline generation,
-many concurrent streams, OpenAI errors for bad input, and no KV page left behind."""
+many concurrent streams, OpenAI errors for bad input, and no KV page left behind. Its KV moves over NIXL
+(kvcache.transfer=nixl, the CPU default) between pages of 16 tokens on prefill and 8 on decode."""
 
 import asyncio
 import json
@@ -23,11 +24,13 @@ PROMPTS = {
 }
 MAX_TOKENS = 10
 OVERRIDES = ["kvcache.block_size=16", "kvcache.num_blocks=256", "runtime.log_level=WARNING"]
+NIXL = ["kvcache.transfer=nixl", "decode:kvcache.block_size=8", "decode:kvcache.num_blocks=512"]
 
 
 @pytest.fixture(scope="module")
 def pd(tmp_path_factory):
-    cluster = Cluster.local(tmp_path_factory.mktemp("pd"), *OVERRIDES)
+    pytest.importorskip("nixl._api", reason="NIXL is installed by launch/setup_env.sh (pip install --no-deps)")
+    cluster = Cluster.local(tmp_path_factory.mktemp("pd"), *OVERRIDES, *NIXL)
     yield cluster
     cluster.stop()
 
@@ -93,8 +96,9 @@ def test_64_concurrent_streams_complete_with_their_token_counts(pd):
         assert events[-1]["choices"][0]["finish_reason"] == "length"
     assert set(pd.wait_idle().values()) == {0}
     metrics = pd.metrics()
-    assert transfers(metrics, "done") >= 64
-    assert metrics["moe_pd_kv_transfer_bytes_total"] > 0
+    assert transfers(metrics, "done", "nixl") >= 64 and transfers(metrics, "done", "zmq") == 0
+    assert metrics['moe_pd_kv_transfer_bytes_total{backend="nixl"}'] > 0
+    assert metrics['moe_pd_kv_transfer_seconds_count{backend="nixl"}'] >= 64
 
 
 @pytest.mark.parametrize("body, status, message", [

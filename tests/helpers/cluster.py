@@ -136,9 +136,11 @@ class Cluster:
                 proc.wait()
 
 
-def transfers(metrics: dict[str, float], state: str) -> float:
-    """KV transfers the prefill instances finished in `state`, as the router's /metrics says."""
-    return sum(v for k, v in metrics.items() if k.startswith("moe_pd_kv_transfers{") and f'state="{state}"' in k)
+def transfers(metrics: dict[str, float], state: str, backend: str = "") -> float:
+    """KV transfers the prefill instances finished in `state` (over `backend`, if given), as the router's
+    /metrics says."""
+    return sum(v for k, v in metrics.items() if k.startswith("moe_pd_kv_transfers{") and f'state="{state}"' in k
+               and (not backend or f'backend="{backend}"' in k))
 
 
 # clients -------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""A NIXL engine in a child process, driven over a pipe: the other rank of the two-process NIXL tests.
+"""A NIXL rank in a child process, driven over a pipe: the other rank of the two-process NIXL tests.
 
-The child owns a CPU KV pool and answers (method, args) calls; `poll_for` pumps its engine and returns what
-ended as plain tuples. The parent stops it by its own pid.
+The child owns a CPU KV pool and one agent with both ends of the transfer contract and the reader over it,
+and answers (method, args) calls; `poll_for` pumps them and returns what ended as plain tuples. The parent
+stops it by its own pid.
 """
 
 from __future__ import annotations
@@ -16,23 +17,32 @@ import torch
 from moe_pd.kvcache.transfer.nixl_agent import UCX_ONE_HOST_CPU
 
 
-def _summary(progress) -> list[tuple]:
-    out = [("write", w.transfer_id, w.state.value, w.detail) for w in progress.writes]
-    out += [("arrival", a.transfer_id, a.state.value, a.detail, a.num_tokens, a.payload) for a in progress.arrivals]
-    out += [("reclaimed", a.transfer_id, a.state.value) for a in progress.reclaimed]
+def summary(sender=None, receiver=None, reader=None, pages: dict | None = None) -> list[tuple]:
+    out = []
+    if sender is not None:
+        out += [("sent", a.request_id, a.state.value, a.detail) for a in sender.poll()]
+    if receiver is not None:
+        out += [("arrival", a.request_id, a.state.value, a.detail, a.quiet,
+                 None if a.header is None else (a.header.num_tokens, a.header.first_token))
+                for a in receiver.poll((pages or {}).get)]
+    if reader is not None:
+        out += [("read", a.request_id, a.state.value, a.detail) for a in reader.poll()]
+        out += [("served", tid) for tid in reader.served()]
     return out
 
 
 def _serve(conn, shape: tuple[int, ...], dtype: torch.dtype, fence_s: float) -> None:
-    from moe_pd.kvcache.transfer.nixl_engine import NixlEngine
+    from moe_pd.kvcache.transfer.nixl_agent import NixlAgent
+    from moe_pd.kvcache.transfer.nixl_transport import NixlReader, NixlReceiver, NixlSender
 
     pool = torch.zeros(shape, dtype=dtype)
-    engine = NixlEngine("peer", pool, UCX_ONE_HOST_CPU, fence_s=fence_s)
+    agent = NixlAgent("peer", pool, UCX_ONE_HOST_CPU)
+    sender, receiver, reader = NixlSender(agent), NixlReceiver(agent, fence_s), NixlReader(agent)
 
-    def poll_for(seconds: float, until: int = 1) -> list[tuple]:
+    def poll_for(seconds: float, until: int = 1, pages: dict | None = None) -> list[tuple]:
         seen, deadline = [], time.monotonic() + seconds
         while len(seen) < until and time.monotonic() < deadline:
-            seen += _summary(engine.poll())
+            seen += summary(sender, receiver, reader, pages)
             time.sleep(0.005)
         return seen
 
@@ -40,19 +50,18 @@ def _serve(conn, shape: tuple[int, ...], dtype: torch.dtype, fence_s: float) -> 
         pool[:, pages] = values
 
     calls = {
-        "metadata": engine.metadata, "add_peer": engine.add_peer, "expect": lambda *a: engine.expect(*a).state.value,
-        "cancel_arrival": lambda tid: engine.cancel_arrival(tid).state.value,
-        "write": lambda tid, peer, src, dst, n, payload, timeout, not_after_in=None: engine.write(
-            tid, peer, src, dst, n, payload, timeout,
-            None if not_after_in is None else time.monotonic() + not_after_in).state.value,
-        "poll_for": poll_for, "pages": lambda pages: pool[:, pages].clone(), "set_pages": set_pages,
-        "counters": lambda: dict(engine.counters),
+        "metadata": agent.metadata, "target": receiver.target,
+        "send": lambda target, pages, header, timeout: sender.send(target, pool, pages, header,
+                                                                   time.monotonic() + timeout),
+        "cancel": sender.cancel, "read": reader.read, "poll_for": poll_for,
+        "pages": lambda pages: pool[:, pages].clone(), "set_pages": set_pages,
+        "counters": lambda: dict(agent.counters),
     }
-    conn.send(("ready", engine.name))
+    conn.send(("ready", agent.name))
     while True:
         method, args = conn.recv()
         if method == "exit":
-            engine.close()
+            agent.close()
             conn.send(("ok", None))
             return
         try:

@@ -7,13 +7,15 @@ import pytest
 
 from moe_pd.engine.core.request import InvalidRequest
 from moe_pd.kvcache.block_manager import OutOfBlocks
+from moe_pd.kvcache.transfer.base import KVTarget
 from moe_pd.serve import protocol as p
 from moe_pd.serve.rank import ColocatedRank, DecodeRank
 
 
 def rank_with(add_request, cls=ColocatedRank):
     engine = SimpleNamespace(add_request=add_request, abort=lambda rid: True)
-    worker = SimpleNamespace(reserve=lambda *a: add_request(*a), abort=lambda rid: None, address="tcp://kv")
+    worker = SimpleNamespace(reserve=lambda *a: add_request(*a), abort=lambda rid, writer: None, address="tcp://kv",
+                             target=lambda req: KVTarget("zmq", "tcp://kv", 30.0))
     return cls(engine, 3, 8) if cls is ColocatedRank else cls(engine, 3, 8, worker)
 
 
@@ -41,7 +43,7 @@ def test_a_request_for_another_role_is_refused_and_a_reservation_answered():
     decode = rank_with(lambda *a: None, DecodeRank)
     (error,) = decode.apply(p.Generate("a.0", [1], 4))
     assert error.status == 400 and "does not take 'generate'" in error.message
-    assert decode.apply(p.Reserve("b.0", [1], 4)) == [p.Reserved("b.0", "tcp://kv", 3)]
+    assert decode.apply(p.Reserve("b.0", [1], 4)) == [p.Reserved("b.0", KVTarget("zmq", "tcp://kv", 30.0), 3)]
     assert decode.apply(p.Abort("b.0")) == []
 
 

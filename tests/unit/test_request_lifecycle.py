@@ -1,10 +1,12 @@
 """The request lifecycle under random event sequences (hypothesis): arrivals, steps, KV transfers that land,
-get lost or are refused, answers that get lost, timeouts, aborts and a lost instance; and the failure paths
-of issue "Reliability": rejected requests (hostile content), a step that fails one request (no token could be
-sampled), a failure at any state (a transfer that cannot be sent, a rank's command error), a client that
-disconnects at any state; at the router: waiting for room, a reservation refused for room, a queue timeout,
-a refusal, and migration after tokens were streamed. After every event: nothing is held by a request that
-ended, and every counter equals the sum over live requests.
+get lost or are refused, answers that get lost, timeouts, aborts and a lost instance, for a receiver that
+copies the bytes itself (zmq) and for one-sided writes that may land late (NIXL: reservations FENCED); and
+the failure paths of issue "Reliability": rejected requests (hostile content), a step that fails one request
+(no token could be sampled), a failure at any state (a transfer that cannot be sent, a rank's command
+error), a client that disconnects at any state; at the router: waiting for room, a reservation refused for
+room, a queue timeout, a refusal, and migration after tokens were streamed. After every event: nothing is
+held by a request that ended, every counter equals the sum over live requests, and (NIXL) no write lands in
+pages its request no longer holds.
 
 Rank level: a prefill rank and a decode rank (which also takes colocated requests), each a Scheduler over
 its RequestTable, driven the way moe_pd.engine.disagg drives them, with the wire in between modelled as
@@ -18,10 +20,10 @@ import hypothesis.strategies as st
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from moe_pd.engine.core.request import InvalidRequest, Request, State
+from moe_pd.engine.core.request import HOLDS, InvalidRequest, Request, State
 from moe_pd.engine.core.scheduler import Scheduler
 from moe_pd.kvcache.block_manager import BlockManager, OutOfBlocks
-from moe_pd.kvcache.transfer.base import Transfer, TransferState
+from moe_pd.kvcache.transfer.base import KVTarget, Transfer, TransferState
 from moe_pd.serve import protocol as p
 from moe_pd.serve.router_requests import DOWN, Phase, RouterRequests
 
@@ -49,13 +51,20 @@ def new_side(hold: bool, pages: int) -> Scheduler:
 
 
 class RankLifecycle(RuleBasedStateMachine):
+    """zmq: the receiver copies arriving bytes itself, so a reservation that ends frees its pages at once."""
+
+    FENCE = 0.0
+
     def __init__(self) -> None:
         super().__init__()
         self.prefill, self.decode = new_side(True, 12), new_side(False, 16)
         self.clock = 0.0
         self.records: dict[int, list[Request]] = {id(self.prefill): [], id(self.decode): []}
-        self.kv_wire: list[str] = []  # prefill -> decode: request ids whose KV is on its way
-        self.answers: list[tuple[str, TransferState]] = []  # decode -> prefill
+        self.kv_wire: list[tuple[str, list[int], float]] = []
+        """prefill -> decode: KV on its way (request id, the pages it names, the latest it may land)."""
+        self.answers: list[tuple[str, TransferState]] = []  # decode (zmq) or the write itself (NIXL) -> prefill
+        self.notices: list[tuple[str, bool]] = []  # NIXL: prefill gave up on a request (id, nothing was posted)
+        self.targets: dict[str, tuple[list[int], float]] = {}  # the reservation's pages and deadline, as sent
         self.shipped: set[str] = set()
         self.n = 0
 
@@ -72,7 +81,9 @@ class RankLifecycle(RuleBasedStateMachine):
         except (OutOfBlocks, InvalidRequest):
             return  # the leader answers 503 / 400; prefill never sees it
         self._new(self.decode, req)
-        self._new(self.prefill, self.prefill.add(Request(ids, 1, rid, ignore_eos=True, destination="d")))
+        self.targets[rid] = (self.decode.requests.prompt_pages(req), self.clock + TIMEOUT)
+        target = KVTarget("nixl" if self.FENCE else "zmq", "d", TIMEOUT, self.targets[rid][0])
+        self._new(self.prefill, self.prefill.add(Request(ids, 1, rid, ignore_eos=True, destination=target)))
 
     @rule(prompt=st.integers(1, 70), max_new=st.integers(1, 30))
     def arrive_colocated(self, prompt: int, max_new: int) -> None:
@@ -95,8 +106,9 @@ class RankLifecycle(RuleBasedStateMachine):
         prompt = {"outside_vocab": [5, 100, 7], "empty": [], "too_long": [3] * CONTEXT}.get(kind, [3, 4])
         max_new = 10**6 if kind == "too_big" else 4
         try:
-            if kind == "too_big" or on_prefill:
-                req = Request(prompt, max_new, rid, destination="d" if on_prefill else "")
+            if kind == "too_big" or on_prefill:  # on prefill: a target that names no reservation
+                target = KVTarget("nixl" if self.FENCE else "zmq", "d", TIMEOUT) if on_prefill else None
+                req = Request(prompt, max_new, rid, destination=target)
                 side.add(req)
             else:
                 side.reserve(Request(prompt, max_new, rid), Transfer(self.clock + TIMEOUT))
@@ -114,6 +126,11 @@ class RankLifecycle(RuleBasedStateMachine):
         live = sorted(side.requests.live)
         if live:
             req = side.requests.get(live[i % len(live)])
+            if req.state is State.FENCED:
+                return  # ended already: its client has its error, its pages wait for the fence
+            if self.FENCE and req.state is State.RESERVED:  # a write may still land: the reservation is fenced
+                side.requests.fence(req, TransferState.CANCELLED, "failed", "error: failed", self.FENCE)
+                return
             if req.transfer is not None:
                 req.transfer.finish(TransferState.CANCELLED, "failed")
             side.requests.transition(req, State.FAILED, "error: failed")
@@ -136,21 +153,31 @@ class RankLifecycle(RuleBasedStateMachine):
 
     def _ship(self) -> None:
         for req in self.prefill.requests.in_state(State.PREFILLED):
-            req.transfer = Transfer(self.clock + TIMEOUT, req.destination)
+            pages, expires = self.targets.get(req.request_id, ([], self.clock + TIMEOUT))
+            req.transfer = Transfer(min(self.clock + TIMEOUT, expires), "d")
             self.prefill.requests.transition(req, State.TRANSFERRING)
-            self.kv_wire.append(req.request_id)
             self.shipped.add(req.request_id)
+            # never posted past the reservation's expiry, nor (NIXL) to no pages; the receiver is told
+            if self.clock >= expires or (self.FENCE and not pages):
+                req.transfer.finish(TransferState.FAILED, "the reservation expired")
+                self.prefill.requests.transition(req, State.FAILED)
+                self.notices.append((req.request_id, True))
+            else:  # a write lands at the latest a drain after the reservation's end, within the fence
+                self.kv_wire.append((req.request_id, pages, expires + self.FENCE / 2))
 
     @rule()
     def step_decode(self) -> None:
         step(self.decode)
 
-    @rule(i=st.integers(0, 99), fits=st.booleans())
-    def kv_arrives(self, i: int, fits: bool) -> None:
-        if not self.kv_wire:
-            return
-        rid = self.kv_wire.pop(i % len(self.kv_wire))
+    def _land(self, rid: str, pages: list[int], fits: bool) -> None:
         req = self.decode.requests.get(rid)
+        if self.FENCE:  # one-sided: the bytes land whatever decode thinks; only pages still held may take them
+            assert req is not None and req.state in (State.RESERVED, State.FENCED), (rid, req and req.state)
+            assert req.block_table[:len(pages)] == pages, (req.block_table, pages)
+            self.answers.append((rid, TransferState.DONE))  # the write itself completed
+            if req.state is State.FENCED:
+                self.decode.requests.reclaim(req)  # the notice proves the write ended
+                return
         if req is None or req.state is not State.RESERVED:
             self.answers.append((rid, TransferState.REJECTED))
         elif fits:
@@ -160,6 +187,12 @@ class RankLifecycle(RuleBasedStateMachine):
             req.transfer.finish(TransferState.REJECTED, "does not fit")
             self.decode.requests.transition(req, State.FAILED, "error: KV transfer rejected")
             self.answers.append((rid, TransferState.REJECTED))
+
+    @rule(i=st.integers(0, 99), fits=st.booleans())
+    def kv_arrives(self, i: int, fits: bool) -> None:
+        if self.kv_wire:
+            rid, pages, _ = self.kv_wire.pop(i % len(self.kv_wire))
+            self._land(rid, pages, fits)
 
     @rule(i=st.integers(0, 99))
     def kv_lost(self, i: int) -> None:
@@ -177,35 +210,78 @@ class RankLifecycle(RuleBasedStateMachine):
         req.transfer.finish(state)
         self.prefill.requests.transition(req, State.FINISHED if state is TransferState.DONE else State.FAILED)
 
+    @rule(i=st.integers(0, 99))
+    def notice_arrives(self, i: int) -> None:
+        """NIXL: prefill's 'gave up' notice (best effort, so it may also never come)."""
+        if not self.notices:
+            return
+        rid, quiet = self.notices.pop(i % len(self.notices))
+        req = self.decode.requests.get(rid)
+        if req is None or not quiet:
+            return
+        if req.state is State.FENCED:
+            self.decode.requests.reclaim(req)
+        elif req.state is State.RESERVED:
+            req.transfer.finish(TransferState.FAILED, "the sender gave up")
+            self.decode.requests.transition(req, State.FAILED, "error: KV transfer failed")
+
+    def _expire(self) -> None:
+        for side in (self.prefill, self.decode):
+            fence = self.FENCE if side is self.decode else 0.0
+            for req, transfer in side.requests.expired(self.clock, fence):
+                assert transfer.state is TransferState.TIMED_OUT
+                assert req.state is (State.FENCED if fence and "transfer" in HOLDS[req.state] else State.FAILED)
+
     @rule(dt=st.floats(0.5, 6.0))
     def time_passes(self, dt: float) -> None:
-        self.clock += dt
-        for side in (self.prefill, self.decode):
-            for req, transfer in side.requests.expired(self.clock):
-                assert transfer.state is TransferState.TIMED_OUT and req.state is State.FAILED
+        """Writes still on the wire land as late as they may (just before their bound), after the deadlines
+        up to then took effect (twice: the receiver polls often)."""
+        end = self.clock + dt
+        for write in sorted([w for w in self.kv_wire if w[2] <= end], key=lambda w: w[2]):
+            self.clock = max(self.clock, write[2] - 1e-3)
+            self._expire()
+            self._expire()
+            self.kv_wire.remove(write)
+            self._land(write[0], write[1], True)
+        self.clock = end
+        self._expire()
 
     # aborts and loss ------------------------------------------------------------------------------------------
     @rule(on_prefill=st.booleans(), i=st.integers(0, 99))
     def abort(self, on_prefill: bool, i: int) -> None:
         side = self.prefill if on_prefill else self.decode
         live = sorted(side.requests.live)
-        if live:
-            assert side.abort(live[i % len(live)]).state is State.ABORTED
+        if not live:
+            return
+        req = side.requests.get(live[i % len(live)])
+        if self.FENCE and req.state is State.RESERVED:  # a write may still land: DecodeWorker.abort fences
+            side.requests.fence(req, TransferState.CANCELLED, "aborted", "abort", self.FENCE)
+            return
+        if on_prefill and self.FENCE and req.destination is not None:
+            self.notices.append((req.request_id, req.state is not State.TRANSFERRING))
+        before = req.state
+        side.abort(req.request_id)
+        assert req.state is (State.FENCED if before is State.FENCED else State.ABORTED)
 
     @rule(prefill_lost=st.booleans())
     def instance_lost(self, prefill_lost: bool) -> None:
         """One side dies (its table with it); the router aborts the other side's share of their requests."""
         lost, other = (self.prefill, self.decode) if prefill_lost else (self.decode, self.prefill)
         for rid in [r for r in other.requests.live if r.startswith("pd") and r in lost.requests.live]:
-            other.abort(rid)
+            req = other.requests.get(rid)
+            if self.FENCE and req.state is State.RESERVED:
+                other.requests.fence(req, TransferState.CANCELLED, "aborted", "abort", self.FENCE)
+            else:
+                other.abort(rid)
         fresh = new_side(prefill_lost, lost.allocator.num_blocks)
         self.records[id(fresh)] = []
         if prefill_lost:
             self.prefill = fresh
         else:
             self.decode = fresh
-        self.kv_wire.clear()
+        self.kv_wire.clear()  # a dead sender writes no more; writes to a dead receiver fail
         self.answers.clear()
+        self.notices.clear()
 
     # the properties ---------------------------------------------------------------------------------------------
     @invariant()
@@ -219,10 +295,37 @@ class RankLifecycle(RuleBasedStateMachine):
         ended_transfers = [r for r in self.records[id(self.prefill)]
                            if r.request_id in self.shipped and r.state.final]
         assert sum(self.prefill.requests.transfers.values()) == len(ended_transfers)
+        assert self.FENCE or self.decode.requests.count(State.FENCED) == 0
+
+
+class FencedRankLifecycle(RankLifecycle):
+    """NIXL: prefill writes one-sided into the reserved pages, so a reservation that ends without its KV is
+    FENCED until a notice proves the write ended or the fence passes. Writes land at any time up to their
+    bound, and every byte must land in pages its own request still holds."""
+
+    FENCE = 3.0
+
+
+def test_a_late_write_finds_its_pages_still_fenced():
+    """The sequence the fence exists for, spelled out: the reservation times out while its write is on the
+    wire; the write lands at its bound, after the decode rank fenced the pages and polled again."""
+    machine = FencedRankLifecycle()
+    machine.arrive_pd(prompt=5, max_new=3)
+    machine.step_prefill()  # prefilled and shipped at once: the write may land until TIMEOUT + FENCE / 2
+    machine.time_passes(TIMEOUT + 0.5)
+    assert machine.decode.requests.in_state(State.FENCED)[0].request_id == "pd1"
+    machine.time_passes(1.0)  # lands into pages pd1 still holds (asserted in _land), which proves it ended
+    assert not machine.decode.requests.live and machine.decode.allocator.num_used == 0
+    machine.nothing_ended_holds_anything_and_counters_add_up()
 
 
 TestRankLifecycle = RankLifecycle.TestCase
 TestRankLifecycle.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+TestFencedRankLifecycle = FencedRankLifecycle.TestCase
+TestFencedRankLifecycle.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+
+
+KV_D0 = KVTarget("zmq", "tcp://d0", 30.0)
 
 
 class FakeInstance:
@@ -314,10 +417,10 @@ class RouterLifecycle(RuleBasedStateMachine):
         attempt = self._pick(i, Phase.RESERVING)
         if attempt is None or self.decode not in attempt.holders or not self.prefill.up:
             return
-        self._answer(self.decode, attempt, p.Reserved(attempt.rid, "tcp://d0", 0), final=False)
+        self._answer(self.decode, attempt, p.Reserved(attempt.rid, KV_D0, 0), final=False)
         attempt.prefill = self.prefill
         self.table.transition(attempt, Phase.PREFILLING)
-        self.table.send(attempt, self.prefill, p.Prefill(attempt.rid, [1], "tcp://d0"))
+        self.table.send(attempt, self.prefill, p.Prefill(attempt.rid, [1], KV_D0))
 
     @rule(i=st.integers(0, 99), finished=st.booleans())
     def tokens(self, i: int, finished: bool) -> None:

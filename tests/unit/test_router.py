@@ -12,6 +12,7 @@ import pytest
 
 from moe_pd.config.serve import RouterConfig
 from moe_pd.engine.core.request import Logprob, SamplingParams
+from moe_pd.kvcache.transfer.base import KVTarget
 from moe_pd.serve import protocol as p
 from moe_pd.serve.backend import Chunk, Job, Stream
 from moe_pd.serve.openai_api import APIError
@@ -52,8 +53,8 @@ def make_backend(decodes: int = 2, **cfg):
 
 
 def reserve_ok(instance, msg):
-    return [(instance, p.Reserved(msg.rid, f"kv-{instance.address}-{msg.rid}", 0))] if isinstance(msg, p.Reserve) \
-        else []
+    target = KVTarget("zmq", f"kv-{instance.address}-{msg.rid}", 30.0)
+    return [(instance, p.Reserved(msg.rid, target, 0))] if isinstance(msg, p.Reserve) else []
 
 
 def prefill_then_tokens(decode_of, transfer="done", tokens=((7, False), (8, True))):
@@ -93,7 +94,7 @@ def test_a_request_streams_and_leaves_nothing_behind():
     tokens, error = run(backend)
     assert error is None and tokens == [([7], False, None), ([8], True, "length")]
     assert d0.kinds() == ["Reserve:cmpl-1.0"] and prefill.kinds() == ["Prefill:cmpl-1.0"]
-    assert prefill.sent[0].decode == "kv-tcp://d0-cmpl-1.0" and backend.metrics.retries._value.get() == 0
+    assert prefill.sent[0].kv.address == "kv-tcp://d0-cmpl-1.0" and backend.metrics.retries._value.get() == 0
 
 
 def test_a_failed_transfer_is_rerun_once_away_from_the_rank_that_failed():

@@ -6,8 +6,11 @@ import pytest
 import zmq
 
 from moe_pd.config.serve import ServiceConfig
+from moe_pd.kvcache.transfer.base import KVTarget
 from moe_pd.serve import protocol as p
 from moe_pd.serve.leader import Leader, RouteState
+
+KV = KVTarget("zmq", "tcp://d0", 30.0)
 
 
 class Router:
@@ -103,9 +106,9 @@ def test_prefill_prefers_the_rank_that_caches_the_prefix(leader_and_client):
     loads = [p.RankLoad(r, 0, 100, 0, 0, 0, 64) for r in range(2)]
     leader, client = leader_and_client("prefill", loads)
     prompt = list(range(40))
-    (rank,) = exchange(leader, client, p.Prefill("a", prompt, "tcp://d0"))
+    (rank,) = exchange(leader, client, p.Prefill("a", prompt, KV))
     leader.loads = [p.RankLoad(r, 0, 100, 0, 0, 0, 64) for r in range(2)]  # idle again
-    assert list(exchange(leader, client, p.Prefill("b", prompt + [99], "tcp://d0"))) == [rank]
+    assert list(exchange(leader, client, p.Prefill("b", prompt + [99], KV))) == [rank]
 
 
 def test_abort_goes_to_the_owning_rank_and_events_to_the_sender(leader_and_client):
@@ -119,7 +122,7 @@ def test_abort_goes_to_the_owning_rank_and_events_to_the_sender(leader_and_clien
 def test_events_reach_the_router_and_a_final_one_closes_the_route(leader_and_client):
     leader, client = leader_and_client("decode", [decode_load(0)])
     exchange(leader, client, reserve("a"))
-    leader.deliver([p.Reserved("a", "tcp://d0", 0), p.Tokens("a", [5], False), p.Tokens("a", [6], True, "length")])
+    leader.deliver([p.Reserved("a", KV, 0), p.Tokens("a", [5], False), p.Tokens("a", [6], True, "length")])
     assert [type(m).__name__ for m in client.take_answers(3)] == ["Reserved", "Tokens", "Tokens"]
     assert leader.routes.get("a") is None
 
@@ -137,7 +140,7 @@ def test_broken_and_foreign_messages_fail_alone_and_never_crash_the_leader(leade
     leader, client = leader_and_client("decode", [decode_load(0)])
     broken = msgspec.msgpack.encode({"op": "reserve", "rid": "bad", "prompt": "not ids", "max_tokens": 4})
     unknown = msgspec.msgpack.encode({"op": "frobnicate", "rid": "x"})
-    assert exchange(leader, client, b"\xc1 not msgpack", unknown, broken, p.Prefill("wrong", [1], "tcp://d0"),
+    assert exchange(leader, client, b"\xc1 not msgpack", unknown, broken, p.Prefill("wrong", [1], KV),
                     reserve("ok"), expect=4) == {0: [reserve("ok")]}
     answers = {a.rid: a for a in client.take_answers()}
     assert set(answers) == {"bad", "x", "wrong"}  # those that name a request get an answer; garbage is dropped

@@ -3,6 +3,7 @@
     colocated:  QUEUED -> PREFILLING -> DECODING -> FINISHED
     prefill:    QUEUED -> PREFILLING -> PREFILLED -> TRANSFERRING -> FINISHED (decode stored the KV)
     decode:     RESERVED -> DECODING -> FINISHED
+                RESERVED -> FENCED -> FAILED | ABORTED (no KV, but a write may still land: pages kept until the fence)
     preemption: PREFILLING | DECODING -> QUEUED (pages dropped; recomputed from its tokens)
     any live state -> ABORTED (the client or the router gave up) | FAILED (it can never run, its KV never came,
                 or a step failed for it alone: no finite logits)
@@ -21,7 +22,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe_pd.kvcache.transfer.base import Transfer
+from moe_pd.kvcache.transfer.base import KVTarget, Transfer
 
 MIN_TEMPERATURE = 1e-5
 """Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing logits by a tinier one overflows
@@ -109,6 +110,11 @@ class State(enum.Enum):
     """Prefill instance: the KV is on its way to the decode rank; pages kept until it answers."""
     RESERVED = "reserved"
     """Decode instance: pages reserved for a prompt prefilled elsewhere; its KV is expected."""
+    FENCED = "fenced"
+    """Decode instance: the reservation ended without its KV (timed out, refused, aborted) and the router
+    was told, but a write the sender gave up on may still land in its pages (a one-sided backend, NIXL): they
+    stay held until a notice proves nothing writes into them, or until the fence ends (transfer.reclaim_at);
+    then FAILED, or ABORTED if it was aborted."""
     FINISHED = "finished"
     ABORTED = "aborted"
     FAILED = "failed"
@@ -128,6 +134,7 @@ HOLDS: dict[State, frozenset[str]] = {
     State.PREFILLED: frozenset({"pages"}),
     State.TRANSFERRING: frozenset({"pages", "transfer"}),
     State.RESERVED: frozenset({"pages", "transfer"}),
+    State.FENCED: frozenset({"pages", "transfer"}),
     **{s: frozenset() for s in FINAL},
 }
 """What a request holds in each state: "pages" (its block table), "slot" (a place in the running batch),
@@ -139,7 +146,8 @@ NEXT: dict[State, frozenset[State]] = {
     State.DECODING: frozenset({State.FINISHED, State.QUEUED, *_ENDS}),
     State.PREFILLED: frozenset({State.TRANSFERRING, *_ENDS}),
     State.TRANSFERRING: frozenset({State.FINISHED, *_ENDS}),
-    State.RESERVED: frozenset({State.DECODING, *_ENDS}),
+    State.RESERVED: frozenset({State.DECODING, State.FENCED, *_ENDS}),
+    State.FENCED: frozenset(_ENDS),
     **{s: frozenset() for s in FINAL},
 }
 
@@ -172,8 +180,11 @@ class Request:
     """Why it stopped generating: stop, length, abort, or 'error: ...'."""
     generator: Any = None
     """The sampler's generator (a torch.Generator) for a sampled request; None for greedy."""
-    destination: str = ""
-    """Prefill instance: the decode rank's KV address."""
+    destination: KVTarget | None = None
+    """Prefill instance: where its KV goes (the decode rank's reservation)."""
+    destination_expires: float = float("inf")
+    """Prefill instance: when the decode rank's reservation ends, as this process reckons it (monotonic): no
+    transfer starts past it, and none runs past it."""
     transfer: Transfer | None = None
     """Its KV transfer entry, while it holds one (TRANSFERRING, RESERVED)."""
     listener: Any = None

@@ -70,9 +70,10 @@ class Scheduler:
         return self.requests.add(req)
 
     def abort(self, request_id: str) -> Request | None:
-        """Ends the request wherever it is and releases what it holds; None when it is not here."""
+        """Ends the request wherever it is and releases what it holds; None when it is not here. A FENCED
+        request has ended already: its pages come back when its fence ends."""
         req = self.requests.get(request_id)
-        if req is not None:
+        if req is not None and req.state is not State.FENCED:
             self.requests.transition(req, State.ABORTED, "abort")
         return req
 

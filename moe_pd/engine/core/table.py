@@ -73,8 +73,10 @@ class RequestTable:
         transfer = req.transfer
         return {"state": req.state.value, "pages": list(req.block_table), "slot": req in self.running,
                 "queued": req.state is State.QUEUED, "tokens": req.num_tokens, "computed": req.num_computed,
-                "transfer": None if transfer is None else {"address": transfer.address, "state": transfer.state.value,
-                                                           "deadline_in_s": transfer.deadline - time.monotonic()}}
+                "transfer": None if transfer is None else {
+                    "address": transfer.address, "state": transfer.state.value,
+                    "deadline_in_s": transfer.deadline - time.monotonic(),
+                    "reclaim_in_s": None if transfer.reclaim_at is None else transfer.reclaim_at - time.monotonic()}}
 
     # entering ---------------------------------------------------------------------------------------------
     def _check_new(self, req: Request) -> None:
@@ -148,19 +150,44 @@ class RequestTable:
 
     def _end_transfer(self, req: Request, to: State) -> None:
         transfer, req.transfer = req.transfer, None
-        transfer.finish(_ENDED_TRANSFER.get(to, TransferState.REJECTED), "aborted" if to is State.ABORTED else "")
-        if req.destination:  # the sending side counts its transfers by final state
+        transfer.finish(_ENDED_TRANSFER.get(to, TransferState.FAILED), "aborted" if to is State.ABORTED else "")
+        if req.destination is not None:  # the sending side counts its transfers by final state
             self.transfers[transfer.state.value] += 1
 
-    def expired(self, now: float | None = None) -> list[tuple[Request, Transfer]]:
-        """Requests whose transfer deadline passed, with their transfer entries: each is FAILED here (its
-        transfer TIMED_OUT)."""
+    def fence(self, req: Request, state: TransferState, detail: str, reason: str, fence_s: float) -> None:
+        """Decode side: a RESERVED request whose KV will not come (`state`: why) but into whose pages a write
+        may still land: FENCED, holding its pages until `reclaim` or its deadline plus `fence_s`. `reason`
+        is its finish reason ("abort" ends it ABORTED)."""
+        req.transfer.finish(state, detail)
+        req.transfer.reclaim_at = req.transfer.deadline + fence_s
+        self.transition(req, State.FENCED, reason)
+
+    def reclaim(self, req: Request) -> None:
+        """A FENCED request's pages are safe to reuse: it ends (ABORTED if it was aborted, else FAILED)."""
+        self.transition(req, State.ABORTED if req.finish_reason == "abort" else State.FAILED)
+
+    def expired(self, now: float | None = None, fence_s: float = 0.0) -> list[tuple[Request, Transfer]]:
+        """Requests whose transfer deadline passed, with their transfer entries (TIMED_OUT): each is FAILED
+        here, or FENCED when `fence_s` > 0 (a decode rank on a backend whose writes may land late). FENCED
+        requests whose fence ended are reclaimed (and not returned: they were reported when fenced)."""
         now = time.monotonic() if now is None else now
-        out = [(r, r.transfer) for r in self.live.values() if r.transfer is not None and now > r.transfer.deadline]
-        for req, transfer in out:
-            side = "an answer from the decode rank" if req.destination else "KV"
-            transfer.finish(TransferState.TIMED_OUT, f"no {side} before the deadline")
-            self.transition(req, State.FAILED, f"error: KV transfer timed_out: {transfer.detail}")
+        out = []
+        for req in [r for r in self.live.values() if r.transfer is not None]:
+            transfer = req.transfer
+            if req.state is State.FENCED:
+                if now >= transfer.reclaim_at:
+                    self.reclaim(req)
+                continue
+            if now <= transfer.deadline:
+                continue
+            side = "an answer from the decode rank" if req.destination is not None else "KV"
+            reason = f"error: KV transfer timed_out: no {side} before the deadline"
+            if fence_s > 0 and req.state is State.RESERVED:
+                self.fence(req, TransferState.TIMED_OUT, f"no {side} before the deadline", reason, fence_s)
+            else:
+                transfer.finish(TransferState.TIMED_OUT, f"no {side} before the deadline")
+                self.transition(req, State.FAILED, reason)
+            out.append((req, transfer))
         return out
 
     # checking ---------------------------------------------------------------------------------------------
@@ -178,6 +205,8 @@ class RequestTable:
             assert rid == req.request_id and not req.state.final, req
             assert bool(req.block_table) == ("pages" in holds), (req.state, req.block_table)
             assert (req.transfer is not None) == ("transfer" in holds), (req.state, req.transfer)
+            if req.state is State.FENCED:
+                assert req.transfer.state.final and req.transfer.reclaim_at is not None, req.transfer
         for req in ended:
             assert req.state.final and self.live.get(req.request_id) is not req, req
             assert not req.block_table and req.transfer is None and all(r is not req for r in self.running), req
