@@ -162,7 +162,7 @@ def test_the_readme_demo_client_runs_against_the_cluster(pd):
     proc = subprocess.run([sys.executable, str(ROOT / "launch/demo_client.py"), "--url", pd.url, "--max-tokens", "6"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "(streaming)" in proc.stdout and "KV transfers:" in proc.stdout, proc.stdout
+    assert "(streaming)" in proc.stdout and "KV transfers (nixl):" in proc.stdout, proc.stdout
     assert proc.stdout.count("(6 tokens, length)") + proc.stdout.count("tokens, stop)") == 2
 
 

@@ -35,10 +35,12 @@ def greedy(prompt, n):
 @pytest.mark.parametrize("backend", ["zmq", "nixl"])
 def test_a_dropped_kv_transfer_times_out_frees_its_pages_and_is_rerun_once(tmp_path, backend):
     """zmq: the decode reservation is freed at its deadline. NIXL: the lost write may still land, so the
-    reservation stays fenced for one KV timeout past its deadline, then its pages come back."""
+    reservation stays fenced for one KV timeout past its deadline, then its pages come back. Decode cuts the
+    re-run's rows into pages of 8 tokens, prefill into 16."""
     if backend == "nixl":
         pytest.importorskip("nixl._api", reason="NIXL is installed by launch/setup_env.sh")
     cluster = Cluster.local(tmp_path, *QUIET, "kv_timeout_s=2", f"kvcache.transfer={backend}",
+                            "decode:kvcache.block_size=8", "decode:kvcache.num_blocks=512",
                             "prefill:testing.drop_kv_transfers=1", PREFILL_RANKS="1", DECODE_RANKS="2")
     try:
         started = time.monotonic()
@@ -98,12 +100,14 @@ def test_a_killed_decode_rank_migrates_its_requests_and_the_router_carries_on(tm
 
 def test_a_dead_prefill_instance_is_routed_around_and_its_request_rerun(tmp_path):
     """The prefill instance a request is sent to is dead but not yet marked down: when its heartbeats stop,
-    the router frees the decode reservation and re-runs the request once on the other prefill instance."""
+    the router aborts the decode reservation and re-runs the request once on the other prefill instance. On
+    NIXL (the CPU default) nothing proves the dead instance never wrote, so the reservation's pages come back
+    after its deadline plus the fence (a KV timeout each: 8 s here)."""
     cluster = Cluster(tmp_path)
     try:
-        first = cluster.instance("prefill", 1, *QUIET)
-        second = cluster.instance("prefill", 1, *QUIET)
-        decode = cluster.instance("decode", 1, *QUIET)
+        first = cluster.instance("prefill", 1, *QUIET, "kv_timeout_s=8")
+        second = cluster.instance("prefill", 1, *QUIET, "kv_timeout_s=8")
+        decode = cluster.instance("decode", 1, *QUIET, "kv_timeout_s=8")
         cluster.router(f"prefill=[{first},{second}]", f"decode=[{decode}]", "heartbeat_timeout_s=3",
                        "log_level=WARNING")
         # Equal queues and no cached prefix: the router picks the smaller address (pick_prefill_instance).
@@ -121,6 +125,6 @@ def test_a_dead_prefill_instance_is_routed_around_and_its_request_rerun(tmp_path
         assert metrics['moe_pd_instance_up{instance="%s",role="prefill"}' % doomed] == 0
         status, body = cluster.health()
         assert status == 200 and body["status"] == "degraded"
-        assert cluster.wait_idle() == {spare: 0, decode: 0}  # the first attempt's reservation is freed
+        assert cluster.wait_idle(timeout=40) == {spare: 0, decode: 0}  # the first attempt's reservation is freed
     finally:
         cluster.stop()
