@@ -29,6 +29,7 @@ from moe_pd.config.errors import ConfigError, exit_on
 from moe_pd.config.hf import resolve_model_config
 from moe_pd.config.serve import RouterConfig
 from moe_pd.config.store import register_configs, to_config
+from moe_pd.engine.core.request import pages_needed
 from moe_pd.engine.tokenizer import load_tokenizer
 from moe_pd.log import setup_logging
 from moe_pd.serve import protocol as p
@@ -105,7 +106,8 @@ class ClusterBackend:
     # choosing instances (the flows ask) ---------------------------------------------------------------------
     @property
     def block_size(self) -> int:
-        return next((i.block_size for i in self.instances if i.up), 64)
+        """The prefill instances' page size (the prefix index hashes their pages)."""
+        return next((i.block_size for i in self.prefill if i.up), 64)
 
     @staticmethod
     def _usable(inst) -> bool:
@@ -117,13 +119,12 @@ class ClusterBackend:
         live = [inst for inst in self.colocated if self._usable(inst)]
         return max(live, key=lambda inst: inst.free_pages) if live else None
 
-    def pick_pd(self, need_pages: int):
-        """(decode instance, prefill instance) for a request needing `need_pages` KV pages on one decode rank:
-        the decode instance with the most free pages among those with a rank that has room, and the prefill
-        instance that probably caches the prompt's prefix (then the shortest queue); None while there is
-        none."""
-        decodes = [inst for inst in self.decode if self._usable(inst) and getattr(inst, "rank_room", need_pages)
-                   >= need_pages]
+    def pick_pd(self, prompt_len: int, max_tokens: int):
+        """(decode instance, prefill instances) for a request: the decode instance with the most free pages
+        among those with a rank that has room for the request at its longest (in that instance's own page
+        size: prefill and decode may differ), and the prefill instances up; None while there is none."""
+        decodes = [inst for inst in self.decode if self._usable(inst) and getattr(inst, "rank_room", 1 << 62)
+                   >= pages_needed(prompt_len, max_tokens, inst.block_size, self.max_context)]
         prefills = [inst for inst in self.prefill if inst.up and not getattr(inst, "draining", False)]
         if not decodes or not prefills:
             return None

@@ -24,7 +24,6 @@ import dataclasses
 import logging
 import time
 
-from moe_pd.engine.core.request import pages_needed
 from moe_pd.serve import protocol as p
 from moe_pd.serve.backend import Chunk, Job, Stream
 from moe_pd.serve.openai_api import APIError, unavailable
@@ -150,9 +149,9 @@ class Flow:
     # prefill and decode ------------------------------------------------------------------------------------
     async def _reserve(self, attempt: Attempt, prompt, max_tokens, params, seed):
         """A decode reservation and the prefill instances up: (Reserved, prefill instances)."""
-        need = pages_needed(len(prompt), max_tokens, self.backend.block_size, self.backend.max_context)
         while True:
-            decode, prefills = await self._room(lambda: self.backend.pick_pd(need), "decode instance")
+            decode, prefills = await self._room(lambda: self.backend.pick_pd(len(prompt), max_tokens),
+                                                "decode instance")
             self.requests.transition(attempt, Phase.RESERVING)
             attempt.decode = decode
             decode_params = dataclasses.replace(params, prompt_logprobs=None)  # prefill computes those
