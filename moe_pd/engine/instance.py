@@ -89,7 +89,7 @@ def build_instance_model(model_cfg: ModelConfig, cfg: RankGroupConfig, state: Pa
                                  model_cfg.num_experts_per_tok, dtype, cfg.testing.comm_delay_ms)
     dispatcher.dynamic_routing = eplb.routing == "dynamic"
     if eplb.routing == "balanced":
-        dispatcher.replica_router = ReplicaRouter(state.group, state.ep_rank, state.ep_size)
+        dispatcher.replica_router = ReplicaRouter(state)
     model = build_model(model_cfg, device=state.device, dtype=dtype, dispatcher=dispatcher,
                         expert_ids=lambda layer: placement.rank_experts(state.ep_rank, layer),
                         ops=select_ops(runtime.kernels, state.device), fp8_experts=runtime.fp8_experts)

@@ -96,16 +96,20 @@ def assign_replicas(topk_ids_TK: torch.Tensor, share_P: torch.Tensor, log2phy_EX
 class ReplicaRouter:
     """The dispatcher's replica choice for eplb.routing='balanced' (placement.py keeps 'static' and 'dynamic')."""
 
-    def __init__(self, group=None, rank: int = 0, world_size: int = 1) -> None:
-        self.group, self.rank, self.world_size = group, rank, world_size
+    def __init__(self, state=None) -> None:
+        """`state`: the rank's ParallelState (None: one process). Its group is read at each call, never kept:
+        parallel.state.shutdown drops the state's group, and a group kept alive past it can abort the process
+        at exit (see join_process_group)."""
+        self.state = state
 
     def route(self, topk_ids_TK: torch.Tensor, placement, layer: int) -> torch.Tensor:
         """`placement`'s maps on the ids' device (Dispatcher.to_physical moves them there)."""
         row = layer - placement.first_layer
         ids = topk_ids_TK.reshape(-1)
         counts_E = torch.bincount(ids[ids >= 0], minlength=placement.num_logical)
-        if self.world_size > 1:
-            dist.all_reduce(counts_E, group=self.group)
+        if self.state is not None and self.state.ep_size > 1:
+            dist.all_reduce(counts_E, group=self.state.group)
         share_P = replica_shares(counts_E[None], placement.phy2log_LP[row:row + 1],
                                  placement.log2phy_LEX[row:row + 1], placement.num_ranks)[0]
-        return assign_replicas(topk_ids_TK, share_P, placement.log2phy_LEX[row], self.rank)
+        rank = self.state.ep_rank if self.state is not None else 0
+        return assign_replicas(topk_ids_TK, share_P, placement.log2phy_LEX[row], rank)
