@@ -80,6 +80,7 @@ def model_config_from_hf(hf: dict[str, Any], path: str | None = None) -> ModelCo
             values[key] = hf[key]
     if "q_lora_rank" in hf:
         values["q_lora_rank"] = hf["q_lora_rank"]
+    values["num_nextn_predict_layers"] = mtp_layers(hf)
     if hf.get("n_shared_experts") is None and "n_shared_experts" in hf:
         values["n_shared_experts"] = 0
     eos = hf.get("eos_token_id")
@@ -139,9 +140,7 @@ def model_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     for f in fields(ModelConfig):
         if f.name not in ("architecture", "path", "rope_scaling", "rope_theta", "init_seed", "init_std"):
             hf[f.name] = getattr(cfg, f.name)
-    if v3:
-        hf["num_nextn_predict_layers"] = 0
-    else:
+    if not v3:
         hf.pop("rope_interleave")
         if cfg.topk_method == "greedy":
             hf["n_group"] = hf["topk_group"] = None

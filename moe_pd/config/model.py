@@ -70,6 +70,9 @@ class ModelConfig:
     """Inner width F of each routed (and shared) expert."""
     num_hidden_layers: int = 61
     """Decoder layers, MTP layers excluded."""
+    num_nextn_predict_layers: int = 1
+    """Multi-token-prediction (MTP) modules the checkpoint stores after the decoder layers, as layer indices
+    num_hidden_layers, ... (DeepSeek-V3: 1). Built only for speculative decoding (build_model(mtp=True))."""
     first_k_dense_replace: int = 3
     """Leading layers with a dense MLP instead of MoE."""
     num_attention_heads: int = 128
@@ -139,6 +142,8 @@ class ModelConfig:
             check(value > 0, f"model.{name}", value, "must be > 0")
         check(self.q_lora_rank is None or self.q_lora_rank > 0, "model.q_lora_rank", self.q_lora_rank,
               "must be > 0 or null")
+        check(self.num_nextn_predict_layers >= 0, "model.num_nextn_predict_layers", self.num_nextn_predict_layers,
+              "must be >= 0")
         check(self.n_shared_experts >= 0, "model.n_shared_experts", self.n_shared_experts, "must be >= 0")
         check(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "model.first_k_dense_replace",
               self.first_k_dense_replace, f"must be in [0, num_hidden_layers={self.num_hidden_layers}]")
@@ -172,6 +177,12 @@ class ModelConfig:
     @property
     def num_moe_layers(self) -> int:
         return self.num_hidden_layers - self.first_k_dense_replace
+
+    @property
+    def num_expert_layers(self) -> int:
+        """Layers with routed experts, the MTP modules' included: what expert placement and EPLB cover
+        (rows 0.. are model layers first_k_dense_replace, ..., num_hidden_layers + MTP layers - 1)."""
+        return self.num_moe_layers + self.num_nextn_predict_layers
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx >= self.first_k_dense_replace

@@ -43,11 +43,15 @@ def initial_placement(eplb: EplbConfig, state: ParallelState, model: ModelConfig
     if eplb.init_from is None:
         return default_placement(state, model)
     stats = load_stats(eplb.init_from)
-    want = (model.num_moe_layers, model.n_routed_experts)
-    if tuple(stats.expert_load_LE.shape) != want:
-        raise ValueError(f"eplb.init_from={eplb.init_from}: load table {tuple(stats.expert_load_LE.shape)} does not "
-                         f"match this model's (MoE layers, experts) = {want}")
-    placement = plan_placement(stats.expert_load_LE, eplb, state, model)
+    load = stats.expert_load_LE
+    if tuple(load.shape) == (model.num_moe_layers, model.n_routed_experts) and model.num_nextn_predict_layers:
+        # recorded without the MTP layers: they get the decoder layers' mean load (a balanced placement)
+        load = torch.cat([load, load.float().mean(0, keepdim=True).expand(model.num_nextn_predict_layers, -1)])
+    want = (model.num_expert_layers, model.n_routed_experts)
+    if tuple(load.shape) != want:
+        raise ValueError(f"eplb.init_from={eplb.init_from}: load table {tuple(load.shape)} does not match this "
+                         f"model's (MoE layers with the MTP layers', experts) = {want}")
+    placement = plan_placement(load, eplb, state, model)
     log.info("EPLB: initial placement planned from %s (%s policy)", eplb.init_from, eplb.policy)
     return placement
 
@@ -65,8 +69,7 @@ class EplbManager:
         """Bytes of expert weights moved between ranks since start-up (all ranks together)."""
         self.balancedness = {"window": [], "step": []}
         """Measured per MoE layer at the last rebalance check: over its window and in its last step."""
-        self._experts = {i: layer.mlp.experts for i, layer in enumerate(model.model.layers)
-                         if model_cfg.is_moe_layer(i)}
+        self._experts = {i: moe.experts for i, moe in model.moe_layers().items()}
 
     def on_step(self) -> None:
         self.steps += 1
@@ -110,6 +113,7 @@ class EplbManager:
 
     def stats(self) -> LoadStats:
         meta = {"model": self.model_cfg.architecture, "num_moe_layers": self.model_cfg.num_moe_layers,
+                "num_mtp_layers": self.model_cfg.num_nextn_predict_layers,
                 "first_layer": self.model_cfg.first_k_dense_replace, "num_experts": self.model_cfg.n_routed_experts,
                 "n_group": self.model_cfg.n_group, "hidden_size": self.model_cfg.hidden_size,
                 "moe_intermediate_size": self.model_cfg.moe_intermediate_size, "window_steps": self.eplb.window_steps,
@@ -233,7 +237,7 @@ def make_eplb_manager(eplb: EplbConfig, state: ParallelState, model_cfg: ModelCo
     """A recorder attached to the dispatcher and the manager driving it, when eplb.enabled."""
     if not eplb.enabled:
         return None
-    recorder = ExpertLoadRecorder(model_cfg.num_moe_layers, model_cfg.n_routed_experts, eplb.window_steps,
+    recorder = ExpertLoadRecorder(model_cfg.num_expert_layers, model_cfg.n_routed_experts, eplb.window_steps,
                                   model_cfg.first_k_dense_replace, state.device)
     dispatcher.load_recorder = recorder
     return EplbManager(eplb, state, model_cfg, model, dispatcher, recorder)

@@ -2,8 +2,9 @@
 
 Both are TensorSources keyed by HF checkpoint names, so the tiny random model and a real checkpoint
 go through the same code. Reads are lazy per tensor (safe_open), and a rank reads only the routed
-experts it holds, by global expert id. Layers at or past `num_hidden_layers` (DeepSeek's MTP module)
-are skipped with a logged message.
+experts it holds, by global expert id. Layers at or past `num_hidden_layers` (DeepSeek's MTP modules) load
+into `model.mtp` when it was built (build_model(mtp=True), names mapped by moe_pd.model.mtp.checkpoint_name)
+and are skipped with a logged message otherwise.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from moe_pd.config.model import ModelConfig
 from moe_pd.fp8 import FP8_DTYPE, dequantize_block_fp8, quantize_block_fp8
 from moe_pd.model.experts import RoutedExperts
 from moe_pd.model.gate import Gate
+from moe_pd.model.mtp import checkpoint_name
 from moe_pd.model.transformer import DeepseekForCausalLM, ExpertIds
 from moe_pd.parallel.dispatch.base import Dispatcher
 
@@ -159,25 +161,41 @@ def expert_names(prefix: str, kind: str, expert_id: int) -> list[str]:
 
 
 def load_weights(model: DeepseekForCausalLM, source: TensorSource) -> None:
-    """Fills every parameter and persistent buffer of `model` from `source`, by checkpoint name."""
+    """Fills every parameter and persistent buffer of `model` from `source`, by checkpoint name. A tensor
+    the model shares (the MTP modules' embedding and head are the main model's) is filled once; the
+    checkpoint's own copy, when it has one, must hold the same values."""
     cfg = model.cfg
     targets = model.state_dict(keep_vars=True)
     if cfg.tie_word_embeddings:
         targets.pop("lm_head.weight", None)
+    stored = set(source.names())
+    filled: dict[int, str] = {}
     started, done = time.monotonic(), 0
     with torch.no_grad():
         for name, target in targets.items():
-            match = _EXPERT_PARAM.match(name)
+            ckpt = checkpoint_name(name, cfg)
+            match = _EXPERT_PARAM.match(ckpt)
             if match:
-                _load_experts(model.get_submodule(match[1]), match[1], match[2], source)
-            elif _EXPERT_SCALE.match(name):
+                _load_experts(model.get_submodule(name.rsplit(".", 1)[0]), match[1], match[2], source)
+            elif _EXPERT_SCALE.match(ckpt):
                 continue  # filled with its weight
+            elif target.numel() and target.data_ptr() in filled:
+                _check_shared_copy(source, ckpt, target, filled[target.data_ptr()], stored)
             else:
-                target.copy_(source.get(name, tuple(target.shape)))
+                target.copy_(source.get(ckpt, tuple(target.shape)))
+                filled[target.data_ptr()] = ckpt
             done += 1
             if time.monotonic() - started > 10 and done % 100 == 0:
                 log.info("loaded %d/%d tensors (%.0f s)", done, len(targets), time.monotonic() - started)
-    _report_unused(cfg, source)
+    _report_unused(cfg, source, cfg.num_hidden_layers + len(model.mtp))
+
+
+def _check_shared_copy(source: TensorSource, name: str, target: torch.Tensor, loaded_as: str, stored: set) -> None:
+    if name not in stored:
+        return
+    if not torch.equal(source.get(name, tuple(target.shape)).to(target), target):
+        raise CheckpointError(f"tensor {name!r} differs from {loaded_as!r}: moe_pd shares the MTP module's "
+                              f"embedding and output head with the main model's, as DeepSeek-V3 does")
 
 
 def _load_experts(experts: RoutedExperts, prefix: str, kind: str, source: TensorSource) -> None:
@@ -196,15 +214,15 @@ def _load_experts(experts: RoutedExperts, prefix: str, kind: str, source: Tensor
             scale[slot].copy_(torch.cat([s for _, s in pairs]))
 
 
-def _report_unused(cfg: ModelConfig, source: TensorSource) -> None:
+def _report_unused(cfg: ModelConfig, source: TensorSource, first_unused_layer: int) -> None:
     mtp_layers: dict[int, int] = defaultdict(int)
     for name in source.names():
         m = _LAYER.match(name)
-        if m and int(m.group(1)) >= cfg.num_hidden_layers:
+        if m and int(m.group(1)) >= first_unused_layer:
             mtp_layers[int(m.group(1))] += 1
     if mtp_layers:
-        log.info("skipping %d tensors of layers %s (multi-token prediction, not used for serving)",
-                 sum(mtp_layers.values()), sorted(mtp_layers))
+        log.info("skipping %d tensors of layers %s (multi-token prediction, not built: build_model(mtp=True) "
+                 "loads it)", sum(mtp_layers.values()), sorted(mtp_layers))
 
 
 def build_model(
@@ -216,18 +234,22 @@ def build_model(
     source: TensorSource | None = None,
     ops=None,
     fp8_experts: bool = False,
+    mtp: bool = False,
 ) -> DeepseekForCausalLM:
     """Builds the model without initialising memory twice, then loads every tensor.
 
     `source` defaults to the checkpoint at cfg.path, or seeded random weights when it is None. `ops`
     (moe_pd.model.ops.select_ops) picks kernels or torch references; None keeps the references.
     `fp8_experts` keeps the routed experts in FP8 with 128x128 block scales: an FP8 checkpoint's blocks as
-    stored, other weights quantised on load (fp8_blocks).
+    stored, other weights quantised on load (fp8_blocks). `mtp` also builds and loads the checkpoint's MTP
+    modules (model.mtp, their experts placed by `expert_ids` like every MoE layer's).
     """
+    if mtp and cfg.num_nextn_predict_layers == 0:
+        raise CheckpointError(f"{cfg.path or 'the model'} has no MTP layers (num_nextn_predict_layers=0)")
     if source is None:
         source = SafetensorsSource(cfg.path) if cfg.path else RandomSource(cfg.init_seed, cfg.init_std)
     with torch.device("meta"):
-        model = DeepseekForCausalLM(cfg, expert_ids, dispatcher)
+        model = DeepseekForCausalLM(cfg, expert_ids, dispatcher, cfg.num_nextn_predict_layers if mtp else 0)
     model = model.to_empty(device=device).to(dtype)
     for module in model.modules():
         if isinstance(module, Gate):  # routing stays fp32, as in DeepSeek's and transformers' code
@@ -256,15 +278,19 @@ def save_checkpoint(model: DeepseekForCausalLM, path: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     fp8 = False
-    for name, tensor in model.state_dict().items():
+    written: set[int] = set()
+    for our_name, tensor in model.state_dict().items():
+        name = checkpoint_name(our_name, model.cfg)
         match = _EXPERT_PARAM.match(name)
         if _EXPERT_SCALE.match(name):
             continue  # written with its weight
-        if not match:
-            tensors[name] = tensor.contiguous()
+        if not match:  # a shared tensor (the MTP's embedding and head) is written again under its own name
+            shared = tensor.data_ptr() in written
+            written.add(tensor.data_ptr())
+            tensors[name] = tensor.clone() if shared else tensor.contiguous()
             continue
         prefix, kind = match.groups()
-        experts = model.get_submodule(prefix)
+        experts = model.get_submodule(our_name.rsplit(".", 1)[0])
         if sorted(experts.expert_ids) != list(range(model.cfg.n_routed_experts)):
             raise ValueError("save_checkpoint needs a model that holds every expert exactly once")
         scale = None if experts.scales is None else experts.scales[kind == "down_proj"]
@@ -281,6 +307,7 @@ def save_checkpoint(model: DeepseekForCausalLM, path: str | Path) -> Path:
         tensors.pop("lm_head.weight", None)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     config = model_config_to_hf(model.cfg)
+    config["num_nextn_predict_layers"] = len(model.mtp)
     if fp8:
         config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                          "weight_block_size": [128, 128]}

@@ -154,9 +154,10 @@ class DeepseekForCausalLM(nn.Module):
     `logits` applies the head to the rows you need (usually each sequence's last token)."""
 
     def __init__(self, cfg: ModelConfig, expert_ids: ExpertIds | None = None,
-                 dispatcher: Dispatcher | None = None) -> None:
+                 dispatcher: Dispatcher | None = None, num_mtp_layers: int = 0) -> None:
         """`expert_ids`: the global (logical) expert id of each local slot, one list for every MoE layer or
-        a function of the layer index; default all experts. `dispatcher` defaults to the local one."""
+        a function of the layer index; default all experts. `dispatcher` defaults to the local one.
+        `num_mtp_layers`: MTP modules to build (`self.mtp`, see moe_pd.model.mtp), at most the config's."""
         super().__init__()
         self.cfg = cfg
         if expert_ids is None:
@@ -169,6 +170,15 @@ class DeepseekForCausalLM(nn.Module):
         """The moe_pd.model.ops implementation in use (None: the torch references); see use_ops."""
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        if not 0 <= num_mtp_layers <= cfg.num_nextn_predict_layers:
+            raise ValueError(f"num_mtp_layers={num_mtp_layers}: the model has {cfg.num_nextn_predict_layers} "
+                             f"MTP layers (model.num_nextn_predict_layers)")
+        from moe_pd.model.mtp import MTPLayer  # mtp builds on DecoderLayer above
+
+        self.mtp = nn.ModuleList(
+            MTPLayer(cfg, i, self.model.rotary, ids_of_layer(i), dispatcher, self.model.embed_tokens, self.lm_head)
+            for i in range(cfg.num_hidden_layers, cfg.num_hidden_layers + num_mtp_layers))
+        """MTP modules (draft models of speculative decoding), model layers num_hidden_layers, ..."""
 
     def use_ops(self, ops) -> "DeepseekForCausalLM":
         """Points the gate, expert and attention modules at `ops` (moe_pd.model.ops.select_ops)."""
@@ -177,6 +187,16 @@ class DeepseekForCausalLM(nn.Module):
                 module.ops = ops
         self.ops = ops
         return self
+
+    @property
+    def num_cache_layers(self) -> int:
+        """Layers of the paged latent cache this model writes: the decoder layers, then the MTP layers."""
+        return self.cfg.num_hidden_layers + len(self.mtp)
+
+    def moe_layers(self) -> dict[int, MoE]:
+        """Every MoE block by model layer index, the MTP layers' included (what EPLB places and moves)."""
+        layers = [*self.model.layers, *self.mtp]
+        return {layer.layer_idx: layer.mlp for layer in layers if isinstance(layer.mlp, MoE)}
 
     @property
     def expert_ids(self) -> list[int]:
@@ -194,3 +214,10 @@ class DeepseekForCausalLM(nn.Module):
 
     def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_TD).float()
+
+    def mtp_forward(self, input_ids_T: torch.Tensor, previous_TD: torch.Tensor, batch: AttentionBatch,
+                    cache: PagedLatentCache, depth: int = 0, attn_mode: str = "auto") -> torch.Tensor:
+        """MTP module `depth` (moe_pd.model.mtp.MTPLayer.forward): row t takes the token at position p + 1
+        and the state of position p (the batch's position of row t); returns its normalised output state,
+        whose `logits` predict the token at p + 2."""
+        return self.mtp[depth](input_ids_T, previous_TD, batch, cache, attn_mode)

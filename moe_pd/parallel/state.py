@@ -115,7 +115,8 @@ def shutdown(state: ParallelState) -> None:
 
 
 def default_placement(state: ParallelState, model: ModelConfig) -> ExpertPlacement:
-    """Contiguous slots, redundant ones replicating experts 0, 1, ...; MoE layers indexed from 0."""
-    return ExpertPlacement.contiguous(model.num_moe_layers, model.n_routed_experts,
+    """Contiguous slots, redundant ones replicating experts 0, 1, ...; MoE layers indexed from 0, the MTP
+    layers' after the decoder layers' (ModelConfig.num_expert_layers)."""
+    return ExpertPlacement.contiguous(model.num_expert_layers, model.n_routed_experts,
                                       state.num_experts - model.n_routed_experts, state.ep_size,
                                       first_layer=model.first_k_dense_replace)

@@ -45,15 +45,16 @@ COMMON = dict(
 )
 
 
-def make_hf_model(name: str, seed: int = 0):
+def make_hf_model(name: str, seed: int = 0, **overrides):
     import transformers
 
+    common = {**COMMON, **overrides}
     if name in V3_CONFIGS:
-        cfg = transformers.DeepseekV3Config(**COMMON, **V3_CONFIGS[name], routed_scaling_factor=2.5,
+        cfg = transformers.DeepseekV3Config(**common, **V3_CONFIGS[name], routed_scaling_factor=2.5,
                                             num_nextn_predict_layers=0)
         cls = transformers.DeepseekV3ForCausalLM
     else:
-        cfg = transformers.DeepseekV2Config(**COMMON, **V2_CONFIGS[name], routed_scaling_factor=1.5)
+        cfg = transformers.DeepseekV2Config(**common, **V2_CONFIGS[name], routed_scaling_factor=1.5)
         cls = transformers.DeepseekV2ForCausalLM
     torch.manual_seed(seed)
     model = cls(cfg).float().eval()

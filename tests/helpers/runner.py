@@ -37,3 +37,24 @@ def greedy_reforward(model, prompt: list[int], max_new_tokens: int) -> list[int]
     for _ in range(max_new_tokens):
         seq.append(int(forward_logits(model, [seq])[0][-1].argmax()))
     return seq[len(prompt):]
+
+
+def mtp_logits(model, ids: list[int], chunks=(None,), block_size: int = 4) -> torch.Tensor:
+    """[len(ids) - 1, V]: the main model over `ids`, then the MTP module over the same positions (row i: token
+    i + 1 and the main state of i, predicting token i + 2), through a fresh paged cache, the prompt cut at
+    `chunks` as chunked prefill."""
+    cfg = model.cfg
+    pages = -(-len(ids) // block_size)
+    weight = model.model.embed_tokens.weight
+    cache = PagedLatentCache(model.num_cache_layers, pages + 1, block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                             dtype=weight.dtype, device=weight.device)
+    table = list(range(pages, 0, -1))  # not contiguous: exercises the page indirection
+    cuts = [0, *[c for c in chunks if c is not None], len(ids) - 1]
+    out = []
+    with torch.inference_mode():
+        for start, end in zip(cuts, cuts[1:]):
+            batch = AttentionBatch.build([table], [start], [end - start], block_size, weight.device)
+            states = model(torch.tensor(ids[start:end], device=weight.device), batch, cache)
+            nxt = torch.tensor(ids[start + 1 : end + 1], device=weight.device)
+            out.append(model.mtp[0].logits(model.mtp_forward(nxt, states, batch, cache)))
+    return torch.cat(out)
