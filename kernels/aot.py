@@ -131,22 +131,28 @@ def _grouped_gemm_cases(subset: bool) -> list[Case]:
 
 
 def _mla_cases(name, cfg, dtype, pages: tuple[int, ...], subset: bool) -> list[Case]:
+    """Decode (one query per sequence) and speculative verification (4 queries: 3 drafts and the last token,
+    packed into the head axis) at every page size, with and without context splits."""
     mla = importlib.import_module("moe_pd.kernels.mla_decode")
 
     c, r = cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    h = cfg.num_attention_heads
     cases = []
     for page in pages:
-        for partial in (False, True):
-            args = {"q_ptr": f"*{dtype}", "qpe_ptr": f"*{dtype}", "cache_ptr": f"*{dtype}", "tables_ptr": "*i64",
-                    "lens_ptr": "*i64", "out_ptr": "*fp32" if partial else f"*{dtype}", "ml_ptr": "*fp32",
-                    "scale": 0.1, "H": h, "SPLITS": 4 if partial else 1, "stride_qb": h * c, "stride_qh": c,
-                    "stride_pb": h * r, "stride_ph": r, "stride_tb": 64, "stride_ob": h * c, "stride_oh": c}
-            const = {"C": c, "R": r, "PAGE": page, "UPCAST": False, "IEEE": dtype == "fp32", "PARTIAL": partial}
-            variant = f"{name} {dtype} C={c}+{r} page={page}{' split' if partial else ''}"
-            configs = mla._configs()
-            cases += _config_cases("mla_decode", variant, "mla_decode:_mla_decode_kernel", args, const,
-                                   configs[:1] if subset else configs)
+        for queries in (1, 4):
+            for partial in (False, True):
+                h = queries * cfg.num_attention_heads
+                args = {"q_ptr": f"*{dtype}", "qpe_ptr": f"*{dtype}", "cache_ptr": f"*{dtype}", "tables_ptr": "*i64",
+                        "lens_ptr": "*i64", "out_ptr": "*fp32" if partial else f"*{dtype}", "ml_ptr": "*fp32",
+                        "scale": 0.1, "H": h, "SPLITS": 4 if partial else 1, "HEADS": cfg.num_attention_heads,
+                        "stride_qb": h * c, "stride_qh": c, "stride_pb": h * r, "stride_ph": r, "stride_tb": 64,
+                        "stride_ob": h * c, "stride_oh": c}
+                const = {"C": c, "R": r, "PAGE": page, "UPCAST": False, "IEEE": dtype == "fp32", "PARTIAL": partial,
+                         "QUERIES": queries}
+                variant = f"{name} {dtype} C={c}+{r} page={page}{' split' if partial else ''}" + \
+                    (f" verify Q={queries}" if queries > 1 else "")
+                configs = mla._configs()
+                cases += _config_cases("mla_decode", variant, "mla_decode:_mla_decode_kernel", args, const,
+                                       configs[:1] if subset else configs)
     return cases
 
 

@@ -1,6 +1,7 @@
 """MLA decode attention in the absorbed form, straight from the paged latent cache.
 
     out_BHC = mla_decode(q_latent_BHC, q_pe_BHR, cache_PSW, block_tables_BM, seq_lens_B, softmax_scale)
+    out_BXC = mla_decode(q_latent_BXC, q_pe_BXR, ..., queries=Q)   # X = Q * H: Q new tokens per sequence
 
 q_latent is the no-rope query already multiplied by W_UK (B sequences, H heads, C = kv_lora_rank, 512 for
 V3); q_pe the rope part (R = 64). The cache holds one row [latent C | k_pe R] per token: page p, slot s at
@@ -8,6 +9,12 @@ cache_PSW[p, s]. The latent is both key (with k_pe) and value, so each program s
 once for BLOCK_H heads: scores = q_latent . latent + q_pe . k_pe, an online softmax, and out = p . latent.
 W_UV and o_proj stay outside (moe_pd.model.mla). Reference: mla_decode_reference (the expanded einsums of
 MLA._absorbed).
+
+Speculative verification attends Q > 1 new tokens per sequence (the last token and its drafts). As FlashMLA
+does, the Q queries of a sequence are packed into the head axis (row x = query * H + head), so one program
+streams a sequence's latent rows once for all of them; query q (the q-th of the last Q tokens) sees the
+keys at positions below seq_len - (Q - 1 - q), the causal mask. A row whose visible keys all fall outside
+a split reads a -inf max there, which the online softmax and the merge treat as weight 0.
 
 One program per (head block, sequence, context split). The head blocks of a sequence are neighbours in the
 grid, so the latent rows one of them reads are still in L2 for the others. With `num_splits` > 1 each
@@ -39,12 +46,13 @@ TILES = [(16, 32, 8, 2), (16, 16, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2)]
 wider head blocks (64) spill at every BLOCK_N tried, 4 warps at some of these, and (32, 16) with triton 3.6."""
 
 
-@triton.autotune(configs=_configs(), key=["H", "C", "R", "PAGE", "SPLITS"])
+@triton.autotune(configs=_configs(), key=["H", "C", "R", "PAGE", "SPLITS", "QUERIES"])
 @triton.jit
 def _mla_decode_kernel(q_ptr, qpe_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, ml_ptr, scale, H, SPLITS,
-                       stride_qb, stride_qh, stride_pb, stride_ph, stride_tb, stride_ob, stride_oh,
+                       HEADS, stride_qb, stride_qh, stride_pb, stride_ph, stride_tb, stride_ob, stride_oh,
                        C: tl.constexpr, R: tl.constexpr, PAGE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                       PARTIAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+                       PARTIAL: tl.constexpr, QUERIES: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+    # H rows per sequence: QUERIES x HEADS (query, head) pairs, query-major
     heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     seq = tl.program_id(1)
     split = tl.program_id(2)
@@ -58,6 +66,7 @@ def _mla_decode_kernel(q_ptr, qpe_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr,
         q = q.to(tl.float32)
         q_pe = q_pe.to(tl.float32)
     length = tl.load(lens_ptr + seq)
+    visible = length - (QUERIES - 1 - heads // HEADS)  # causal: keys each row's query may see
     chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N  # whole BLOCK_N tiles per split
     begin = split * chunk
     end = tl.minimum(length, begin + chunk)
@@ -84,10 +93,17 @@ def _mla_decode_kernel(q_ptr, qpe_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr,
             scores = tl.dot(q, tl.trans(latent), input_precision="ieee") + rope
         else:
             scores = tl.dot(q, tl.trans(latent)) + rope
-        scores = tl.where(pos_ok[None, :], scores * scale, float("-inf"))
+        if QUERIES > 1:
+            scores = tl.where(pos_ok[None, :] & (pos[None, :] < visible[:, None]), scores * scale, float("-inf"))
+        else:
+            scores = tl.where(pos_ok[None, :], scores * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
+        if QUERIES > 1:  # a row may see no key of this tile yet: exp(-inf - -inf) must not be NaN
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new_safe = m_new
+        p = tl.exp(scores - m_new_safe[:, None])
+        alpha = tl.exp(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent, input_precision="ieee")
@@ -129,10 +145,11 @@ def default_splits(batch: int, heads: int, device: torch.device) -> int:
 
 def mla_decode(q_latent_BHC: torch.Tensor, q_pe_BHR: torch.Tensor, cache_PSW: torch.Tensor,
                block_tables_BM: torch.Tensor, seq_lens_B: torch.Tensor, softmax_scale: float,
-               out_dtype: torch.dtype | None = None, num_splits: int | None = None) -> torch.Tensor:
+               out_dtype: torch.dtype | None = None, num_splits: int | None = None, queries: int = 1) -> torch.Tensor:
     """[B, H, C] attention output in the latent space; a sequence with seq_lens 0 (a padding slot of a
     CUDA graph's batch) reads no row and gets zeros. `num_splits` cuts each context into that many chunks
-    (None: default_splits, from the shapes only)."""
+    (None: default_splits, from the shapes only). `queries` > 1: the second axis holds `queries` x heads
+    rows (query-major), the last `queries` tokens of each sequence, each attending causally."""
     check_tensor("q_latent_BHC", q_latent_BHC, 3)
     check_tensor("q_pe_BHR", q_pe_BHR, 3)
     check_tensor("cache_PSW", cache_PSW, 3)
@@ -141,6 +158,7 @@ def mla_decode(q_latent_BHC: torch.Tensor, q_pe_BHR: torch.Tensor, cache_PSW: to
     check(q_pe_BHR.shape[:2] == (batch, heads), f"q_pe_BHR {tuple(q_pe_BHR.shape)} vs q_latent {(batch, heads)}")
     check(cache_PSW.shape[2] == c + r, f"cache rows are {cache_PSW.shape[2]} wide, expected {c} + {r}")
     check(is_pow2(c) and is_pow2(r), f"latent ({c}) and rope ({r}) widths must be powers of two")
+    check(queries >= 1 and heads % queries == 0, f"{heads} rows are not {queries} queries x heads")
     page = cache_PSW.shape[1]
     check(block_tables_BM.shape[0] == batch and seq_lens_B.shape == (batch,), "block tables / seq lens per sequence")
     check(cache_PSW.is_contiguous(), "cache_PSW must be contiguous")
@@ -165,23 +183,26 @@ def mla_decode(q_latent_BHC: torch.Tensor, q_pe_BHR: torch.Tensor, cache_PSW: to
 
     _mla_decode_kernel[grid](
         q_latent_BHC, q_pe_BHR, cache_PSW, block_tables_BM, seq_lens_B.contiguous(), out, ml, float(softmax_scale),
-        heads, splits, q_latent_BHC.stride(0), q_latent_BHC.stride(1), q_pe_BHR.stride(0), q_pe_BHR.stride(1),
-        block_tables_BM.stride(0), out.stride(0), out.stride(1), c, r, page, interpreted(),
-        cache_PSW.dtype == torch.float32, splits > 1)
+        heads, splits, heads // queries, q_latent_BHC.stride(0), q_latent_BHC.stride(1), q_pe_BHR.stride(0),
+        q_pe_BHR.stride(1), block_tables_BM.stride(0), out.stride(0), out.stride(1), c, r, page, interpreted(),
+        cache_PSW.dtype == torch.float32, splits > 1, queries)
     return out if splits == 1 else merge_splits(out, ml, out_dtype)
 
 
 def mla_decode_reference(q_latent_BHC, q_pe_BHR, cache_PSW, block_tables_BM, seq_lens_B, softmax_scale,
-                         out_dtype=None):
-    batch, _, c = q_latent_BHC.shape
+                         out_dtype=None, queries: int = 1):
+    batch, rows, c = q_latent_BHC.shape
     page = cache_PSW.shape[1]
     out = torch.empty(*q_latent_BHC.shape, dtype=out_dtype or q_latent_BHC.dtype, device=q_latent_BHC.device)
-    rows = cache_PSW.reshape(-1, cache_PSW.shape[2]).float()
+    cache = cache_PSW.reshape(-1, cache_PSW.shape[2]).float()
+    key_pos = torch.arange(int(seq_lens_B.max()) if batch else 0, device=cache_PSW.device)
+    query_of_row = torch.arange(rows, device=cache_PSW.device) // (rows // queries)
     for b in range(batch):
         length = int(seq_lens_B[b])
-        pos = torch.arange(length, device=cache_PSW.device)
-        kv = rows[block_tables_BM[b, pos // page] * page + pos % page]
+        pos = key_pos[:length]
+        kv = cache[block_tables_BM[b, pos // page] * page + pos % page]
         latent, k_pe = kv[:, :c], kv[:, c:]
         scores = (q_latent_BHC[b].float() @ latent.T + q_pe_BHR[b].float() @ k_pe.T) * softmax_scale
-        out[b] = (scores.softmax(dim=-1) @ latent).to(out.dtype)
+        visible = pos[None, :] < (length - (queries - 1 - query_of_row))[:, None]
+        out[b] = (scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ latent).to(out.dtype)
     return out

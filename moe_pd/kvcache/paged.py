@@ -49,6 +49,9 @@ class AttentionBatch:
         if value is None:
             value = self.memo[key] = make()
         return value
+    verify: bool = False
+    """A speculative verification step: every sequence decodes the same number of new tokens (its last token
+    and its drafts), attended like decode (the absorbed form, the paged decode kernel)."""
 
     @property
     def num_seqs(self) -> int:
@@ -58,6 +61,11 @@ class AttentionBatch:
     def is_decode(self) -> bool:
         return self.max_query_len == 1
 
+    @property
+    def decodes(self) -> bool:
+        """Attended as decode: one new token per sequence, or a verification step's several."""
+        return self.is_decode or self.verify
+
     @staticmethod
     def build(
         block_tables: Sequence[Sequence[int]],
@@ -65,10 +73,13 @@ class AttentionBatch:
         query_lens: Sequence[int],
         block_size: int,
         device: torch.device | str = "cpu",
+        verify: bool = False,
     ) -> "AttentionBatch":
         """For sequences that already hold `context_lens` tokens and add `query_lens` new ones. Positions
         and cache slots are computed with tensor ops on the host (one pass, no per-token Python loop),
-        then copied to `device`."""
+        then copied to `device`. `verify`: a speculative verification step (equal query lens)."""
+        if verify and len(set(query_lens)) > 1:
+            raise ValueError(f"a verification step decodes the same number of tokens per sequence, got {query_lens}")
         width = max((len(t) for t in block_tables), default=0)
         seq_lens = [c + n for c, n in zip(context_lens, query_lens, strict=True)]
         for table, total in zip(block_tables, seq_lens, strict=True):
@@ -102,6 +113,7 @@ class AttentionBatch:
             host_context_lens=list(context_lens),
             host_query_lens=list(query_lens),
             block_size=block_size,
+            verify=verify,
         )
 
 

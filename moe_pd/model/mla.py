@@ -76,10 +76,10 @@ class MLA(nn.Module):
         if prepared is None:
             return cache_PSW.new_zeros(0, self.cfg.hidden_size, dtype=self.o_proj.weight.dtype)
         q_nope_THN, q_pe_THR, dtype = prepared
-        if mode in ("auto", "absorbed") and batch.is_decode and self.ops is not None and self.ops.has_mla_decode:
+        if mode in ("auto", "absorbed") and batch.decodes and self.ops is not None and self.ops.has_mla_decode:
             return self._absorbed_decode_kernel(q_nope_THN, q_pe_THR, batch, cache_PSW)
         if mode == "auto":
-            mode = "absorbed" if batch.is_decode else "expanded"
+            mode = "absorbed" if batch.decodes else "expanded"
         attend = {"expanded": self._expanded, "absorbed": self._absorbed}[mode]
         kv_BLW, key_valid_BL = gather_latent(cache_PSW, batch)
         kv_BLW = kv_BLW.to(dtype)
@@ -102,16 +102,21 @@ class MLA(nn.Module):
         out_BQHV = attend(q_nope_THN[q_row_BQ], q_pe_THR[q_row_BQ], kv_BLW, allowed_BQL)
         return self.o_proj(out_BQHV[q_valid_BQ].flatten(1))
 
-    def _absorbed_decode_kernel(self, q_nope_BHN, q_pe_BHR, batch: AttentionBatch, cache_PSW: torch.Tensor):
-        """Decode (one query per sequence, rows in sequence order): the absorbed form with the attention
-        itself in the paged-cache kernel."""
+    def _absorbed_decode_kernel(self, q_nope_THN, q_pe_THR, batch: AttentionBatch, cache_PSW: torch.Tensor):
+        """Decode (Q = 1 query per sequence) or verification (Q equal per sequence), rows in sequence order:
+        the absorbed form with the attention itself in the paged-cache kernel, a sequence's Q queries packed
+        into its head axis."""
         cfg = self.cfg
-        w_HXC = self.kv_b_proj.weight.view(cfg.num_attention_heads, -1, cfg.kv_lora_rank)
+        h, queries = cfg.num_attention_heads, max(batch.max_query_len, 1)
+        w_HXC = self.kv_b_proj.weight.view(h, -1, cfg.kv_lora_rank)
         w_uk_HNC, w_uv_HVC = w_HXC.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
-        q_latent_BHC = torch.einsum("bhn,hnc->bhc", q_nope_BHN, w_uk_HNC)
-        out_latent_BHC = self.ops.mla_decode(q_latent_BHC, q_pe_BHR.to(q_latent_BHC.dtype), cache_PSW,
-                                             batch.block_tables_BM, batch.seq_lens_B, self.rotary.softmax_scale)
-        return self.o_proj(torch.einsum("bhc,hvc->bhv", out_latent_BHC, w_uv_HVC).flatten(1))
+        q_latent_THC = torch.einsum("thn,hnc->thc", q_nope_THN, w_uk_HNC)
+        q_pe_BXR = q_pe_THR.to(q_latent_THC.dtype).reshape(-1, queries * h, q_pe_THR.shape[-1])
+        out_latent_BXC = self.ops.mla_decode(q_latent_THC.reshape(-1, queries * h, cfg.kv_lora_rank), q_pe_BXR,
+                                             cache_PSW, batch.block_tables_BM, batch.seq_lens_B,
+                                             self.rotary.softmax_scale, queries=queries)
+        out_latent_THC = out_latent_BXC.view(-1, h, cfg.kv_lora_rank)
+        return self.o_proj(torch.einsum("thc,hvc->thv", out_latent_THC, w_uv_HVC).flatten(1))
 
     def _expanded(self, q_nope_BQHN, q_pe_BQHR, kv_BLW, allowed_BQL):
         """Per-head keys and values rebuilt from the latents, attended with SDPA (allowed None: causal)."""

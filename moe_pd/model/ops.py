@@ -87,8 +87,9 @@ class TritonOps(TorchOps):
         q, s = self.k.quantize_act(x.reshape(-1, x.shape[-1]))
         return q.view(x.shape), s.view(*x.shape[:-1], -1)
 
-    def mla_decode(self, q_latent_BHC, q_pe_BHR, cache_PSW, block_tables_BM, seq_lens_B, softmax_scale):
-        return self.k.mla_decode(q_latent_BHC, q_pe_BHR, cache_PSW, block_tables_BM, seq_lens_B, softmax_scale)
+    def mla_decode(self, q_latent_BHC, q_pe_BHR, cache_PSW, block_tables_BM, seq_lens_B, softmax_scale, queries=1):
+        return self.k.mla_decode(q_latent_BHC, q_pe_BHR, cache_PSW, block_tables_BM, seq_lens_B, softmax_scale,
+                                 queries=queries)
 
 
 TORCH_OPS = TorchOps()

@@ -20,8 +20,11 @@ def split_point(query_lens: list[int]) -> int:
 
 
 def split_step(ids_T: torch.Tensor, batch: AttentionBatch) -> list[tuple[torch.Tensor, AttentionBatch]]:
-    """Two (ids, AttentionBatch) micro-batches covering the step's tokens in order."""
+    """Two (ids, AttentionBatch) micro-batches covering the step's tokens in order. A verification step is
+    cut between sequences (each keeps its queries together, as the decode kernel takes them)."""
     cut = split_point(batch.host_query_lens)
+    if batch.verify:
+        cut = (batch.num_seqs + 1) // 2 * batch.max_query_len
     parts: list[tuple[list, list, list]] = [([], [], []), ([], [], [])]
     seen = 0
     for table, ctx, n in zip(batch.host_tables, batch.host_context_lens, batch.host_query_lens, strict=True):
@@ -38,6 +41,6 @@ def split_step(ids_T: torch.Tensor, batch: AttentionBatch) -> list[tuple[torch.T
     device = ids_T.device
     first_tokens = sum(parts[0][2])
     return [
-        (ids_T[:first_tokens], AttentionBatch.build(*parts[0], batch.block_size, device)),
-        (ids_T[first_tokens:], AttentionBatch.build(*parts[1], batch.block_size, device)),
+        (ids_T[:first_tokens], AttentionBatch.build(*parts[0], batch.block_size, device, batch.verify)),
+        (ids_T[first_tokens:], AttentionBatch.build(*parts[1], batch.block_size, device, batch.verify)),
     ]

@@ -174,6 +174,29 @@ def test_mla_decode_over_the_paged_cache(dtype, splits):
     assert torch.equal(padded[0], torch.zeros_like(padded[0])) and torch.equal(padded[1], got[1])  # padding slots
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_mla_decode_with_several_queries_per_sequence_is_causal(dtype, splits):
+    """Speculative verification: 3 new tokens per sequence packed into the head axis (query-major); query q
+    attends like a one-query decode of the sequence cut after its own token."""
+    g = torch.Generator().manual_seed(1)
+    queries, heads = 3, 4
+    cache = torch.randn(24, 16, 32 + 8, generator=g).to(dtype)
+    tables = torch.randperm(24, generator=g)[:18].view(3, 6)
+    lens = torch.tensor([3, 38, 96])  # the three new tokens only, a page boundary inside them, a full table
+    q = torch.randn(3, queries * heads, 32, generator=g).to(dtype)
+    q_pe = torch.randn(3, queries * heads, 8, generator=g).to(dtype)
+    want = kernels.mla_decode_reference(q, q_pe, cache, tables, lens, 0.15, queries=queries)
+    for i in range(queries):
+        rows = slice(i * heads, (i + 1) * heads)
+        one = kernels.mla_decode_reference(q[:, rows], q_pe[:, rows], cache, tables, lens - (queries - 1 - i), 0.15)
+        torch.testing.assert_close(want[:, rows], one, rtol=0, atol=0)
+    got = kernels.mla_decode(q, q_pe, cache, tables, lens, 0.15, num_splits=splits, queries=queries)
+    assert ulp_close(got, want, ulps=2 if dtype == torch.bfloat16 else 4)
+    with pytest.raises(ValueError, match="not 5 queries"):
+        kernels.mla_decode(q, q_pe, cache, tables, lens, 0.15, queries=5)
+
+
 @pytest.mark.timeout(300)
 def test_the_model_through_the_kernels_generates_the_reference_tokens():
     prompts = [[256, *b"Hello kernels"], [256, *b"abc"], [256, *range(1, 18)]]
