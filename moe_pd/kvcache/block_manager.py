@@ -154,6 +154,18 @@ class BlockManager:
                     self._new_full.append((table[i], page.entry))
             previous, parent = page.hash, page.entry[0] if page.entry else None
 
+    def truncate(self, table: list[int], num_tokens: int) -> int:
+        """Keeps the pages `num_tokens` tokens need and releases the rest from the end of the table (as `free`
+        does): the rollback of a speculative step's rejected positions. Their cache rows need no clearing:
+        attention reads a sequence's rows only below its length, and the next step overwrites them.
+        Returns the number of pages released."""
+        keep = self.blocks_for(num_tokens)
+        tail = table[keep:]
+        del table[keep:]
+        released = len(tail)
+        self.free(tail)
+        return released
+
     def free(self, table: list[int]) -> None:
         """Drops the sequence's references; cached pages become evictable (LRU), others free."""
         for page_id in reversed(table):
