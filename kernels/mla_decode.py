@@ -14,7 +14,7 @@ Speculative verification attends Q > 1 new tokens per sequence (the last token a
 does, the Q queries of a sequence are packed into the head axis (row x = query * H + head), so one program
 streams a sequence's latent rows once for all of them; query q (the q-th of the last Q tokens) sees the
 keys at positions below seq_len - (Q - 1 - q), the causal mask. A row whose visible keys all fall outside
-a split reads a -inf max there, which the online softmax and the merge treat as weight 0.
+a split ends that split with a max of -1e30 (the masking floor), which the merge weighs 0.
 
 One program per (head block, sequence, context split). The head blocks of a sequence are neighbours in the
 grid, so the latent rows one of them reads are still in L2 for the others. With `num_splits` > 1 each
@@ -94,16 +94,15 @@ def _mla_decode_kernel(q_ptr, qpe_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr,
         else:
             scores = tl.dot(q, tl.trans(latent)) + rope
         if QUERIES > 1:
-            scores = tl.where(pos_ok[None, :] & (pos[None, :] < visible[:, None]), scores * scale, float("-inf"))
+            # causal rows mask with a finite floor: a row that sees no key of a split's tiles gets a floor max
+            # there, which the merge weighs 0 (a row's first tile always holds a key it sees when unsplit)
+            seen = (tl.minimum(visible, end) - start).to(tl.int32)  # keys of this tile each row sees
+            scores = tl.where(tl.arange(0, BLOCK_N)[None, :] < seen[:, None], scores * scale, -1.0e30)
         else:
             scores = tl.where(pos_ok[None, :], scores * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        if QUERIES > 1:  # a row may see no key of this tile yet: exp(-inf - -inf) must not be NaN
-            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new_safe = m_new
-        p = tl.exp(scores - m_new_safe[:, None])
-        alpha = tl.exp(m_i - m_new_safe)
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent, input_precision="ieee")
