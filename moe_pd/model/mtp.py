@@ -8,7 +8,9 @@ i + k, normalises each (RMSNorm), concatenates them, projects 2D -> D (`eh_proj`
 block and predicts token i + k + 1 through the output head. The embedding and the output head are shared with
 the main model. Checkpoints store module k as layer `num_hidden_layers + k`: `enorm`, `hnorm`, `eh_proj`, the
 decoder layer's own tensors (`self_attn.*`, `mlp.*`, both layer norms), plus `embed_tokens` and
-`shared_head.{norm,head}` (copies of the main model's embedding and head, and the head's own norm).
+`shared_head.{norm,head}` (copies of the main model's embedding and head, and the head's own norm). Here the
+decoder layer is `block` (a DecoderLayer built by the model), so `checkpoint_name` maps `mtp.{k}.block.x` and
+`mtp.{k}.x` both to `model.layers.{N + k}.x`.
 
 Two conventions where the report is silent or differs from the released weights, both as SGLang's
 `deepseek_nextn.py` and vLLM's `deepseek_mtp.py` run DeepSeek-V3's checkpoints:
@@ -23,17 +25,12 @@ same block tables as the main layers: the MTP entry of position i sits next to t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
 from moe_pd.config.model import ModelConfig
 from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
 from moe_pd.model.norm import RMSNorm
-from moe_pd.model.rope import RotaryEmbedding
-from moe_pd.model.transformer import DecoderLayer
-from moe_pd.parallel.dispatch.base import Dispatcher
 
 
 class SharedHead(nn.Module):
@@ -43,18 +40,22 @@ class SharedHead(nn.Module):
         self.head = head
 
 
-class MTPLayer(DecoderLayer):
-    """One MTP module: a DecoderLayer (its tensors keep the decoder layer's names) with the input projection
-    and the shared head around it. `embed_tokens` and `shared_head.head` are the main model's modules."""
+class MTPLayer(nn.Module):
+    """One MTP module around its decoder layer `block` (any module with the DecoderLayer forward, at layer
+    index num_hidden_layers + k). `embed_tokens` and `shared_head.head` are the main model's modules."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, expert_ids: Sequence[int],
-                 dispatcher: Dispatcher, embed_tokens: nn.Embedding, lm_head: nn.Linear) -> None:
-        super().__init__(cfg, layer_idx, rotary, expert_ids, dispatcher)
+    def __init__(self, cfg: ModelConfig, block: nn.Module, embed_tokens: nn.Embedding, lm_head: nn.Linear) -> None:
+        super().__init__()
+        self.block = block
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.embed_tokens = embed_tokens
         self.shared_head = SharedHead(cfg, lm_head)
+
+    @property
+    def layer_idx(self) -> int:
+        return self.block.layer_idx
 
     def project_input(self, input_ids_T: torch.Tensor, previous_TD: torch.Tensor) -> torch.Tensor:
         embedded_TD = self.enorm(self.embed_tokens(input_ids_T))
@@ -64,7 +65,7 @@ class MTPLayer(DecoderLayer):
                 cache: PagedLatentCache, attn_mode: str = "auto") -> torch.Tensor:
         """Row t: the token at position p + 1 and the representation of position p, where p is the batch's
         position of row t (its rope position and cache slot). Returns the normalised output state."""
-        x_TD = super().forward(self.project_input(input_ids_T, previous_TD), batch, cache, attn_mode)
+        x_TD = self.block(self.project_input(input_ids_T, previous_TD), batch, cache, attn_mode)
         return self.shared_head.norm(x_TD)
 
     def logits(self, state_TD: torch.Tensor) -> torch.Tensor:
@@ -75,8 +76,9 @@ MTP_PREFIX = "mtp."
 
 
 def checkpoint_name(name: str, cfg: ModelConfig) -> str:
-    """Our parameter name -> the checkpoint's: `mtp.{k}.x` is `model.layers.{num_hidden_layers + k}.x`."""
+    """Our parameter name -> the checkpoint's: `mtp.{k}.block.x` and `mtp.{k}.x` are
+    `model.layers.{num_hidden_layers + k}.x`."""
     if not name.startswith(MTP_PREFIX):
         return name
     depth, rest = name[len(MTP_PREFIX):].split(".", 1)
-    return f"model.layers.{cfg.num_hidden_layers + int(depth)}.{rest}"
+    return f"model.layers.{cfg.num_hidden_layers + int(depth)}.{rest.removeprefix('block.')}"

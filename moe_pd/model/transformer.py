@@ -22,6 +22,7 @@ from moe_pd.model.experts import DenseMLP, RoutedExperts
 from moe_pd.model.gate import Gate
 from moe_pd.model.mla import MLA
 from moe_pd.model.moe import MoE
+from moe_pd.model.mtp import MTPLayer
 from moe_pd.model.norm import RMSNorm
 from moe_pd.model.rope import RotaryEmbedding
 from moe_pd.parallel.dispatch.base import Dispatcher
@@ -173,10 +174,9 @@ class DeepseekForCausalLM(nn.Module):
         if not 0 <= num_mtp_layers <= cfg.num_nextn_predict_layers:
             raise ValueError(f"num_mtp_layers={num_mtp_layers}: the model has {cfg.num_nextn_predict_layers} "
                              f"MTP layers (model.num_nextn_predict_layers)")
-        from moe_pd.model.mtp import MTPLayer  # mtp builds on DecoderLayer above
-
         self.mtp = nn.ModuleList(
-            MTPLayer(cfg, i, self.model.rotary, ids_of_layer(i), dispatcher, self.model.embed_tokens, self.lm_head)
+            MTPLayer(cfg, DecoderLayer(cfg, i, self.model.rotary, ids_of_layer(i), dispatcher),
+                     self.model.embed_tokens, self.lm_head)
             for i in range(cfg.num_hidden_layers, cfg.num_hidden_layers + num_mtp_layers))
         """MTP modules (draft models of speculative decoding), model layers num_hidden_layers, ..."""
 
@@ -195,7 +195,7 @@ class DeepseekForCausalLM(nn.Module):
 
     def moe_layers(self) -> dict[int, MoE]:
         """Every MoE block by model layer index, the MTP layers' included (what EPLB places and moves)."""
-        layers = [*self.model.layers, *self.mtp]
+        layers = [*self.model.layers, *(m.block for m in self.mtp)]
         return {layer.layer_idx: layer.mlp for layer in layers if isinstance(layer.mlp, MoE)}
 
     @property

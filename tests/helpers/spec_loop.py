@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_pd.engine.sampler import SamplingParams, sample
+from moe_pd.engine.spec.mtp_step import Drafts, MTPSpeculator
 from moe_pd.kvcache.block_manager import BlockManager
 from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
-from moe_pd.spec.mtp_step import Drafts, MTPSpeculator
 
 
 @dataclass

@@ -96,10 +96,10 @@ def test_fp8_block_quantised_mtp_layer(mtp_ckpt, tmp_path):
 def test_fp8_experts_of_the_mtp_layer_keep_their_blocks(tmp_path):
     cfg = ModelConfig(**{**TINY.__dict__, "hidden_size": 128, "moe_intermediate_size": 128})
     model = build_model(cfg, mtp=True, fp8_experts=True)
-    experts = model.mtp[0].mlp.experts
+    experts = model.mtp[0].block.mlp.experts
     assert experts.gate_up_proj.dtype == torch.float8_e4m3fn and experts.scales is not None
     again = load(save_checkpoint(model, tmp_path / "ckpt"), fp8_experts=True)
-    for a, b in zip(experts.slot_tensors(), again.mtp[0].mlp.experts.slot_tensors()):
+    for a, b in zip(experts.slot_tensors(), again.mtp[0].block.mlp.experts.slot_tensors()):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
@@ -134,7 +134,8 @@ def test_mtp_experts_are_placed_recorded_and_moved_like_every_moe_layers():
     assert two_ranks.phy2log_LP.shape[0] == TINY.num_moe_layers + 1 == TINY.num_expert_layers
     rank1 = build_model(TINY, dispatcher=LocalDispatcher(10), mtp=True,
                         expert_ids=lambda layer: two_ranks.rank_experts(1, layer))
-    assert rank1.mtp[0].mlp.experts.expert_ids == two_ranks.rank_experts(1, mtp) == [10, 11, 12, 13, 14, 15, 0, 1, 2, 3]
+    assert rank1.mtp[0].block.mlp.experts.expert_ids == two_ranks.rank_experts(1, mtp) == [10, 11, 12, 13, 14, 15,
+                                                                                         0, 1, 2, 3]
 
     state = ParallelState(0, 1, 0, 1, 0, 1, 0, 20, torch.device("cpu"), "gloo")  # 4 redundant slots
     placement = default_placement(state, TINY)

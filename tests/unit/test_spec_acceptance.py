@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
+from moe_pd.engine.spec.acceptance import greedy_accept, rejection_sample
 from moe_pd.kvcache.block_manager import BlockManager
-from moe_pd.spec.acceptance import greedy_accept, rejection_sample
 
 
 def one_hot_logits(best: list[list[int]], vocab: int = 6) -> torch.Tensor:

@@ -12,9 +12,9 @@ from moe_pd.config.kvcache import KVCacheConfig
 from moe_pd.config.sampling import SamplingConfig
 from moe_pd.engine.offline import OfflineEngine
 from moe_pd.engine.sampler import SamplingParams
+from moe_pd.engine.spec.mtp_step import Drafts, MTPSpeculator
 from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
 from moe_pd.model.loader import build_model
-from moe_pd.spec.mtp_step import Drafts, MTPSpeculator
 
 PROMPTS = [[256, *b"Hello, moe_pd"], [256, *b"ab"], [256, *range(40, 59)]]
 NEW = 12
@@ -112,3 +112,25 @@ def test_a_step_needs_room_and_an_mtp_layer(model):
         MTPSpeculator(build_model(TINY), cache, 2)
     with pytest.raises(ValueError, match="cache has 3 layers"):
         MTPSpeculator(model, PagedLatentCache(3, 8, 4, cfg.kv_lora_rank, cfg.qk_rope_head_dim), 2)
+
+
+def test_an_idle_rank_runs_the_same_forwards_with_no_sequences(model):
+    """EP ranks pair their all-to-alls: a rank without sequences runs as many forwards of every layer."""
+    cfg = model.cfg
+    cache = PagedLatentCache(model.num_cache_layers, 8, 4, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+    spec = MTPSpeculator(model, cache, 3)
+    calls = []
+    hook = model.mtp[0].block.mlp.gate.register_forward_hook(lambda *_: calls.append("mtp"))
+    hook2 = model.model.layers[-1].mlp.gate.register_forward_hook(lambda *_: calls.append("main"))
+    try:
+        with torch.inference_mode():
+            none = torch.zeros(0, 3, dtype=torch.int64)
+            verdict, drafts = spec.step([], [], [], Drafts(none, None), [], [])
+            idle = list(calls)
+            calls.clear()
+            spec.step([[0, 1, 2, 3]], [6], [5], Drafts(torch.tensor([[1, 2, 3]]), None), [SamplingParams()], [None])
+    finally:
+        hook.remove()
+        hook2.remove()
+    assert verdict.tokens == [] and drafts.tokens_BK.shape == (0, 3)
+    assert idle == calls == ["main", "mtp", "mtp", "mtp"]  # verify, extend, two chain rows

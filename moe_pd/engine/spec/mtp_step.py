@@ -9,7 +9,7 @@ graph can capture it (SGLang and vLLM run DeepSeek's MTP the same way, as an EAG
 
 1. verify: the main model over t_{L-1}, d_1..d_K at positions L-1..L-1+K (one AttentionBatch with
    verify=True: K + 1 causal queries per sequence over the paged cache) -> K + 1 distributions;
-2. accept (moe_pd.spec.acceptance): n drafts kept, plus one token of the target's -> L' = L + n + 1;
+2. accept (moe_pd.engine.spec.acceptance): n drafts kept, plus one token of the target's -> L' = L + n + 1;
 3. extend: the MTP module over the same K + 1 rows, row i taking the token at position L + i (accepted
    drafts, then the target's token, then padding), which rewrites its cache rows L-1..L'-2 from true main
    states; its row n gives the first draft of the next step;
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 
 from moe_pd.engine.sampler import SamplingParams, filter_logits
+from moe_pd.engine.spec.acceptance import Verdict, greedy_accept, rejection_sample
 from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
 from moe_pd.model.transformer import DeepseekForCausalLM
-from moe_pd.spec.acceptance import Verdict, greedy_accept, rejection_sample
 
 
 @dataclass
@@ -119,7 +119,8 @@ class MTPSpeculator:
              drafts: Drafts, params: Sequence[SamplingParams],
              generators: Sequence[torch.Generator | None]) -> tuple[Verdict, Drafts]:
         """Steps 1-4 for sequences of `lengths` tokens whose last token and drafts wait. Returns what each
-        sequence accepted and emits, and the next step's drafts."""
+        sequence accepted and emits, and the next step's drafts. With no sequences it still runs every forward
+        (empty), so an idle EP rank joins each all-to-all of its busy peers."""
         k, batch_size = self.num_drafts, len(lengths)
         if not tables_cover(tables, lengths, k, self.cache.block_size):
             raise ValueError(f"block tables must cover position L + {2 * k - 2} of every sequence")
@@ -128,7 +129,7 @@ class MTPSpeculator:
         last_B = torch.tensor(list(last_tokens), dtype=torch.int64, device=self.device)
         ids_BK1 = torch.cat([last_B[:, None], drafts.tokens_BK.to(self.device)], dim=1)
         states_TD = self.model(ids_BK1.flatten(), batch, self.cache)
-        logits_BK1V = self.model.logits(states_TD).view(batch_size, k + 1, -1)
+        logits_BK1V = self.model.logits(states_TD).view(batch_size, k + 1, self.model.cfg.vocab_size)
         if all(p.greedy for p in params):
             verdict = greedy_accept(drafts.tokens_BK.to(self.device), logits_BK1V)
         else:
@@ -140,8 +141,9 @@ class MTPSpeculator:
             verdict = rejection_sample(drafts.tokens_BK, draft_BKV, target_BK1V, list(generators))
         # row i of a sequence takes the token at position L + i: accepted drafts, the target's token, padding
         next_ids = [(toks + [toks[-1]] * k)[: k + 1] for toks in verdict.tokens]
-        next_T = torch.tensor(next_ids, dtype=torch.int64, device=self.device).flatten()
+        next_T = torch.tensor(next_ids, dtype=torch.int64, device=self.device).view(-1)
         mtp_TD = self.model.mtp_forward(next_T, states_TD, batch, self.cache)
-        rows = torch.tensor([b * (k + 1) + n for b, n in enumerate(verdict.accepted)], device=self.device)
+        rows = torch.tensor([b * (k + 1) + n for b, n in enumerate(verdict.accepted)], dtype=torch.int64,
+                            device=self.device)
         positions = [n - 1 + a for n, a in zip(lengths, verdict.accepted, strict=True)]
         return verdict, self.draft(tables, positions, mtp_TD[rows], params, generators)
