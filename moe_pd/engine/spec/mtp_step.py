@@ -95,9 +95,8 @@ class MTPSpeculator:
                                          self.cache.block_size, self.device)
             states_BD = self.model.mtp_forward(token_B, states_BD, batch, self.cache)
             token_B, prob_BV = self._pick(self.model.mtp[0].logits(states_BD), params, generators)
-        tokens_BK = torch.stack(tokens, dim=1) if tokens else torch.zeros(0, 0, dtype=torch.int64)
-        greedy = all(p is None for p in probs)
-        probs_BKV = None if greedy else torch.stack(
+        tokens_BK = torch.stack(tokens, dim=1)
+        probs_BKV = None if all(p is None for p in probs) else torch.stack(
             [p if p is not None else torch.nn.functional.one_hot(t, self.model.cfg.vocab_size).float()
              for p, t in zip(probs, tokens)], dim=1)
         return Drafts(tokens_BK, probs_BKV)
