@@ -18,5 +18,5 @@ setup(
     + [f"moe_pd.conf.{group}" for group in CONF_GROUPS],
     package_dir={"moe_pd": "moe_pd", "moe_pd.kernels": "kernels", "moe_pd.conf": "conf"},
     package_data={"moe_pd.conf": ["*.yaml"], **{f"moe_pd.conf.{g}": ["*.yaml"] for g in CONF_GROUPS},
-                  "moe_pd.assets": ["tiny_bytes/*"]},
+                  "moe_pd.assets": ["tiny_bytes/*", "tiny_dsv3/*"]},
 )

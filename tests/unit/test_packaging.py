@@ -25,6 +25,7 @@ def test_wheel_contents(wheel):
             "moe_pd/conf/model/deepseek_v2_lite.yaml"} <= set(names)
     assert "moe_pd/kernels/__init__.py" in names
     assert {"moe_pd/assets/tiny_bytes/tokenizer.json", "moe_pd/assets/tiny_bytes/tokenizer_config.json"} <= set(names)
+    assert {"moe_pd/assets/tiny_dsv3/model.safetensors", "moe_pd/assets/tiny_dsv3/tokenizer.json"} <= set(names)
     assert not any(n.startswith("kernels/") or n.startswith("conf/") for n in names)
 
 
