@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moe_pd.model.moe import MoE
 from moe_pd.model.mtp import MTPLayer
 from moe_pd.model.transformer import DecoderLayer, DeepseekForCausalLM
 
@@ -33,10 +34,21 @@ def attention(layer: DecoderLayer, x_BSD: torch.Tensor, positions_S: torch.Tenso
     return attn.o_proj(out.transpose(1, 2).reshape(b, s, h * cfg.v_head_dim))
 
 
+def mlp(layer: DecoderLayer, x_TD: torch.Tensor) -> torch.Tensor:
+    """The dense MLP, or the MoE block's pieces in the order DecoderLayer.stages runs them."""
+    moe = layer.mlp
+    if not isinstance(moe, MoE):
+        return moe(x_TD)
+    pending = moe.dispatch_start(x_TD, *moe.gate(x_TD))
+    shared_TD = moe.shared(x_TD)
+    routed = moe.dispatch_wait(pending)
+    return moe.output(moe.combine_wait(moe.combine_start(moe.routed(routed), routed)), shared_TD)
+
+
 def decoder_layer(layer: DecoderLayer, x_BSD: torch.Tensor, positions_S: torch.Tensor) -> torch.Tensor:
     x_BSD = x_BSD + attention(layer, layer.input_layernorm(x_BSD), positions_S)
     y_BSD = layer.post_attention_layernorm(x_BSD)
-    return x_BSD + layer.mlp(y_BSD.flatten(0, 1)).view_as(y_BSD)
+    return x_BSD + mlp(layer, y_BSD.flatten(0, 1)).view_as(y_BSD)
 
 
 def main_states(model: DeepseekForCausalLM, ids_BS: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,8 @@ from moe_pd.config.eplb import EplbConfig
 from moe_pd.config.hf import resolve_model_config
 from moe_pd.config.model import ModelConfig
 from moe_pd.eplb.manager import make_eplb_manager
+from moe_pd.fp8 import dequantize_block_fp8, quantize_block_fp8
 from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
-from moe_pd.model.fp8 import dequantize_block_fp8, quantize_block_fp8
 from moe_pd.model.loader import CheckpointError, build_model, save_checkpoint
 from moe_pd.parallel.dispatch import LocalDispatcher
 from moe_pd.parallel.state import ParallelState, default_placement
