@@ -79,12 +79,16 @@ def run(cfg: GenerateConfig, run_dir: str | None = None) -> list[dict]:
         mine = [i for i, r in enumerate(owner) if r == state.dp_rank]
         engine = OfflineEngine(group.model, cfg.kvcache, cfg.max_batch_size, state.device, group.sync, cfg.overlap,
                                cfg.max_num_batched_tokens,
-                               decode_graphs=graphs_wanted(cfg.runtime, state, group.model))
+                               decode_graphs=graphs_wanted(cfg.runtime, state, group.model),
+                               num_draft_tokens=cfg.speculative.num_draft_tokens)
         completions = engine.generate([prompt_ids[i] for i in mine], cfg.sampling, indices=mine)
         s = engine.stats
         log.info("prefill %d tokens in %.3f s (%.1f tok/s); decode %d tokens in %.3f s (%.1f tok/s) on rank %d",
                  s.prefill_tokens, s.prefill_s, s.prefill_tokens / max(s.prefill_s, 1e-9),
                  s.decode_tokens, s.decode_s, s.decode_tokens / max(s.decode_s, 1e-9), state.rank)
+        if s.spec is not None:
+            log.info("speculative decoding (K=%d) on rank %d: %s", s.spec.num_draft_tokens, state.rank,
+                     s.spec.summary())
         if group.eplb is not None and cfg.eplb.dump_stats:
             group.eplb.dump(cfg.eplb.dump_stats)
         completions = gather_to_leader(state, completions)

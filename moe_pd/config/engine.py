@@ -12,6 +12,7 @@ from moe_pd.config.model import ModelConfig
 from moe_pd.config.overlap import OverlapConfig, ProfileConfig
 from moe_pd.config.parallel import ParallelConfig
 from moe_pd.config.runtime import RuntimeConfig
+from moe_pd.config.speculative import SpeculativeConfig
 from moe_pd.config.testing import TestingConfig
 
 
@@ -29,6 +30,8 @@ class EngineConfig:
     """Two-micro-batch overlap of all-to-all and compute (meaningful with expert parallelism)."""
     max_num_batched_tokens: int = 4096
     """Token budget of one engine step: decodes first, then prefill chunks (a longer prompt is chunked)."""
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    """MTP speculative decoding (needs a checkpoint with an MTP layer)."""
 
     def __post_init__(self) -> None:
         check(self.max_num_batched_tokens > 0, "max_num_batched_tokens", self.max_num_batched_tokens, "must be > 0")

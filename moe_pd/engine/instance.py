@@ -81,7 +81,8 @@ def rank_group(cfg: RankGroupConfig, role: str, run_dir: str | None,
 def build_instance_model(model_cfg: ModelConfig, cfg: RankGroupConfig, state: ParallelState, dtype: torch.dtype,
                          recorder: FlightRecorder) -> InstanceModel:
     """This rank's share of the model: its expert slots (by the initial placement) behind the dispatcher,
-    running the kernels runtime.kernels selects, its experts in FP8 with runtime.fp8_experts."""
+    running the kernels runtime.kernels selects, its experts in FP8 with runtime.fp8_experts; with its MTP layer
+    when speculative decoding is on."""
     t0 = time.perf_counter()
     eplb, runtime = cfg.eplb, cfg.runtime
     placement = initial_placement(eplb, state, model_cfg)
@@ -92,7 +93,8 @@ def build_instance_model(model_cfg: ModelConfig, cfg: RankGroupConfig, state: Pa
         dispatcher.replica_router = ReplicaRouter(state)
     model = build_model(model_cfg, device=state.device, dtype=dtype, dispatcher=dispatcher,
                         expert_ids=lambda layer: placement.rank_experts(state.ep_rank, layer),
-                        ops=select_ops(runtime.kernels, state.device), fp8_experts=runtime.fp8_experts)
+                        ops=select_ops(runtime.kernels, state.device), fp8_experts=runtime.fp8_experts,
+                        mtp=cfg.speculative.num_draft_tokens > 0)
     manager = make_eplb_manager(eplb, state, model_cfg, model, dispatcher)
     log.info("model %s (%s) ready in %.1f s; EP %d, %d expert slots per rank; %s kernels", model_cfg.architecture,
              model_cfg.path or "random weights", time.perf_counter() - t0, state.ep_size, state.experts_per_rank,

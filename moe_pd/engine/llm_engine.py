@@ -5,7 +5,9 @@ Every step the core scheduler plans decodes and prefill chunks; the runner execu
 forward over the paged latent cache (two interleaved micro-batches when overlap is on) and samples where a
 chunk reached its sequence's end, each request with its own sampling parameters and generator. Under
 expert parallelism every rank runs its own engine on its own requests and the ranks step together
-(`StepSync`): an idle rank runs empty forwards so every MoE all-to-all stays paired.
+(`StepSync`): an idle rank runs empty forwards so every MoE all-to-all stays paired. With
+`num_draft_tokens` = K > 0 the checkpoint's MTP layer drafts K tokens per decoding request and a step
+verifies them (moe_pd.engine.spec.engine_step): greedy output is unchanged, sampling keeps its distribution.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from moe_pd.engine.core.request import Logprob, Request, SamplingParams, State
 from moe_pd.engine.core.scheduler import Scheduler, StepPlan
 from moe_pd.engine.cuda_graph import DecodeGraphRunner
 from moe_pd.engine.sampler import logprobs, sample
+from moe_pd.engine.spec.engine_step import SpecStats, SpeculativeStep
+from moe_pd.engine.spec.mtp_step import MTPSpeculator
 from moe_pd.kvcache.block_manager import BlockManager
 from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
 from moe_pd.kvcache.transfer.base import KVTarget, Transfer
@@ -65,17 +69,20 @@ class StepStats:
     decode_tokens: int = 0
     decode_s: float = 0.0
     steps: int = 0
+    spec: SpecStats | None = None
+    """Speculative decoding's acceptance (None when it is off)."""
 
 
 class LLMEngine:
     def __init__(self, model: DeepseekForCausalLM, kv: KVCacheConfig, max_num_seqs: int,
                  max_num_batched_tokens: int, device: torch.device | str = "cpu", sync: StepSync | None = None,
                  overlap: OverlapConfig | None = None, hold_finished_pages: bool = False,
-                 decode_graphs: bool = False) -> None:
+                 decode_graphs: bool = False, num_draft_tokens: int = 0) -> None:
         """`hold_finished_pages`: a request that finished generating keeps its pages (PREFILLED) until it is
         shipped (a prefill instance). `decode_graphs`: decode steps run through a DecodeGraphRunner (CUDA
         graphs on CUDA, the same static-buffer forward eagerly elsewhere); one process only, with the Triton
-        ops."""
+        ops. `num_draft_tokens`: K of speculative decoding with the model's MTP layer (built with
+        build_model(mtp=True)); 0 is off."""
         cfg = model.cfg
         self.model, self.device, self.sync, self.overlap = model, torch.device(device), sync, overlap
         self.max_context, self.eos = cfg.max_position_embeddings, cfg.eos_token_id
@@ -83,7 +90,9 @@ class LLMEngine:
         if decode_graphs and sync is not None and sync.state.world_size > 1:
             raise ValueError("decode graphs run one process (EP = 1); this engine has an EP group")
         # With graphs, one page past the allocator's is the scratch page that padding slots write to.
-        self.cache = PagedLatentCache(cfg.num_hidden_layers, kv.num_blocks + decode_graphs, kv.block_size,
+        if num_draft_tokens and not len(model.mtp):
+            raise ValueError("speculative decoding needs the model's MTP layer: build_model(mtp=True)")
+        self.cache = PagedLatentCache(model.num_cache_layers, kv.num_blocks + decode_graphs, kv.block_size,
                                       cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=dtype, device=self.device)
         self.allocator = BlockManager(kv.num_blocks, kv.block_size, kv.prefix_cache)
         self.graphs = None
@@ -93,11 +102,17 @@ class LLMEngine:
             if self.device.type == "cuda":
                 self.graphs.capture()
         self.scheduler = Scheduler(self.allocator, max_num_seqs, max_num_batched_tokens, self.max_context,
-                                   hold_finished_pages, cfg.vocab_size)
+                                   hold_finished_pages, cfg.vocab_size, num_draft_tokens)
         self.requests = self.scheduler.requests
         """Every request of this engine: its state and what it holds (moe_pd.engine.core.table)."""
         self.stats = StepStats()
         self._global = (0, 0)
+        self.speculative = None
+        if num_draft_tokens:
+            speculator = MTPSpeculator(model, self.cache, num_draft_tokens, self.device, self._forward)
+            multi_rank = sync is not None and sync.state.world_size > 1
+            self.speculative = SpeculativeStep(speculator, self._run_plain, always_run=multi_rank)
+            self.stats.spec = self.speculative.stats
 
     # requests ---------------------------------------------------------------------------------------------
     def _record(self, request_id: str, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
@@ -125,11 +140,15 @@ class LLMEngine:
         self.scheduler.reserve(req, Transfer(time.monotonic() + timeout_s))
         return req
 
-    def activate(self, req: Request, first_token: int, rng_state: torch.Tensor | None = None) -> RequestOutput:
+    def activate(self, req: Request, first_token: int, rng_state: torch.Tensor | None = None,
+                 drafts: list[int] = ()) -> RequestOutput:
         """Its prompt's latents arrived: decode from prefill's first token (or finish now if that token ends
-        it). `rng_state` continues prefill's sampling generator."""
+        it). `rng_state` continues prefill's sampling generator; `drafts` (prefill's greedy MTP drafts) are
+        verified in the first step when they are K of them."""
         if rng_state is not None and req.generator is not None:
             req.generator.set_state(rng_state)
+        if self.speculative is not None and len(drafts) == self.speculative.spec.num_drafts and req.params.greedy:
+            req.drafts = list(drafts)
         self.scheduler.activate(req, first_token)
         return output(req, [first_token])
 
@@ -151,29 +170,37 @@ class LLMEngine:
         outputs of this rank's requests that got a token or ended)."""
         plan = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
+        # a verification counts its drafts as tokens (the padded all-to-all must hold them) but as one query,
+        # so a step of decodes and verifications overlaps with the decode schedule
         longest = max((s.num_new for s in plan.scheduled), default=0)
-        if not self._sync_step(not plan.is_empty, plan.num_tokens, longest):
+        if not self._sync_step(not plan.is_empty, plan.num_positions, longest):
             return False, outputs
         t0 = time.perf_counter()
+        prefill = any(s.num_new > 1 or not s.samples for s in plan.scheduled)  # (before the update moves them)
         sampled, failed = self._run(plan)
-        self._account(plan, time.perf_counter() - t0)
+        before = {item.seq.request_id: len(item.seq.output_ids) for item in plan.scheduled}
         # a request whose logits failed it ends alone; the step and every other request go on
         self.scheduler.update(plan, sampled, {r.request_id: "no token could be sampled (non-finite logits)"
                                               for r in failed})
         outputs += [output(req, []) for req in failed]
+        emitted = 0
         for item in plan.scheduled:
-            token = sampled.get(item.seq.request_id)
-            if token is not None:
-                outputs.append(output(item.seq, [token]))
+            if item.seq.request_id in sampled:  # the tokens it kept (a verification stops at a stop token)
+                tokens = item.seq.output_ids[before[item.seq.request_id]:]
+                emitted += len(tokens)
+                outputs.append(output(item.seq, tokens))
+        self._account(plan, prefill, time.perf_counter() - t0, emitted)
         return True, outputs
 
-    def _account(self, plan: StepPlan, elapsed: float) -> None:
+    def _account(self, plan: StepPlan, prefill: bool, elapsed: float, emitted: int) -> None:
+        """A step with any prefill chunk counts as prefill (its tokens computed); a decode step counts the
+        tokens it emitted (more than one per request when drafts were accepted)."""
         self.stats.steps += 1
-        if any(s.num_new > 1 or not s.samples for s in plan.scheduled):
+        if prefill:
             self.stats.prefill_tokens += plan.num_tokens
             self.stats.prefill_s += elapsed
         elif plan.scheduled:
-            self.stats.decode_tokens += plan.num_tokens
+            self.stats.decode_tokens += emitted
             self.stats.decode_s += elapsed
 
     def _sync_step(self, local_busy: bool, num_tokens: int, max_query_len: int) -> bool:
@@ -195,10 +222,17 @@ class LLMEngine:
         schedule = DECODE if max_query_len <= 1 else PREFILL
         return forward_two_micro_batches(self.model, split_step(ids_T, batch), self.cache, schedule)
 
-    def _run(self, plan: StepPlan) -> tuple[dict[str, int], list[Request]]:
-        """The step's forward and sampling: (request id -> sampled token, requests no token could be sampled
+    def _run(self, plan: StepPlan) -> tuple[dict[str, list[int]], list[Request]]:
+        """The step's forwards and sampling: (request id -> its new tokens, requests no token could be sampled
         for)."""
-        items = plan.scheduled
+        if self.speculative is not None:
+            return self.speculative.run(plan.scheduled)
+        _, _, sampled, failed = self._run_plain(plan.scheduled)
+        return {rid: [t] for rid, t in sampled.items()}, failed
+
+    def _run_plain(self, items: list) -> tuple[torch.Tensor, AttentionBatch, dict[str, int], list[Request]]:
+        """One forward over the items' tokens, sampling where a chunk reached its sequence's end: (hidden
+        states, the batch, request id -> sampled token, requests no token could be sampled for)."""
         batch = AttentionBatch.build([s.seq.block_table for s in items], [s.context for s in items],
                                      [s.num_new for s in items], self.cache.block_size, self.device)
         ids = [t for s in items for t in s.seq.token_slice(s.context, s.context + s.num_new)]
@@ -208,7 +242,7 @@ class LLMEngine:
             self._prompt_logprobs(items, batch, hidden_TD)
             rows = [i for i, s in enumerate(items) if s.samples]
             if not rows:
-                return {}, []
+                return hidden_TD, batch, {}, []
             last_B = (batch.query_starts_B + batch.query_lens_B - 1)[rows]
             logits_BV = self.model.logits(hidden_TD[last_B])
         reqs = [items[i].seq for i in rows]
@@ -218,7 +252,7 @@ class LLMEngine:
             for b, lp in zip(wanted, logprobs(logits_BV[wanted], [tokens[b] for b in wanted],
                                               [reqs[b].params.logprobs for b in wanted])):
                 reqs[b].logprobs.append(lp)
-        return ({r.request_id: t for r, t in zip(reqs, tokens) if t is not None},
+        return (hidden_TD, batch, {r.request_id: t for r, t in zip(reqs, tokens) if t is not None},
                 [r for r, t in zip(reqs, tokens) if t is None])
 
     def _prompt_logprobs(self, items, batch: AttentionBatch, hidden_TD: torch.Tensor) -> None:

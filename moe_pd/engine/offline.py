@@ -45,9 +45,9 @@ class OfflineEngine:
     def __init__(self, model: DeepseekForCausalLM, kv: KVCacheConfig, max_batch_size: int,
                  device: torch.device | str = "cpu", sync: StepSync | None = None,
                  overlap: OverlapConfig | None = None, max_num_batched_tokens: int = 4096,
-                 decode_graphs: bool = False) -> None:
+                 decode_graphs: bool = False, num_draft_tokens: int = 0) -> None:
         self.engine = LLMEngine(model, kv, max_batch_size, max_num_batched_tokens, device, sync, overlap,
-                                decode_graphs=decode_graphs)
+                                decode_graphs=decode_graphs, num_draft_tokens=num_draft_tokens)
         self.max_context = model.cfg.max_position_embeddings
         self.vocab_size = model.cfg.vocab_size
 
@@ -78,7 +78,7 @@ class OfflineEngine:
         alloc = self.engine.allocator
         for i, prompt in zip(indices, prompts, strict=True):  # every prompt is checked before any runs
             if problem := capacity_problem(len(prompt), sampling.max_new_tokens, alloc.block_size, self.max_context,
-                                           alloc.num_blocks):
+                                           alloc.num_blocks, self.engine.scheduler.lookahead):
                 raise PromptError(f"prompt {i} {problem} (kvcache.num_blocks={alloc.num_blocks}); raise "
                                   "kvcache.num_blocks")
         seqs = {str(i): self.engine.add_request(str(i), prompt, sampling.max_new_tokens, params, base_seed + i,

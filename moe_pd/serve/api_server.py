@@ -36,9 +36,10 @@ def make_server(cfg: ServeConfig) -> tuple[web.Application, EngineLoop]:
     model_cfg = resolve_model_config(cfg.model)
     device, dtype = resolve_device(cfg.runtime), resolve_dtype(cfg.runtime)
     model = build_model(model_cfg, device=device, dtype=dtype, ops=select_ops(cfg.runtime.kernels, device),
-                        fp8_experts=cfg.runtime.fp8_experts)
+                        fp8_experts=cfg.runtime.fp8_experts, mtp=cfg.speculative.num_draft_tokens > 0)
     engine = LLMEngine(model, cfg.kvcache, cfg.max_num_seqs, cfg.max_num_batched_tokens, device, overlap=cfg.overlap,
-                       decode_graphs=graphs_wanted(cfg.runtime, ParallelState.single(1, device), model))
+                       decode_graphs=graphs_wanted(cfg.runtime, ParallelState.single(1, device), model),
+                       num_draft_tokens=cfg.speculative.num_draft_tokens)
     loop = EngineLoop(engine).start()
     return build_app(loop, load_tokenizer(model_cfg), cfg.served_model_name, cfg.max_tokens_limit,
                      model_cfg.vocab_size, model_cfg.max_position_embeddings), loop

@@ -44,7 +44,8 @@ def run(cfg: ServiceConfig, run_dir: str | None = None) -> None:
         state = group.state
         engine = LLMEngine(group.model, cfg.kvcache, cfg.max_num_seqs, cfg.max_num_batched_tokens, state.device,
                            group.sync, cfg.overlap, hold_finished_pages=cfg.role == "prefill",
-                           decode_graphs=graphs_wanted(cfg.runtime, state, group.model) and cfg.role != "prefill")
+                           decode_graphs=graphs_wanted(cfg.runtime, state, group.model) and cfg.role != "prefill",
+                           num_draft_tokens=cfg.speculative.num_draft_tokens)
         worker = make_rank(cfg, engine, state.rank)
         leader = None
         if state.rank == 0:

@@ -85,15 +85,17 @@ def prompt_problem(prompt_ids: list[int], vocab_size: int | None, max_context: i
     return None
 
 
-def pages_needed(prompt_len: int, max_new_tokens: int, block_size: int, max_context: int) -> int:
-    """KV pages a request holds at its longest (prompt plus output, capped at the context)."""
-    return -(-min(prompt_len + max_new_tokens, max_context) // block_size)
+def pages_needed(prompt_len: int, max_new_tokens: int, block_size: int, max_context: int,
+                 lookahead: int = 0) -> int:
+    """KV pages a request holds at its longest (prompt plus output, capped at the context), plus the
+    `lookahead` positions a speculative step writes past its last token."""
+    return -(-(min(prompt_len + max_new_tokens, max_context) + lookahead) // block_size)
 
 
 def capacity_problem(prompt_len: int, max_new_tokens: int, block_size: int, max_context: int,
-                     num_pages: int) -> str | None:
+                     num_pages: int, lookahead: int = 0) -> str | None:
     """Why a request can never fit a cache of `num_pages` pages (or None): the one fits-in-cache check."""
-    need = pages_needed(prompt_len, max_new_tokens, block_size, max_context)
+    need = pages_needed(prompt_len, max_new_tokens, block_size, max_context, lookahead)
     return f"needs {need} KV pages, the cache has {num_pages}" if need > num_pages else None
 
 
@@ -193,6 +195,10 @@ class Request:
     """Its generated tokens' log-probabilities, when params.logprobs asks for them."""
     prompt_logprobs: list[Logprob | None] | None = None
     """Its prompt tokens' log-probabilities (the first has none), when params.prompt_logprobs asks."""
+    drafts: list[int] = field(default_factory=list)
+    """Speculative decoding: the MTP layer's guesses of the tokens after its last one, verified next step."""
+    draft_probs: Any = None
+    """The distributions the drafts were drawn from ([K, V] tensor; None: drawn greedily)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -241,3 +247,11 @@ class Request:
         if len(self.output_ids) >= self.max_new_tokens or self.num_tokens >= max_context:
             return "length"
         return None
+
+    def next_tokens(self, tokens: list[int], max_context: int) -> tuple[int, str | None]:
+        """Records a verification's tokens up to the first that ends the request (never past a stop token or
+        the length); returns (how many it kept, why it ends or None)."""
+        for kept, token in enumerate(tokens, 1):
+            if reason := self.next_token(token, max_context):
+                return kept, reason
+        return len(tokens), None

@@ -6,6 +6,12 @@ step's token budget or the request limit is reached. When a running request need
 free, the latest-arrived running request is preempted: its pages are released and it goes back to the
 front of the queue to be recomputed from its tokens (prompt and output so far), never truncated.
 
+Speculative decoding (num_draft_tokens = K > 0): a decoding request with drafts verifies its last token and
+its K drafts in one step (budget 1 + K) and keeps pages for 2K - 1 positions past its last token (the
+furthest a step writes); after the step it appends the accepted tokens (stopping at a stop token or its
+length) and releases the pages past that lookahead (BlockManager.truncate: the rejected positions' rows are
+never read).
+
 Decisions only: the requests, their states and what they hold are the RequestTable's (`self.requests`).
 """
 
@@ -26,6 +32,8 @@ class Scheduled:
     """Tokens already in the cache before this step."""
     num_new: int
     """Tokens computed this step."""
+    drafts: int = 0
+    """Draft tokens verified after them (speculative decoding; the request's `drafts`)."""
 
     @property
     def samples(self) -> bool:
@@ -42,20 +50,31 @@ class StepPlan:
         return sum(s.num_new for s in self.scheduled)
 
     @property
+    def num_positions(self) -> int:
+        """Rows the step's forwards run at most: its tokens and the drafts it verifies."""
+        return sum(s.num_new + s.drafts for s in self.scheduled)
+
+    @property
     def is_empty(self) -> bool:
         return not self.scheduled
 
 
 class Scheduler:
     def __init__(self, allocator: BlockManager, max_num_seqs: int, token_budget: int, max_context: int,
-                 hold_finished_pages: bool = False, vocab_size: int | None = None) -> None:
+                 hold_finished_pages: bool = False, vocab_size: int | None = None, num_draft_tokens: int = 0) -> None:
         """`hold_finished_pages`: a request that finished generating keeps its pages as PREFILLED (a prefill
-        instance ships its KV to decode first). `vocab_size`: prompts are checked against it."""
+        instance ships its KV to decode first). `vocab_size`: prompts are checked against it.
+        `num_draft_tokens`: K of speculative decoding (0: off)."""
         if max_num_seqs <= 0 or token_budget <= 0:
             raise ValueError("max_num_seqs and token_budget must be > 0")
+        if num_draft_tokens < 0:
+            raise ValueError(f"num_draft_tokens={num_draft_tokens} must be >= 0")
         self.allocator, self.max_num_seqs, self.token_budget = allocator, max_num_seqs, token_budget
         self.max_context, self.hold_finished_pages = max_context, hold_finished_pages
-        self.requests = RequestTable(allocator, max_context, vocab_size)
+        self.num_draft_tokens = num_draft_tokens
+        self.lookahead = 2 * num_draft_tokens - 1 if num_draft_tokens else 0
+        """Positions past a request's last token that its pages cover while it decodes speculatively."""
+        self.requests = RequestTable(allocator, max_context, vocab_size, self.lookahead)
 
     @property
     def waiting(self):
@@ -87,6 +106,7 @@ class Scheduler:
         self.requests.transition(req, State.QUEUED)
         req.num_computed = 0
         req.num_preemptions += 1
+        req.drafts, req.draft_probs = [], None  # its recompute drafts anew
 
     def schedule(self) -> StepPlan:
         plan, budget = StepPlan(), self.token_budget
@@ -96,24 +116,28 @@ class Scheduler:
             if req.state is State.QUEUED:  # preempted by an earlier request of this loop
                 continue
             num_new = min(req.num_uncomputed, budget)
-            while not self.allocator.can_grow(req.block_table, req.num_computed + num_new):
+            drafts = self.num_draft_tokens if self._verifies(req, budget) else 0
+            reaches_end = req.num_computed + num_new == req.num_tokens  # it samples, then drafts from there
+            need = req.num_computed + num_new + (self.lookahead if reaches_end else 0)
+            while not self.allocator.can_grow(req.block_table, need):
                 victim = max(self.running, key=lambda s: s.arrival)
                 self._preempt(victim)
                 if victim is req:
                     break
             if req.state is State.QUEUED:
                 continue
-            self.allocator.grow(req.block_table, req.num_computed + num_new)
-            plan.scheduled.append(Scheduled(req, req.num_computed, num_new))
-            budget -= num_new
+            self.allocator.grow(req.block_table, need)
+            plan.scheduled.append(Scheduled(req, req.num_computed, num_new, drafts))
+            budget -= num_new + drafts
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             tokens = req.token_ids
             hits = self.allocator.cached_prefix(tokens) if req.prompt_logprobs is None else []
             hit_tokens = len(hits) * self.allocator.block_size
             num_new = min(len(tokens) - hit_tokens, budget)
+            extra = self.lookahead if hit_tokens + num_new == len(tokens) else 0  # it samples and drafts
             try:
-                table, hit_tokens = self.allocator.admit(tokens, hit_tokens + num_new, hits)
+                table, hit_tokens = self.allocator.admit(tokens, hit_tokens + num_new + extra, hits)
             except OutOfBlocks:
                 break  # wait for pages to come back (every request fits the whole cache: RequestTable.add)
             req.block_table, req.num_computed, req.num_cached_hit = table, hit_tokens, hit_tokens
@@ -123,10 +147,20 @@ class Scheduler:
             budget -= num_new
         return plan
 
-    def update(self, plan: StepPlan, sampled: dict[str, int], failed: dict[str, str] | None = None) -> None:
-        """Applies a step's results: `sampled` maps request id -> token for every request whose chunk
-        reached its end, except those in `failed` (request id -> why): no token could be sampled for them
-        (non-finite logits), so they end FAILED alone and release what they hold."""
+    def _verifies(self, req: Request, budget: int) -> bool:
+        """Whether `req` verifies its drafts this step: it decodes, has K drafts and the budget has room. A
+        request with penalties or logprobs decodes one token a step (its target at each drafted position
+        depends on the tokens before it; its logprobs come from the plain sampler)."""
+        return (self.num_draft_tokens > 0 and req.state is State.DECODING and req.num_uncomputed == 1
+                and len(req.drafts) == self.num_draft_tokens and budget >= 1 + self.num_draft_tokens
+                and not req.params.penalized and req.logprobs is None)
+
+    def update(self, plan: StepPlan, sampled: dict[str, int | list[int]],
+               failed: dict[str, str] | None = None) -> None:
+        """Applies a step's results: `sampled` maps request id -> token (or, for a verification, the tokens
+        it emits: accepted drafts then one of the target's) for every request whose chunk reached its end,
+        except those in `failed` (request id -> why): no token could be sampled for them (non-finite
+        logits), so they end FAILED alone and release what they hold."""
         for rid, why in (failed or {}).items():
             req = self.requests.get(rid)
             if req is not None and req.state in (State.PREFILLING, State.DECODING):
@@ -135,11 +169,24 @@ class Scheduler:
             req = item.seq
             if req.state not in (State.PREFILLING, State.DECODING):
                 continue  # aborted or preempted meanwhile
-            req.num_computed = item.context + item.num_new
+            tokens = sampled.get(req.request_id) if item.samples else None
+            tokens = [tokens] if isinstance(tokens, int) else tokens
+            kept, reason = req.next_tokens(tokens, self.max_context) if item.drafts else (item.num_new, None)
+            req.num_computed = item.context + kept  # a verification's last kept token is computed next step
             if req.num_computed // self.allocator.block_size > item.context // self.allocator.block_size:
                 self.allocator.commit(req.block_table, req.token_ids, req.num_computed)  # a page filled up
-            if item.samples:
-                self._next_token(req, sampled[req.request_id])
+            if item.drafts:
+                self._finish_or_truncate(req, reason)
+            elif item.samples:
+                self._next_token(req, tokens[0])
+
+    def _finish_or_truncate(self, req: Request, reason: str | None) -> None:
+        """After a verification: the request ends, or releases the pages past its lookahead (the rejected
+        positions' rows are never read)."""
+        if reason is not None:
+            self.requests.transition(req, State.PREFILLED if self.hold_finished_pages else State.FINISHED, reason)
+        else:
+            self.allocator.truncate(req.block_table, req.num_tokens + self.lookahead)
 
     def _next_token(self, req: Request, token: int) -> None:
         """Records a running request's next token: it decodes on, or finishes (PREFILLED when its pages are

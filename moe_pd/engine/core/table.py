@@ -34,8 +34,11 @@ class IllegalTransition(RuntimeError):
 
 
 class RequestTable:
-    def __init__(self, allocator: BlockManager, max_context: int, vocab_size: int | None = None) -> None:
+    def __init__(self, allocator: BlockManager, max_context: int, vocab_size: int | None = None,
+                 lookahead: int = 0) -> None:
+        """`lookahead`: positions a speculative step writes past a request's last token (2K - 1)."""
         self.allocator, self.max_context, self.vocab_size = allocator, max_context, vocab_size
+        self.lookahead = lookahead
         self.live: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         """QUEUED requests in admission order (preempted ones at the front)."""
@@ -85,7 +88,7 @@ class RequestTable:
         if problem := prompt_problem(req.prompt_ids, self.vocab_size, self.max_context):
             raise InvalidRequest(f"request {req.request_id}: the prompt {problem}")
         if problem := capacity_problem(len(req.prompt_ids), req.max_new_tokens, self.allocator.block_size,
-                                       self.max_context, self.allocator.num_blocks):
+                                       self.max_context, self.allocator.num_blocks, self.lookahead):
             raise InvalidRequest(f"request {req.request_id} {problem}")
         req.max_new_tokens = min(req.max_new_tokens, self.max_context - len(req.prompt_ids))
 
@@ -103,7 +106,7 @@ class RequestTable:
         self._check_new(req)
         computed = len(req.prompt_ids)
         table: list[int] = []
-        self.allocator.grow(table, computed + 1)
+        self.allocator.grow(table, computed + 1 + self.lookahead)
         req.block_table, req.num_computed, req.state, req.transfer = table, computed, State.RESERVED, transfer
         self._enter(req)
         return self.prompt_pages(req)

@@ -17,7 +17,7 @@ rejected, the bonus token after all K were accepted), so every step emits betwee
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,9 @@ class Verdict:
 
     accepted: list[int]
     tokens: list[list[int]]
+    failed: list[bool] = field(default_factory=list)
+    """Sequences whose target logits had a position without a finite value (they fail, as a plain step's
+    non-finite logits fail their request; MTPSpeculator.verify fills it)."""
 
 
 def greedy_accept(drafts_BK: torch.Tensor, target_logits_BK1V: torch.Tensor) -> Verdict:

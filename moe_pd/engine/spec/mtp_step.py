@@ -25,7 +25,7 @@ step.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +53,10 @@ class MTPSpeculator:
     """Runs steps 1-4 for a batch of sequences; the caller owns pages, lengths and stopping."""
 
     def __init__(self, model: DeepseekForCausalLM, cache: PagedLatentCache, num_drafts: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu",
+                 forward: Callable[[torch.Tensor, AttentionBatch], torch.Tensor] | None = None) -> None:
+        """`forward(ids, batch)`: the main model's forward over the cache (default: model(ids, batch, cache);
+        the engine passes its own, which may overlap micro-batches)."""
         if num_drafts < 1:
             raise ValueError(f"num_drafts={num_drafts}: must be >= 1")
         if not len(model.mtp):
@@ -62,6 +65,7 @@ class MTPSpeculator:
             raise ValueError(f"the cache has {cache.kv_LPSW.shape[0]} layers; the model with its MTP layer writes "
                              f"{model.num_cache_layers}")
         self.model, self.cache, self.num_drafts, self.device = model, cache, num_drafts, device
+        self.forward = forward or (lambda ids_T, batch: model(ids_T, batch, cache))
 
     # drafting -----------------------------------------------------------------------------------------------
     def _pick(self, logits_BV: torch.Tensor, params: Sequence[SamplingParams],
@@ -120,6 +124,13 @@ class MTPSpeculator:
         """Steps 1-4 for sequences of `lengths` tokens whose last token and drafts wait. Returns what each
         sequence accepted and emits, and the next step's drafts. With no sequences it still runs every forward
         (empty), so an idle EP rank joins each all-to-all of its busy peers."""
+        verdict, states_BD, positions = self.verify(tables, lengths, last_tokens, drafts, params, generators)
+        return verdict, self.draft(tables, positions, states_BD, params, generators)
+
+    def verify(self, tables: Sequence[Sequence[int]], lengths: Sequence[int], last_tokens: Sequence[int],
+               drafts: Drafts, params: Sequence[SamplingParams],
+               generators: Sequence[torch.Generator | None]) -> tuple[Verdict, torch.Tensor, list[int]]:
+        """Steps 1-3: returns the verdict, and each sequence's MTP state and position to draft from."""
         k, batch_size = self.num_drafts, len(lengths)
         if not tables_cover(tables, lengths, k, self.cache.block_size):
             raise ValueError(f"block tables must cover position L + {2 * k - 2} of every sequence")
@@ -127,17 +138,13 @@ class MTPSpeculator:
                                      self.device, verify=True)
         last_B = torch.tensor(list(last_tokens), dtype=torch.int64, device=self.device)
         ids_BK1 = torch.cat([last_B[:, None], drafts.tokens_BK.to(self.device)], dim=1)
-        states_TD = self.model(ids_BK1.flatten(), batch, self.cache)
+        states_TD = self.forward(ids_BK1.flatten(), batch)
         logits_BK1V = self.model.logits(states_TD).view(batch_size, k + 1, self.model.cfg.vocab_size)
-        if all(p.greedy for p in params):
-            verdict = greedy_accept(drafts.tokens_BK.to(self.device), logits_BK1V)
-        else:
-            target_BK1V = torch.stack([torch.stack([filter_logits(row, p).softmax(-1) if not p.greedy else
-                                                    torch.nn.functional.one_hot(row.argmax(), row.shape[-1]).float()
-                                                    for row in logits_BK1V[b]]) for b, p in enumerate(params)])
-            draft_BKV = drafts.probs_BKV if drafts.probs_BKV is not None else \
-                torch.nn.functional.one_hot(drafts.tokens_BK, logits_BK1V.shape[-1]).float()
-            verdict = rejection_sample(drafts.tokens_BK, draft_BKV, target_BK1V, list(generators))
+        finite_B = torch.isfinite(logits_BK1V).any(-1).all(-1)
+        if not bool(finite_B.all()):  # a broken row must not decide (nor crash) the others' acceptance
+            logits_BK1V = logits_BK1V.masked_fill(~finite_B[:, None, None], 0.0)
+        verdict = self.accept(drafts, logits_BK1V, params, generators)
+        verdict.failed = (~finite_B).tolist()
         # row i of a sequence takes the token at position L + i: accepted drafts, the target's token, padding
         next_ids = [(toks + [toks[-1]] * k)[: k + 1] for toks in verdict.tokens]
         next_T = torch.tensor(next_ids, dtype=torch.int64, device=self.device).view(-1)
@@ -145,4 +152,20 @@ class MTPSpeculator:
         rows = torch.tensor([b * (k + 1) + n for b, n in enumerate(verdict.accepted)], dtype=torch.int64,
                             device=self.device)
         positions = [n - 1 + a for n, a in zip(lengths, verdict.accepted, strict=True)]
-        return verdict, self.draft(tables, positions, mtp_TD[rows], params, generators)
+        return verdict, mtp_TD[rows], positions
+
+    @staticmethod
+    def accept(drafts: Drafts, logits_BK1V: torch.Tensor, params: Sequence[SamplingParams],
+               generators: Sequence[torch.Generator | None]) -> Verdict:
+        """Greedy acceptance when every sequence is greedy, else speculative sampling (a greedy sequence's
+        target is its argmax, one-hot)."""
+        tokens_BK = drafts.tokens_BK.to(logits_BK1V.device)
+        if all(p.greedy for p in params):
+            return greedy_accept(tokens_BK, logits_BK1V)
+        one_hot = torch.nn.functional.one_hot
+        vocab = logits_BK1V.shape[-1]
+        target_BK1V = torch.stack([torch.stack([one_hot(row.argmax(), vocab).float() if p.greedy else
+                                                filter_logits(row, p).softmax(-1) for row in logits_BK1V[b]])
+                                   for b, p in enumerate(params)])
+        draft_BKV = drafts.probs_BKV if drafts.probs_BKV is not None else one_hot(tokens_BK, vocab).float()
+        return rejection_sample(tokens_BK, draft_BKV, target_BK1V, list(generators))

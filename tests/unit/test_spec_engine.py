@@ -1,0 +1,113 @@
+"""LLMEngine with speculative decoding (speculative.num_draft_tokens = K): greedy output token-identical to
+transformers and to K = 0 on the trained checkpoint with its MTP layer; identical to K = 0 through chunked
+prefill, prefix-cache hits, preemption, overlap, stop tokens and max_tokens; every page comes back; the
+acceptance statistics count what the MTP layer got right."""
+
+import pytest
+import torch
+
+from helpers.tiny import TINY
+from moe_pd.assets import TINY_DSV3
+from moe_pd.config.hf import resolve_model_config
+from moe_pd.config.kvcache import KVCacheConfig
+from moe_pd.config.model import ModelConfig
+from moe_pd.config.overlap import OverlapConfig
+from moe_pd.config.sampling import SamplingConfig
+from moe_pd.engine.core.request import SamplingParams
+from moe_pd.engine.llm_engine import LLMEngine
+from moe_pd.engine.offline import OfflineEngine
+from moe_pd.engine.tokenizer import load_tokenizer
+from moe_pd.model.loader import build_model
+
+TRAINED = resolve_model_config(ModelConfig(path=str(TINY_DSV3)))
+TEXTS = ["The capital of France is", "Once upon a time,", "Monday, Tuesday,"]
+PROMPTS = [[256, *b"Hello, moe_pd"], [256, *b"ab"], [256, *range(40, 79)], [256, *b"Hello, moe_pd!!"]]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_model(TINY, mtp=True)
+
+
+def generate(model, prompts, k, new=12, blocks=256, block_size=4, **kw):
+    engine = OfflineEngine(model, KVCacheConfig(block_size=block_size, num_blocks=blocks), 8, num_draft_tokens=k,
+                           **kw)
+    out = engine.generate(prompts, SamplingConfig(max_new_tokens=new, ignore_eos=True))
+    assert engine.engine.allocator.num_used == 0  # every page back (cached ones evictable)
+    engine.preemptions = sum(c.preemptions for c in out)
+    return [c.output_ids for c in out], engine
+
+
+def test_trained_checkpoint_k2_equals_transformers_and_k0():
+    from transformers import AutoModelForCausalLM
+
+    model = build_model(TRAINED, mtp=True)
+    prompts = [load_tokenizer(TRAINED).encode(t) for t in TEXTS]
+    plain, _ = generate(model, prompts, 0, 24, block_size=16)
+    spec, engine = generate(model, prompts, 2, 24, block_size=16)
+    hf = AutoModelForCausalLM.from_pretrained(TINY_DSV3, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = [hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.int64),
+                           max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=1)[0, len(p):].tolist()
+               for p in prompts]
+    assert spec == plain == ref
+    stats = engine.stats.spec
+    assert stats.verifications > 0 and stats.mean_acceptance_length >= 1.5, stats.summary()
+    assert stats.acceptance_rates[0] >= stats.acceptance_rates[1] > 0
+    # fewer decode steps than tokens: several tokens a step
+    assert engine.stats.decode_tokens == 3 * 23 and engine.stats.steps < 1 + 23
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_chunks_prefix_hits_and_preemption_keep_the_tokens(tiny, k):
+    """A small token budget chunks the prompts; prompts 0 and 3 share pages (prefix cache); a pool too small
+    for every request at once preempts and recomputes (drafts dropped, drawn anew)."""
+    want, _ = generate(tiny, PROMPTS, 0, 16)
+    got, engine = generate(tiny, PROMPTS, k, 16, blocks=28, max_num_batched_tokens=16)
+    assert got == want
+    assert engine.preemptions > 0
+
+
+def test_overlapped_micro_batches_keep_the_tokens(tiny):
+    want, _ = generate(tiny, PROMPTS, 0)
+    got, _ = generate(tiny, PROMPTS, 2, overlap=OverlapConfig(enabled=True, min_tokens=2))
+    assert got == want
+
+
+def test_stop_token_and_max_tokens_are_never_passed(tiny):
+    """The stop token (here the 5th token of a K = 0 run) ends a verification's tokens; max_tokens caps them,
+    and the stream's pieces add up to the output."""
+    want, _ = generate(tiny, PROMPTS, 0, 12)
+    stop = want[0][4]
+    results = {}
+    for k in (0, 3):
+        engine = LLMEngine(tiny, KVCacheConfig(block_size=4, num_blocks=256), 8, 64, num_draft_tokens=k)
+        engine.eos = stop
+        for i, p in enumerate(PROMPTS):
+            engine.add_request(str(i), p, 5 + i)
+        streams, reasons = {}, {}
+        while engine.has_work:
+            for out in engine.step()[1]:
+                streams.setdefault(out.request_id, []).extend(out.new_token_ids)
+                if out.finished:
+                    reasons[out.request_id] = out.finish_reason
+        results[k] = streams, reasons
+        assert engine.allocator.num_used == 0
+    assert results[3] == results[0]
+    assert results[3][1]["0"] == "stop" and results[3][0]["0"][-1] == stop
+    assert all(len(results[3][0][str(i)]) <= 5 + i for i in range(len(PROMPTS)))
+
+
+def test_sampled_speculation_is_reproducible(tiny):
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    runs = []
+    for _ in range(2):
+        engine = OfflineEngine(tiny, KVCacheConfig(block_size=4, num_blocks=256), 8, num_draft_tokens=2)
+        runs.append([c.output_ids for c in engine.generate(PROMPTS, SamplingConfig(
+            max_new_tokens=10, ignore_eos=True, temperature=params.temperature, top_p=params.top_p, seed=3))])
+    assert runs[0] == runs[1] and all(len(o) == 10 for o in runs[0])
+
+
+def test_speculation_needs_the_mtp_layer():
+    with pytest.raises(ValueError, match="MTP layer"):
+        LLMEngine(build_model(TINY), KVCacheConfig(block_size=4, num_blocks=16), 8, 64, num_draft_tokens=2)
