@@ -26,6 +26,7 @@ from moe_pd.config.hf import resolve_model_config
 from moe_pd.config.store import register_configs, to_config
 from moe_pd.engine.instance import graphs_wanted, rank_group
 from moe_pd.engine.offline import OfflineEngine, PromptError, check_prompts
+from moe_pd.engine.spec.engine_step import SpecStats
 from moe_pd.engine.tokenizer import Tokenizer, load_tokenizer
 from moe_pd.log import setup_logging
 from moe_pd.model.loader import CheckpointError
@@ -87,8 +88,10 @@ def run(cfg: GenerateConfig, run_dir: str | None = None) -> list[dict]:
                  s.prefill_tokens, s.prefill_s, s.prefill_tokens / max(s.prefill_s, 1e-9),
                  s.decode_tokens, s.decode_s, s.decode_tokens / max(s.decode_s, 1e-9), state.rank)
         if s.spec is not None:
-            log.info("speculative decoding (K=%d) on rank %d: %s", s.spec.num_draft_tokens, state.rank,
-                     s.spec.summary())
+            spec = gather_to_leader(state, [s.spec], sort=False)
+            if spec:
+                log.info("speculative decoding (K=%d), %d rank(s): %s", s.spec.num_draft_tokens, len(spec),
+                         SpecStats.merged(spec).summary())
         if group.eplb is not None and cfg.eplb.dump_stats:
             group.eplb.dump(cfg.eplb.dump_stats)
         completions = gather_to_leader(state, completions)
@@ -106,8 +109,8 @@ def run(cfg: GenerateConfig, run_dir: str | None = None) -> list[dict]:
     ]
 
 
-def gather_to_leader(state, completions: list) -> list:
-    """Every rank's completions, in prompt order, on rank 0 (others get [])."""
+def gather_to_leader(state, completions: list, sort: bool = True) -> list:
+    """Every rank's completions, in prompt order (`sort`; else rank order), on rank 0 (others get [])."""
     if state.world_size == 1:
         return completions
     import torch.distributed as dist
@@ -116,7 +119,8 @@ def gather_to_leader(state, completions: list) -> list:
     dist.gather_object(completions, gathered, dst=0, group=state.group)
     if not state.is_leader:
         return []
-    return sorted((c for part in gathered for c in part), key=lambda c: c.index)
+    every = [c for part in gathered for c in part]
+    return sorted(every, key=lambda c: c.index) if sort else every
 
 
 @hydra.main(config_path="pkg://moe_pd.conf", config_name="generate", version_base=None)

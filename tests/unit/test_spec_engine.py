@@ -16,6 +16,7 @@ from moe_pd.config.sampling import SamplingConfig
 from moe_pd.engine.core.request import SamplingParams
 from moe_pd.engine.llm_engine import LLMEngine
 from moe_pd.engine.offline import OfflineEngine
+from moe_pd.engine.spec.engine_step import SpecStats
 from moe_pd.engine.tokenizer import load_tokenizer
 from moe_pd.model.loader import build_model
 
@@ -111,3 +112,13 @@ def test_sampled_speculation_is_reproducible(tiny):
 def test_speculation_needs_the_mtp_layer():
     with pytest.raises(ValueError, match="MTP layer"):
         LLMEngine(build_model(TINY), KVCacheConfig(block_size=4, num_blocks=16), 8, 64, num_draft_tokens=2)
+
+
+def test_acceptance_statistics():
+    a, b = SpecStats(3), SpecStats(3)
+    a.record([3, 0, 1])
+    b.record([2])
+    total = SpecStats.merged([a, b])
+    assert (total.verifications, total.accepted, total.accepted_at) == (4, 6, [3, 2, 1])
+    assert total.mean_acceptance_length == 2.5 and total.acceptance_rates == [0.75, 0.5, 0.25]
+    assert "mean acceptance length 2.500" in total.summary()

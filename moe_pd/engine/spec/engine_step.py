@@ -38,9 +38,10 @@ class SpecStats:
     accepted_at: list[int] = field(default_factory=list)
     """Per draft position, the verifications that accepted it."""
 
+    def __post_init__(self) -> None:
+        self.accepted_at = self.accepted_at or [0] * self.num_draft_tokens
+
     def record(self, accepted: list[int]) -> None:
-        if len(self.accepted_at) < self.num_draft_tokens:
-            self.accepted_at = [0] * self.num_draft_tokens
         self.verifications += len(accepted)
         self.accepted += sum(accepted)
         for n in accepted:
@@ -56,6 +57,16 @@ class SpecStats:
     def acceptance_rates(self) -> list[float]:
         """Per draft position, the share of verifications that accepted it."""
         return [n / self.verifications if self.verifications else 0.0 for n in self.accepted_at]
+
+    @staticmethod
+    def merged(parts: list[SpecStats]) -> SpecStats:
+        """The counts of several engines (the ranks of an instance) together."""
+        total = SpecStats(parts[0].num_draft_tokens if parts else 0)
+        for part in parts:
+            total.verifications += part.verifications
+            total.accepted += part.accepted
+            total.accepted_at = [a + b for a, b in zip(total.accepted_at, part.accepted_at, strict=True)]
+        return total
 
     def summary(self) -> str:
         rates = ", ".join(f"{r:.3f}" for r in self.acceptance_rates)
