@@ -56,8 +56,10 @@ class EngineLoop:
 
     def health(self) -> tuple[bool, dict]:
         alloc = self.engine.allocator
+        spec = self.engine.stats.spec
         ranks = [{"rank": 0, "running": self.num_running, "waiting": self.num_waiting, "kv_used": alloc.num_used,
-                  "kv_total": alloc.num_blocks}]
+                  "kv_total": alloc.num_blocks, "spec_verifications": spec.verifications if spec else 0,
+                  "spec_accepted_at": list(spec.accepted_at) if spec else []}]
         return self._thread.is_alive(), {"status": "ok" if self._thread.is_alive() else "down",
                                          "engine_steps": self.steps,
                                          "instances": [{"name": "local", "role": "colocated", "up": True,

@@ -1,9 +1,10 @@
 """Prometheus metrics of the HTTP front (the one-process server or the PD router), one registry per app.
 
 Request metrics (TTFT, TPOT, outcomes, tokens) are observed by the HTTP handlers; instance gauges (queue
-lengths, KV usage, transfers by final state) are refreshed from the instances' heartbeats at each scrape,
-labelled by instance; transfer bytes and latency come from each finished request's prefill report. Every
-transfer series carries the backend that moved the bytes (backend="zmq" or "nixl")."""
+lengths, KV usage, transfers by final state, speculative decoding's acceptance) are refreshed from the
+instances' heartbeats at each scrape, labelled by instance; transfer bytes and latency come from each finished
+request's prefill report. Every transfer series carries the backend that moved the bytes (backend="zmq" or
+"nixl")."""
 
 from __future__ import annotations
 
@@ -43,6 +44,14 @@ class Metrics:
                                      labels, registry=r)
         self.eplb_bytes = Gauge("moe_pd_eplb_bytes_moved", "Expert weight bytes EPLB moved between ranks since "
                                 "start-up", labels, registry=r)
+        self.spec_verifications = Gauge("moe_pd_spec_verifications", "Speculative decoding: drafts verified "
+                                        "(one per request and step) since start-up", labels, registry=r)
+        self.spec_acceptance_length = Gauge("moe_pd_spec_mean_acceptance_length", "Speculative decoding: tokens a "
+                                            "verification emits on average (accepted drafts + 1)", labels,
+                                            registry=r)
+        self.spec_acceptance_rate = Gauge("moe_pd_spec_acceptance_rate", "Speculative decoding: share of "
+                                          "verifications that accepted the draft at this position (1 = first)",
+                                          [*labels, "position"], registry=r)
         self.retries = Counter("moe_pd_retries", "Request attempts run again (a failed transfer, a lost instance: "
                                "re-run or migrated with the tokens already streamed)", registry=r)
         self.reserved = Gauge("moe_pd_kv_reserved_requests", "Decode reservations waiting for their KV", labels,
@@ -75,6 +84,7 @@ class Metrics:
         self.reserved.labels(name, role).set(sum(x.get("reserved", 0) for x in ranks))
         self.in_transfer.labels(name, role).set(sum(x.get("in_transfer", 0) for x in ranks))
         self.kv_usage.labels(name, role).set(used / total if total else 0.0)
+        self._speculation(name, role, ranks)
         states: dict[tuple[str, str], int] = {}
         for rank in ranks:
             for state, count in rank.get("transfers", {}).items():
@@ -82,3 +92,14 @@ class Metrics:
                 states[key] = states.get(key, 0) + count
         for (backend, state), count in states.items():
             self.transfers.labels(name, role, backend, state).set(count)
+
+    def _speculation(self, name: str, role: str, ranks: list[dict]) -> None:
+        """Acceptance of the instance's ranks together (only instances that speculate report it)."""
+        verified = sum(x.get("spec_verifications", 0) for x in ranks)
+        accepted_at = [sum(col) for col in zip(*(x["spec_accepted_at"] for x in ranks if x.get("spec_accepted_at")))]
+        if not accepted_at:
+            return
+        self.spec_verifications.labels(name, role).set(verified)
+        self.spec_acceptance_length.labels(name, role).set(1 + sum(accepted_at) / verified if verified else 0.0)
+        for position, count in enumerate(accepted_at, 1):
+            self.spec_acceptance_rate.labels(name, role, str(position)).set(count / verified if verified else 0.0)

@@ -122,6 +122,10 @@ class RankLoad(msgspec.Struct, forbid_unknown_fields=True):
     failed, cancelled: aborted while on the wire)."""
     kv_backend: str = ""
     """The rank's KV transfer backend (zmq, nixl; '' on colocated ranks)."""
+    spec_verifications: int = 0
+    """Speculative decoding: drafts verified (one per request and step) since start-up."""
+    spec_accepted_at: list[int] = []
+    """Speculative decoding: per draft position, the verifications that accepted it, since start-up."""
 
 
 class EplbStatus(msgspec.Struct):

@@ -73,12 +73,14 @@ class Rank:
         """Everything counted from the engine's request table (engine.requests)."""
         requests, allocator = self.engine.requests, self.engine.allocator
         queued = sum(r.num_uncomputed for r in (*requests.waiting, *requests.running) if r.is_prefill)
+        spec = self.engine.stats.spec
         in_transfer = requests.count(State.RESERVED, State.FENCED, State.TRANSFERRING)
         return p.RankLoad(self.rank, allocator.num_used, allocator.num_blocks,
                           len(requests.running) + requests.count(State.RESERVED), len(requests.waiting), queued,
                           self.max_running, self.address, in_transfer, requests.cached_tokens, requests.aborted,
                           os.getpid(), reserved=requests.count(State.RESERVED), transfers=dict(requests.transfers),
-                          kv_backend=self.kv_backend)
+                          kv_backend=self.kv_backend, spec_verifications=spec.verifications if spec else 0,
+                          spec_accepted_at=list(spec.accepted_at) if spec else [])
 
     address = ""
     kv_backend = ""

@@ -122,3 +122,83 @@ def test_acceptance_statistics():
     assert (total.verifications, total.accepted, total.accepted_at) == (4, 6, [3, 2, 1])
     assert total.mean_acceptance_length == 2.5 and total.acceptance_rates == [0.75, 0.5, 0.25]
     assert "mean acceptance length 2.500" in total.summary()
+
+
+def test_pd_ships_the_mtp_rows_and_decode_speculates():
+    """Prefill (K = 2) runs the MTP layer over the prompt and ships its cache rows with the main layers'; decode
+    (K = 2) starts from them: the rows arrive unchanged, its tokens equal transformers' greedy ones (via K = 0)
+    and its drafts are accepted as often as a colocated engine's."""
+    import time
+
+    from moe_pd.engine.disagg import DecodeWorker, PrefillWorker
+    from moe_pd.kvcache.transfer.zmq_transport import KVSender
+
+    model = build_model(TRAINED, mtp=True)
+    prompts = [load_tokenizer(TRAINED).encode(t) for t in TEXTS]
+    kv = KVCacheConfig(block_size=16, num_blocks=64)
+    prefill = PrefillWorker(LLMEngine(model, kv, 8, 64, hold_finished_pages=True, num_draft_tokens=2),
+                            KVSender("prefill"), timeout_s=30)
+    decode = DecodeWorker(LLMEngine(model, kv, 8, 64, num_draft_tokens=2), timeout_s=30)
+    shipped, arrived = {}, {}
+    send, activate = prefill.sender.send, decode.engine.activate
+
+    def record_send(rid, address, kv_LPSW, pages, num_tokens, *args, **kw):
+        shipped[rid] = kv_LPSW[-1, pages].flatten(0, 1)[:num_tokens].clone()
+        return send(rid, address, kv_LPSW, pages, num_tokens, *args, **kw)
+
+    def record_activate(req, *args):
+        rows = decode.engine.cache.kv_LPSW[-1, req.block_table].flatten(0, 1)[: len(req.prompt_ids)]
+        arrived[req.request_id] = rows.clone()
+        return activate(req, *args)
+
+    prefill.sender.send, decode.engine.activate = record_send, record_activate
+    try:
+        for i, p in enumerate(prompts):
+            decode.reserve(str(i), p, 24, ignore_eos=True)
+            prefill.submit(str(i), p, decode.address)
+        streams = {}
+        deadline = time.monotonic() + 60
+        while (prefill.has_work or decode.has_work) and time.monotonic() < deadline:
+            prefill.step()
+            for out in decode.step():
+                streams.setdefault(out.request_id, []).extend(out.new_token_ids)
+            time.sleep(0.001)
+    finally:
+        prefill.sender.close()
+        decode.receiver.close()
+    plain, colocated = generate(model, prompts, 0, 24, block_size=16)[0], generate(model, prompts, 2, 24,
+                                                                                     block_size=16)[1]
+    assert [streams[str(i)] for i in range(len(prompts))] == plain
+    assert shipped.keys() == arrived.keys() == {str(i) for i in range(len(prompts))}
+    for rid, rows in shipped.items():
+        assert rows.abs().sum() > 0 and torch.equal(arrived[rid], rows), rid
+    spec = decode.engine.stats.spec
+    assert abs(spec.mean_acceptance_length - colocated.stats.spec.mean_acceptance_length) < 0.25, spec.summary()
+    assert decode.engine.allocator.num_used == 0 and prefill.engine.allocator.num_used == 0
+
+
+def test_ranks_report_acceptance_and_metrics_add_it_up(tiny):
+    import msgspec
+    from prometheus_client import generate_latest
+
+    from moe_pd.serve.metrics import Metrics
+    from moe_pd.serve.rank import Rank
+
+    engine = LLMEngine(tiny, KVCacheConfig(block_size=4, num_blocks=64), 8, 64, num_draft_tokens=2)
+    engine.add_request("a", PROMPTS[0], 6, ignore_eos=True)
+    while engine.has_work:
+        engine.step()
+    load = msgspec.to_builtins(Rank(engine, 0, 8).load())
+    assert load["spec_verifications"] == engine.stats.spec.verifications > 0
+    assert load["spec_accepted_at"] == engine.stats.spec.accepted_at
+    metrics = Metrics()
+    other = {**load, "rank": 1, "spec_verifications": 4, "spec_accepted_at": [3, 1]}
+    metrics.instance("decode@x", "decode", True, [{**load, "spec_verifications": 4, "spec_accepted_at": [2, 0]},
+                                                   other])
+    text = generate_latest(metrics.registry).decode()
+    assert 'moe_pd_spec_mean_acceptance_length{instance="decode@x",role="decode"} 1.75' in text
+    assert 'moe_pd_spec_acceptance_rate{instance="decode@x",position="1",role="decode"} 0.625' in text
+    assert 'moe_pd_spec_verifications{instance="decode@x",role="decode"} 8.0' in text
+    metrics.instance("prefill@y", "prefill", True, [{**load, "spec_verifications": 0, "spec_accepted_at": []}])
+    lines = generate_latest(metrics.registry).decode().splitlines()
+    assert not [line for line in lines if line.startswith("moe_pd_spec") and "prefill@y" in line]  # no drafts
