@@ -126,7 +126,7 @@ class PrefillWorker:
         req.transfer = transfer
         self.engine.requests.transition(req, State.TRANSFERRING)
         header = KVHeader(req.request_id, kv.shape[0], kv.shape[3], dtype_name(kv.dtype), len(req.prompt_ids),
-                          req.output_ids[0], getattr(self.sender, "name", ""), rng_bytes(req))
+                          req.output_ids[0], getattr(self.sender, "name", ""), rng_bytes(req), shipped_drafts(req))
         if self.drop_transfers > 0:
             self.drop_transfers -= 1
             log.warning("fault injection: KV transfer of %s dropped", req.request_id)
@@ -155,6 +155,12 @@ class PrefillWorker:
     def _result(req: Request, t: Transfer) -> PrefillResult:
         return PrefillResult(req.request_id, req.output_ids[0], t.state, t.detail, t.nbytes, t.latency_s,
                              req.logprobs, req.prompt_logprobs)
+
+
+def shipped_drafts(req: Request) -> list[int]:
+    """A greedy request's MTP drafts after its first token (decode verifies them at once); none for a sampled
+    one, whose drafts' distributions stay here (decode drafts anew in its first step)."""
+    return list(req.drafts) if req.draft_probs is None else []
 
 
 def rng_bytes(req: Request) -> bytes:
@@ -213,7 +219,8 @@ class DecodeWorker:
             if arrival.state is TransferState.DONE:
                 rng = arrival.header.rng_state
                 rng_state = torch.frombuffer(bytearray(rng), dtype=torch.uint8) if rng else None
-                outputs.append(self.engine.activate(req, arrival.header.first_token, rng_state))
+                outputs.append(self.engine.activate(req, arrival.header.first_token, rng_state,
+                                                    arrival.header.drafts))
                 continue
             reason = f"error: KV transfer {arrival.state.value}: {arrival.detail}"
             if arrival.quiet or fence_s == 0:

@@ -125,9 +125,10 @@ def test_acceptance_statistics():
 
 
 def test_pd_ships_the_mtp_rows_and_decode_speculates():
-    """Prefill (K = 2) runs the MTP layer over the prompt and ships its cache rows with the main layers'; decode
-    (K = 2) starts from them: the rows arrive unchanged, its tokens equal transformers' greedy ones (via K = 0)
-    and its drafts are accepted as often as a colocated engine's."""
+    """Prefill (K = 2) runs the MTP layer over the prompt and ships its cache rows with the main layers', and the
+    first drafts with the first token; decode (K = 2) verifies from its first step (it never runs a plain
+    decode): the rows arrive unchanged, its tokens equal K = 0's (which equal transformers') and its drafts are
+    accepted as often as a colocated engine's."""
     import time
 
     from moe_pd.engine.disagg import DecodeWorker, PrefillWorker
@@ -152,6 +153,9 @@ def test_pd_ships_the_mtp_rows_and_decode_speculates():
         return activate(req, *args)
 
     prefill.sender.send, decode.engine.activate = record_send, record_activate
+    plain_steps = []
+    plain = decode.engine.speculative._plain
+    decode.engine.speculative._plain = lambda items, emitted: (plain_steps.append(len(items)), plain(items, emitted))[1]
     try:
         for i, p in enumerate(prompts):
             decode.reserve(str(i), p, 24, ignore_eos=True)
@@ -172,6 +176,7 @@ def test_pd_ships_the_mtp_rows_and_decode_speculates():
     assert shipped.keys() == arrived.keys() == {str(i) for i in range(len(prompts))}
     for rid, rows in shipped.items():
         assert rows.abs().sum() > 0 and torch.equal(arrived[rid], rows), rid
+    assert plain_steps == []
     spec = decode.engine.stats.spec
     assert abs(spec.mean_acceptance_length - colocated.stats.spec.mean_acceptance_length) < 0.25, spec.summary()
     assert decode.engine.allocator.num_used == 0 and prefill.engine.allocator.num_used == 0

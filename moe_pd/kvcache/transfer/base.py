@@ -103,6 +103,9 @@ class KVHeader(msgspec.Struct, forbid_unknown_fields=True):
     sender: str = ""
     rng_state: bytes = b""
     """The request's sampling generator state after the first token (empty for greedy)."""
+    drafts: list[int] = []
+    """Speculative decoding: prefill's MTP drafts of the tokens after the first (greedy requests), which decode
+    verifies in its first step."""
 
     def shape(self) -> tuple[int, int, int]:
         return (self.num_layers, self.num_tokens, self.row_width)
