@@ -207,3 +207,11 @@ def test_ranks_report_acceptance_and_metrics_add_it_up(tiny):
     metrics.instance("prefill@y", "prefill", True, [{**load, "spec_verifications": 0, "spec_accepted_at": []}])
     lines = generate_latest(metrics.registry).decode().splitlines()
     assert not [line for line in lines if line.startswith("moe_pd_spec") and "prefill@y" in line]  # no drafts
+
+
+def test_verification_stops_at_the_context_end(tiny):
+    """Drafts past the context end are verified (their pages are held) but never emitted."""
+    prompt = [256] + [65] * (TINY.max_position_embeddings - 6)
+    want, _ = generate(tiny, [prompt], 0, 10, blocks=300)
+    got, engine = generate(tiny, [prompt], 3, 10, blocks=300)
+    assert got == want and len(got[0]) == 5 and engine.engine.stats.spec.verifications > 0
