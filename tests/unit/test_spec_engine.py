@@ -215,3 +215,26 @@ def test_verification_stops_at_the_context_end(tiny):
     want, _ = generate(tiny, [prompt], 0, 10, blocks=300)
     got, engine = generate(tiny, [prompt], 3, 10, blocks=300)
     assert got == want and len(got[0]) == 5 and engine.engine.stats.spec.verifications > 0
+
+
+def test_penalties_and_logprobs_decode_without_drafts(tiny):
+    """A request with a penalty or logprobs decodes one token a step (its tokens and logprobs as at K = 0)
+    while a plain one beside it verifies drafts."""
+    asks = {"pen": SamplingParams(frequency_penalty=0.7), "lp": SamplingParams(logprobs=2), "plain": SamplingParams()}
+    results = {}
+    for k in (0, 2):
+        engine = LLMEngine(tiny, KVCacheConfig(block_size=4, num_blocks=128), 8, 64, num_draft_tokens=k)
+        for rid, params in asks.items():
+            engine.add_request(rid, PROMPTS[0], 8, params, ignore_eos=True)
+        streams, lps = {}, {}
+        while engine.has_work:
+            for out in engine.step()[1]:
+                streams.setdefault(out.request_id, []).extend(out.new_token_ids)
+                lps.setdefault(out.request_id, []).extend(out.logprobs or [])
+        results[k] = streams, lps, engine
+    assert results[2][0] == results[0][0]
+    assert [lp.token for lp in results[2][1]["lp"]] == results[2][0]["lp"]
+    assert [(lp.token, round(lp.logprob, 5)) for lp in results[2][1]["lp"]] == \
+        [(lp.token, round(lp.logprob, 5)) for lp in results[0][1]["lp"]]
+    spec = results[2][2].stats.spec
+    assert 0 < spec.verifications <= 7  # the plain request's only (the others never verify)
