@@ -91,9 +91,14 @@ class MLA(nn.Module):
             shape = (batch.num_seqs, batch.max_query_len)
             out_BQHV = attend(q_nope_THN.unflatten(0, shape), q_pe_THR.unflatten(0, shape), kv_BLW, None)
             return self.o_proj(out_BQHV.flatten(0, 1).flatten(1))
-        # Pad the step's queries per sequence: [B, Q, ...]; row order of T is sequence-major.
         device = kv_BLW.device
         q_off_Q = torch.arange(batch.max_query_len, device=device)
+        if batch.verify:  # Q queries per sequence, rows sequence-major: causal over the cache, nothing to pad
+            shape = (batch.num_seqs, batch.max_query_len)
+            allowed_BQL = batch.cached("verify_mask", lambda: _verify_mask(batch, key_valid_BL))  # every layer's
+            out_BQHV = attend(q_nope_THN.unflatten(0, shape), q_pe_THR.unflatten(0, shape), kv_BLW, allowed_BQL)
+            return self.o_proj(out_BQHV.flatten(0, 1).flatten(1))
+        # Pad the step's queries per sequence: [B, Q, ...]; row order of T is sequence-major.
         q_valid_BQ = q_off_Q[None, :] < batch.query_lens_B[:, None]
         q_row_BQ = torch.where(q_valid_BQ, batch.query_starts_B[:, None] + q_off_Q[None, :], 0)
         q_pos_BQ = (batch.seq_lens_B - batch.query_lens_B)[:, None] + q_off_Q[None, :]
@@ -156,6 +161,14 @@ class MLA(nn.Module):
         out_latent_BXC = torch.bmm(probs_BXL, kv_BLW[..., :c])
         out_HMV = torch.bmm(out_latent_BXC.view(b * q, h, c).transpose(0, 1), w_uv_HVC.transpose(1, 2))
         return out_HMV.transpose(0, 1).reshape(b, q, h, -1)
+
+
+def _verify_mask(batch: AttentionBatch, key_valid_BL: torch.Tensor) -> torch.Tensor:
+    """Query q of a verification's Q per sequence sees the cached keys up to its own position."""
+    device = key_valid_BL.device
+    q_pos_BQ = (batch.seq_lens_B - batch.max_query_len)[:, None] + torch.arange(batch.max_query_len, device=device)
+    key_pos_L = torch.arange(key_valid_BL.shape[1], device=device)
+    return key_valid_BL[:, None, :] & (key_pos_L[None, None, :] <= q_pos_BQ[:, :, None])
 
 
 def _plain_causal(batch: AttentionBatch) -> bool:
