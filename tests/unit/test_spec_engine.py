@@ -196,6 +196,13 @@ def test_ranks_report_acceptance_and_metrics_add_it_up(tiny):
     load = msgspec.to_builtins(Rank(engine, 0, 8).load())
     assert load["spec_verifications"] == engine.stats.spec.verifications > 0
     assert load["spec_accepted_at"] == engine.stats.spec.accepted_at
+    from moe_pd.serve.engine_loop import EngineLoop
+
+    local = Metrics()
+    EngineLoop(engine).refresh(local)  # the one-process server's scrape
+    length = 1 + engine.stats.spec.accepted / engine.stats.spec.verifications
+    assert f'moe_pd_spec_mean_acceptance_length{{instance="local",role="colocated"}} {length}' in \
+        generate_latest(local.registry).decode()
     metrics = Metrics()
     other = {**load, "rank": 1, "spec_verifications": 4, "spec_accepted_at": [3, 1]}
     metrics.instance("decode@x", "decode", True, [{**load, "spec_verifications": 4, "spec_accepted_at": [2, 0]},
