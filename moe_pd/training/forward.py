@@ -20,11 +20,23 @@ from moe_pd.model.mtp import MTPLayer
 from moe_pd.model.transformer import DecoderLayer, DeepseekForCausalLM
 
 
+class _Positions:
+    """What MLA.project reads of an AttentionBatch: the rows' positions (and the per-step memo it shares
+    between layers, which a training forward does not need)."""
+
+    def __init__(self, positions_T: torch.Tensor) -> None:
+        self.positions_T = positions_T
+
+    @staticmethod
+    def cached(key: str, make):
+        return make()
+
+
 def attention(layer: DecoderLayer, x_BSD: torch.Tensor, positions_S: torch.Tensor) -> torch.Tensor:
     attn, cfg = layer.self_attn, layer.self_attn.cfg
     b, s, _ = x_BSD.shape
     h = cfg.num_attention_heads
-    q_nope, q_pe, latent, k_pe = attn.project(x_BSD.reshape(b * s, -1), positions_S.repeat(b))
+    q_nope, q_pe, latent, k_pe = attn.project(x_BSD.reshape(b * s, -1), _Positions(positions_S.repeat(b)))
     kv = attn.kv_b_proj(latent).view(b, s, h, cfg.qk_nope_head_dim + cfg.v_head_dim)
     k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
     q = torch.cat([q_nope, q_pe], dim=-1).view(b, s, h, cfg.qk_head_dim)
