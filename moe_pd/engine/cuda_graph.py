@@ -11,6 +11,10 @@ them) and take no expert row (MaskedLocalDispatcher skips them), so real sequenc
 MoE runs on the masked layout (no host synchronisation) and attention in the paged-cache decode kernel,
 so the model needs the Triton ops (runtime.kernels). Without CUDA (or with capture=False) `run` executes
 the same static-buffer forward eagerly: that is how the CPU tests check it, under Triton's interpreter.
+
+With `queries` = Q > 1 a runner holds speculative verification steps instead (K = Q - 1 drafts: Q tokens
+per sequence, AttentionBatch.verify, the decode kernel with Q queries); a padding sequence's Q tokens all
+write the scratch page's first row and attend to nothing.
 """
 
 from __future__ import annotations
@@ -37,19 +41,21 @@ def default_buckets(max_batch_size: int) -> list[int]:
 
 class DecodeGraphRunner:
     def __init__(self, model: DeepseekForCausalLM, cache: PagedLatentCache, max_batch_size: int, max_pages: int,
-                 scratch_page: int, buckets: list[int] | None = None) -> None:
+                 scratch_page: int, buckets: list[int] | None = None, queries: int = 1) -> None:
         if model.ops is None or not model.ops.has_mla_decode:
             raise ValueError("decode graphs need the Triton ops (runtime.kernels=triton or auto on CUDA)")
-        self.model, self.cache, self.scratch_page = model, cache, scratch_page
+        self.model, self.cache, self.scratch_page, self.queries = model, cache, scratch_page, queries
         self.buckets = sorted(set(buckets or default_buckets(max_batch_size)))
         device = cache.kv_LPSW.device
-        size = self.buckets[-1]
+        size, rows = self.buckets[-1], self.buckets[-1] * queries
         as_long = lambda *shape: torch.zeros(*shape, dtype=torch.int64, device=device)  # noqa: E731
-        self.ids_B, self.positions_B, self.slots_B = as_long(size), as_long(size), as_long(size)
+        # per token (B x Q rows): ids, positions, slots, valid; per sequence: tables, lengths, query lens, starts
+        self.ids_B, self.positions_B, self.slots_B = as_long(rows), as_long(rows), as_long(rows)
         self.tables_BM, self.seq_lens_B = as_long(size, max_pages), as_long(size)
-        self.ones_B, self.starts_B = torch.ones_like(self.seq_lens_B), torch.arange(size, device=device)
-        self.valid_B = torch.zeros(size, dtype=torch.bool, device=device)
-        self.dispatcher = MaskedLocalDispatcher(model.cfg.n_routed_experts, size, self.valid_B)
+        self.ones_B = torch.full_like(self.seq_lens_B, queries)
+        self.starts_B = torch.arange(size, device=device) * queries
+        self.valid_B = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.dispatcher = MaskedLocalDispatcher(model.cfg.n_routed_experts, rows, self.valid_B)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -58,7 +64,8 @@ class DecodeGraphRunner:
         return self.buckets[-1]
 
     def can_run(self, batch: AttentionBatch) -> bool:
-        return (batch.is_decode and batch.num_seqs <= self.max_batch_size
+        kind = batch.is_decode if self.queries == 1 else batch.verify and batch.max_query_len == self.queries
+        return (kind and batch.num_seqs <= self.max_batch_size
                 and batch.block_tables_BM.shape[1] <= self.tables_BM.shape[1])
 
     @contextlib.contextmanager
@@ -74,12 +81,13 @@ class DecodeGraphRunner:
                 moe.dispatcher = dispatcher
 
     def _forward(self, n: int) -> torch.Tensor:
-        batch = AttentionBatch(self.positions_B[:n], self.slots_B[:n], self.tables_BM[:n], self.seq_lens_B[:n],
-                               self.ones_B[:n], self.starts_B[:n], max_seq_len=0, max_query_len=1,
-                               block_size=self.cache.block_size)
-        self.dispatcher.capacity = n
+        q, t = self.queries, n * self.queries
+        batch = AttentionBatch(self.positions_B[:t], self.slots_B[:t], self.tables_BM[:n], self.seq_lens_B[:n],
+                               self.ones_B[:n], self.starts_B[:n], max_seq_len=0, max_query_len=q,
+                               block_size=self.cache.block_size, verify=q > 1)
+        self.dispatcher.capacity = t
         with self._masked_moe(), torch.inference_mode():
-            return self.model(self.ids_B[:n], batch, self.cache)
+            return self.model(self.ids_B[:t], batch, self.cache)
 
     def capture(self) -> None:
         """Warms every bucket up (Triton compiles and autotunes outside the graphs), then captures them
@@ -101,7 +109,8 @@ class DecodeGraphRunner:
                 self.outputs[n] = self._forward(n)
             self.graphs[n] = graph
         torch.cuda.synchronize()
-        log.info("captured %d decode graphs (batch %s) in %.1f s", len(self.graphs), self.buckets,
+        log.info("captured %d %s graphs (batch %s) in %.1f s", len(self.graphs),
+                 "decode" if self.queries == 1 else f"verification ({self.queries} queries)", self.buckets,
                  time.perf_counter() - t0)
 
     def _pad(self, start: int, end: int) -> None:
@@ -109,29 +118,32 @@ class DecodeGraphRunner:
         nothing (length 0: the decode kernel skips it) and routed to no expert."""
         if start >= end:
             return
-        self.ids_B[start:end] = 0
-        self.positions_B[start:end] = 0
-        self.slots_B[start:end] = self.scratch_page * self.cache.block_size
+        rows = slice(start * self.queries, end * self.queries)
+        self.ids_B[rows] = 0
+        self.positions_B[rows] = 0
+        self.slots_B[rows] = self.scratch_page * self.cache.block_size
         self.tables_BM[start:end] = self.scratch_page
         self.seq_lens_B[start:end] = 0
-        self.valid_B[start:end] = False
+        self.valid_B[rows] = False
 
     def run(self, ids_B: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        """Hidden states [B, D] of a decode step (replayed when captured, else run eagerly)."""
+        """Hidden states [B x Q, D] of a decode (or verification) step (replayed when captured, else run
+        eagerly)."""
         if not self.can_run(batch):
             raise ValueError(f"not a decode step this runner takes ({batch.num_seqs} sequences, "
                              f"{batch.block_tables_BM.shape[1]} pages wide)")
         n = batch.num_seqs
+        t = n * self.queries
         bucket = next(b for b in self.buckets if b >= n)
         width = batch.block_tables_BM.shape[1]
-        self.ids_B[:n] = ids_B
-        self.positions_B[:n] = batch.positions_T
-        self.slots_B[:n] = batch.slot_mapping_T
+        self.ids_B[:t] = ids_B
+        self.positions_B[:t] = batch.positions_T
+        self.slots_B[:t] = batch.slot_mapping_T
         self.tables_BM[:n, :width] = batch.block_tables_BM
         self.seq_lens_B[:n] = batch.seq_lens_B
-        self.valid_B[:n] = True
+        self.valid_B[:t] = True
         self._pad(n, bucket)
         if bucket in self.graphs:
             self.graphs[bucket].replay()
-            return self.outputs[bucket][:n]
-        return self._forward(bucket)[:n]
+            return self.outputs[bucket][:t]
+        return self._forward(bucket)[:t]

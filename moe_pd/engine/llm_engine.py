@@ -80,9 +80,10 @@ class LLMEngine:
                  decode_graphs: bool = False, num_draft_tokens: int = 0) -> None:
         """`hold_finished_pages`: a request that finished generating keeps its pages (PREFILLED) until it is
         shipped (a prefill instance). `decode_graphs`: decode steps run through a DecodeGraphRunner (CUDA
-        graphs on CUDA, the same static-buffer forward eagerly elsewhere); one process only, with the Triton
-        ops. `num_draft_tokens`: K of speculative decoding with the model's MTP layer (built with
-        build_model(mtp=True)); 0 is off."""
+        graphs on CUDA, the same static-buffer forward eagerly elsewhere), and with num_draft_tokens the
+        verification steps too (a second runner at K + 1 queries per sequence; the MTP layer's forwards run
+        eagerly); one process only, with the Triton ops. `num_draft_tokens`: K of speculative decoding with
+        the model's MTP layer (built with build_model(mtp=True)); 0 is off."""
         cfg = model.cfg
         self.model, self.device, self.sync, self.overlap = model, torch.device(device), sync, overlap
         self.max_context, self.eos = cfg.max_position_embeddings, cfg.eos_token_id
@@ -95,12 +96,17 @@ class LLMEngine:
         self.cache = PagedLatentCache(model.num_cache_layers, kv.num_blocks + decode_graphs, kv.block_size,
                                       cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=dtype, device=self.device)
         self.allocator = BlockManager(kv.num_blocks, kv.block_size, kv.prefix_cache)
-        self.graphs = None
+        self.graphs = self.verify_graphs = None
         if decode_graphs:
-            max_pages = self.allocator.blocks_for(self.max_context)
+            max_pages = self.allocator.blocks_for(self.max_context + 2 * num_draft_tokens)
             self.graphs = DecodeGraphRunner(model, self.cache, max_num_seqs, max_pages, scratch_page=kv.num_blocks)
+            if num_draft_tokens:  # verification steps at the static K, beside the decode steps of plain requests
+                self.verify_graphs = DecodeGraphRunner(model, self.cache, max_num_seqs, max_pages,
+                                                       scratch_page=kv.num_blocks, queries=num_draft_tokens + 1)
             if self.device.type == "cuda":
                 self.graphs.capture()
+                if self.verify_graphs is not None:
+                    self.verify_graphs.capture()
         self.scheduler = Scheduler(self.allocator, max_num_seqs, max_num_batched_tokens, self.max_context,
                                    hold_finished_pages, cfg.vocab_size, num_draft_tokens)
         self.requests = self.scheduler.requests
@@ -216,6 +222,8 @@ class LLMEngine:
         makes the same choice from the step's all-reduced maxima."""
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(ids_T, batch)
+        if self.verify_graphs is not None and self.verify_graphs.can_run(batch):
+            return self.verify_graphs.run(ids_T, batch)
         max_tokens, max_query_len = self._global
         if self.overlap is None or not self.overlap.enabled or max_tokens < self.overlap.min_tokens:
             return self.model(ids_T, batch, self.cache)

@@ -245,3 +245,27 @@ def test_penalties_and_logprobs_decode_without_drafts(tiny):
         [(lp.token, round(lp.logprob, 5)) for lp in results[0][1]["lp"]]
     spec = results[2][2].stats.spec
     assert 0 < spec.verifications <= 7  # the plain request's only (the others never verify)
+
+
+@pytest.mark.timeout(300)
+def test_verification_steps_through_the_graph_runner(tiny):
+    """decode_graphs with K = 2: verification steps take the static-buffer runner at 3 queries per sequence (the
+    forward CUDA graphs capture; eager here, under Triton's interpreter), padded to a bucket; tokens as K = 0."""
+    from moe_pd.model.ops import select_ops
+
+    prompts = PROMPTS[:3]
+    want, _ = generate(tiny, prompts, 0, 6)
+    tiny.use_ops(select_ops("triton", torch.device("cpu")))
+    try:
+        engine = OfflineEngine(tiny, KVCacheConfig(block_size=4, num_blocks=64), 4, num_draft_tokens=2,
+                               decode_graphs=True)
+        runner = engine.engine.verify_graphs
+        seen = []
+        run = runner.run
+        runner.run = lambda ids, batch: (seen.append(batch.num_seqs), run(ids, batch))[1]
+        got = engine.generate(prompts, SamplingConfig(max_new_tokens=6, ignore_eos=True))
+    finally:
+        tiny.use_ops(None)
+    assert [c.output_ids for c in got] == want
+    assert seen and seen[0] == 3 and runner.queries == 3  # 3 sequences in the bucket of 4: one padding slot
+    assert not runner.valid_B[9:12].any() and int(runner.seq_lens_B[3]) == 0
