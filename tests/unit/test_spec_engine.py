@@ -18,6 +18,7 @@ from moe_pd.engine.llm_engine import LLMEngine
 from moe_pd.engine.offline import OfflineEngine
 from moe_pd.engine.spec.engine_step import SpecStats
 from moe_pd.engine.tokenizer import load_tokenizer
+from moe_pd.kvcache.transfer.nixl_agent import nixl_available
 from moe_pd.model.loader import build_model
 
 TRAINED = resolve_model_config(ModelConfig(path=str(TINY_DSV3)))
@@ -124,7 +125,9 @@ def test_acceptance_statistics():
     assert "mean acceptance length 2.500" in total.summary()
 
 
-def test_pd_ships_the_mtp_rows_and_decode_speculates():
+@pytest.mark.parametrize("backend", ["zmq", pytest.param("nixl", marks=pytest.mark.skipif(
+    not nixl_available(), reason="NIXL is not installed"))])
+def test_pd_ships_the_mtp_rows_and_decode_speculates(backend):
     """Prefill (K = 2) runs the MTP layer over the prompt and ships its cache rows with the main layers', and the
     first drafts with the first token; decode (K = 2) verifies from its first step (it never runs a plain
     decode): the rows arrive unchanged, its tokens equal K = 0's (which equal transformers') and its drafts are
@@ -132,20 +135,24 @@ def test_pd_ships_the_mtp_rows_and_decode_speculates():
     import time
 
     from moe_pd.engine.disagg import DecodeWorker, PrefillWorker
-    from moe_pd.kvcache.transfer.zmq_transport import KVSender
+    from moe_pd.kvcache.transfer.select import make_receiver, make_sender
 
     model = build_model(TRAINED, mtp=True)
     prompts = [load_tokenizer(TRAINED).encode(t) for t in TEXTS]
-    kv = KVCacheConfig(block_size=16, num_blocks=64)
-    prefill = PrefillWorker(LLMEngine(model, kv, 8, 64, hold_finished_pages=True, num_draft_tokens=2),
-                            KVSender("prefill"), timeout_s=30)
-    decode = DecodeWorker(LLMEngine(model, kv, 8, 64, num_draft_tokens=2), timeout_s=30)
+    kv = KVCacheConfig(block_size=16, num_blocks=64, transfer=backend)
+    prefill_engine = LLMEngine(model, kv, 8, 64, hold_finished_pages=True, num_draft_tokens=2)
+    decode_engine = LLMEngine(model, kv, 8, 64, num_draft_tokens=2)
+    sender = make_sender(backend, kv, prefill_engine.cache.kv_LPSW, "prefill", timeout_s=30)
+    receiver = make_receiver(backend, kv, decode_engine.cache.kv_LPSW, "decode", timeout_s=0.5)
+    prefill = PrefillWorker(prefill_engine, sender, timeout_s=30)
+    decode = DecodeWorker(decode_engine, receiver, timeout_s=30)
     shipped, arrived = {}, {}
     send, activate = prefill.sender.send, decode.engine.activate
 
-    def record_send(rid, address, kv_LPSW, pages, num_tokens, *args, **kw):
-        shipped[rid] = kv_LPSW[-1, pages].flatten(0, 1)[:num_tokens].clone()
-        return send(rid, address, kv_LPSW, pages, num_tokens, *args, **kw)
+    def record_send(target, kv_LPSW, pages, header, *args):
+        shipped[header.request_id] = kv_LPSW[-1, pages].flatten(0, 1)[: header.num_tokens].clone()
+        assert len(header.drafts) == 2  # greedy: the first drafts travel with the first token
+        return send(target, kv_LPSW, pages, header, *args)
 
     def record_activate(req, *args):
         rows = decode.engine.cache.kv_LPSW[-1, req.block_table].flatten(0, 1)[: len(req.prompt_ids)]
@@ -158,8 +165,8 @@ def test_pd_ships_the_mtp_rows_and_decode_speculates():
     decode.engine.speculative._plain = lambda items, emitted: (plain_steps.append(len(items)), plain(items, emitted))[1]
     try:
         for i, p in enumerate(prompts):
-            decode.reserve(str(i), p, 24, ignore_eos=True)
-            prefill.submit(str(i), p, decode.address)
+            req = decode.reserve(str(i), p, 24, ignore_eos=True)
+            prefill.submit(str(i), p, decode.target(req))
         streams = {}
         deadline = time.monotonic() + 60
         while (prefill.has_work or decode.has_work) and time.monotonic() < deadline:
