@@ -93,7 +93,7 @@ class PrefillWorker:
         has work); None: when this rank has requests to run."""
         results = []
         requests = self.engine.requests
-        if self.engine.scheduler.running or self.engine.scheduler.waiting if run_engine is None else run_engine:
+        if self.engine.scheduler.has_runnable if run_engine is None else run_engine:
             for out in self.engine.step()[1]:
                 if out.finished and (out.finish_reason or "").startswith("error"):
                     results.append(PrefillResult(out.request_id, -1, TransferState.CANCELLED, error=out.finish_reason))
@@ -224,6 +224,6 @@ class DecodeWorker:
                 outputs.append(output(req, []))
         for req, _ in requests.expired(fence_s=fence_s):
             outputs.append(output(req, []))
-        if self.engine.scheduler.running or self.engine.scheduler.waiting if run_engine is None else run_engine:
+        if self.engine.scheduler.has_runnable if run_engine is None else run_engine:
             outputs += self.engine.step()[1]
         return outputs

@@ -6,6 +6,12 @@ forward over the paged latent cache (two interleaved micro-batches when overlap 
 chunk reached its sequence's end, each request with its own sampling parameters and generator. Under
 expert parallelism every rank runs its own engine on its own requests and the ranks step together
 (`StepSync`): an idle rank runs empty forwards so every MoE all-to-all stays paired.
+
+Below the device pages sit the KV tiers of the node (kvcache.host_tier_*, disk_tier_*; see
+docs/kv_tiers.md): the scheduler promotes prefixes found there, and the engine offers pages down, as they
+fill (write_through) or as the device evicts them (write_back, before the step that reuses them writes).
+Every full page is named by its chained tier key, so what the device cache stored and evicted can be
+reported to the routers (`cache_events`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from moe_pd.engine.cuda_graph import DecodeGraphRunner
 from moe_pd.engine.sampler import logprobs, sample
 from moe_pd.kvcache.block_manager import BlockManager
 from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
+from moe_pd.kvcache.tiers.build import build_tiers, model_identity
 from moe_pd.kvcache.transfer.base import KVTarget, Transfer
 from moe_pd.model.transformer import DeepseekForCausalLM
 from moe_pd.overlap.micro_batch import split_step
@@ -85,7 +92,14 @@ class LLMEngine:
         # With graphs, one page past the allocator's is the scratch page that padding slots write to.
         self.cache = PagedLatentCache(cfg.num_hidden_layers, kv.num_blocks + decode_graphs, kv.block_size,
                                       cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=dtype, device=self.device)
-        self.allocator = BlockManager(kv.num_blocks, kv.block_size, kv.prefix_cache)
+        self.identity = model_identity(cfg, self.cache)
+        self.allocator = BlockManager(kv.num_blocks, kv.block_size, kv.prefix_cache, self.identity.digest)
+        self.tiers = build_tiers(kv, self.identity, self.cache)
+        self.write_back = kv.tier_write_policy == "write_back"
+        self.report_cache_events = False
+        """Keep the device cache's stored / evicted keys for `take_cache_events` (the serving ranks do)."""
+        self._stored: list[bytes] = []
+        self._removed: list[bytes] = []
         self.graphs = None
         if decode_graphs:
             max_pages = self.allocator.blocks_for(self.max_context)
@@ -93,7 +107,8 @@ class LLMEngine:
             if self.device.type == "cuda":
                 self.graphs.capture()
         self.scheduler = Scheduler(self.allocator, max_num_seqs, max_num_batched_tokens, self.max_context,
-                                   hold_finished_pages, cfg.vocab_size)
+                                   hold_finished_pages, cfg.vocab_size, self.tiers)
+        self.scheduler.write_back = self.write_back
         self.requests = self.scheduler.requests
         """Every request of this engine: its state and what it holds (moe_pd.engine.core.table)."""
         self.stats = StepStats()
@@ -150,6 +165,7 @@ class LLMEngine:
         """Runs one step (an empty one when only other ranks have work). Returns (any rank had work,
         outputs of this rank's requests that got a token or ended)."""
         plan = self.scheduler.schedule()
+        self._offer(self.allocator.take_evicted() if self.write_back else ())  # before this step overwrites them
         outputs: list[RequestOutput] = []
         longest = max((s.num_new for s in plan.scheduled), default=0)
         if not self._sync_step(not plan.is_empty, plan.num_tokens, longest):
@@ -161,17 +177,49 @@ class LLMEngine:
         self.scheduler.update(plan, sampled, {r.request_id: "no token could be sampled (non-finite logits)"
                                               for r in failed})
         outputs += [output(req, []) for req in failed]
+        self._offer(self.allocator.take_new_pages() if not self.write_back else ())
         for item in plan.scheduled:
             token = sampled.get(item.seq.request_id)
             if token is not None:
                 outputs.append(output(item.seq, [token]))
         return True, outputs
 
+    # KV tiers ---------------------------------------------------------------------------------------------
+    def _offer(self, pages) -> None:
+        """Offers `pages` to the tiers; drops what the other policy's list gathered, and the cache events
+        nobody reads."""
+        self.allocator.take_new_pages() if self.write_back else self.allocator.take_evicted()
+        if self.tiers is not None and pages:
+            self.tiers.offer(pages)
+        stored, removed = self.allocator.take_events()
+        if self.report_cache_events:
+            self._stored += stored
+            self._removed += removed
+
+    def take_cache_events(self) -> tuple[list[bytes], list[bytes]]:
+        """(keys the device cache stored, keys it evicted) since the last call (report_cache_events)."""
+        out = self._stored, self._removed
+        self._stored, self._removed = [], []
+        return out
+
+    def tier_usage(self) -> dict:
+        """Per-process tier counters and the tiers' bytes and entries (empty without tiers)."""
+        if self.tiers is None:
+            return {}
+        return {**self.tiers.stats.snapshot(), "usage": self.tiers.usage()}
+
+    def close(self) -> None:
+        """Stops the tier thread (its queued writes done) and unmaps the DRAM pool."""
+        if self.tiers is not None:
+            self.tiers.close()
+            self.tiers = self.scheduler.tiers = None
+
     def _account(self, plan: StepPlan, elapsed: float) -> None:
         self.stats.steps += 1
         if any(s.num_new > 1 or not s.samples for s in plan.scheduled):
             self.stats.prefill_tokens += plan.num_tokens
             self.stats.prefill_s += elapsed
+            self.scheduler.cost.observe_prefill(plan.num_tokens, elapsed)
         elif plan.scheduled:
             self.stats.decode_tokens += plan.num_tokens
             self.stats.decode_s += elapsed

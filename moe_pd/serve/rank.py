@@ -37,8 +37,7 @@ class Rank:
     @property
     def busy(self) -> bool:
         """The engine has requests to run (every rank then steps, so collectives stay paired)."""
-        scheduler = self.engine.scheduler
-        return bool(scheduler.running or scheduler.waiting)
+        return self.engine.scheduler.has_runnable
 
     def apply(self, cmd: p.Command) -> list[p.Event]:
         try:

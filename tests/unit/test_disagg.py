@@ -28,7 +28,7 @@ def model():
 
 
 def make_workers(model, backend, prefill_block=4, decode_block=4, fence_s=FENCE_S):
-    prefill = LLMEngine(model, KVCacheConfig(block_size=prefill_block, num_blocks=256 // prefill_block), 8, 16,
+    prefill = LLMEngine(model, KVCacheConfig(block_size=prefill_block, num_blocks=256 // prefill_block, host_tier_gib=0), 8, 16,
                         hold_finished_pages=True)
     decode = LLMEngine(model, KVCacheConfig(block_size=decode_block, num_blocks=256 // decode_block), 8, 64)
     cfg = KVCacheConfig(transfer=backend)

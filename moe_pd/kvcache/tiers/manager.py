@@ -24,6 +24,7 @@ dropped (counted) rather than queued without bound; pages waiting for their disk
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import logging
@@ -31,6 +32,7 @@ import queue
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -58,6 +60,8 @@ class Promotion:
         self._event: torch.cuda.Event | None = None
         self._keep: list[torch.Tensor] = []  # staging buffers the copies read, alive until they finish
         self._result: int | None = None
+        self.seconds = 0.0
+        """From the start to the first wait() that found the copies done."""
         if not sources:
             self._done.set()
 
@@ -89,7 +93,8 @@ class Promotion:
             self._stats.add("promoted_pages", self.sources[:n].count(tier), tier=tier)
         self._stats.add("promotion_misses", len(self.sources) - n)
         self._stats.add("promotions")
-        self._stats.add("load_seconds", time.perf_counter() - self._started)
+        self.seconds = time.perf_counter() - self._started
+        self._stats.add("load_seconds", self.seconds)
         self._result = n
         return n
 
@@ -129,7 +134,7 @@ class TierManager:
         self._order = itertools.count()
         self._thread = threading.Thread(target=self._run, name="kv-tiers", daemon=True)
         self._thread.start()
-
+        atexit.register(_close_at_exit, weakref.ref(self))  # the last process out removes the DRAM pool
     @property
     def enabled(self) -> bool:
         return self.host is not None or self.disk is not None
@@ -353,6 +358,7 @@ class TierManager:
             self.host = None
         if self.disk is not None:
             self.disk.close()
+            self.disk = None
 
 
 def host_tier_bytes(gib: float, device_pool_bytes: int, local_ranks: int, path: str) -> int:
@@ -362,6 +368,15 @@ def host_tier_bytes(gib: float, device_pool_bytes: int, local_ranks: int, path: 
         return int(gib * (1 << 30))
     free = shutil.disk_usage(path or "/dev/shm").free
     return min(2 * device_pool_bytes * local_ranks, free // 2)
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+    manager = ref()
+    if manager is not None:
+        try:
+            manager.close()
+        except Exception:  # exiting anyway
+            log.exception("closing the KV tiers at exit failed")
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
