@@ -126,7 +126,8 @@ class PrefillWorker:
         req.transfer = transfer
         self.engine.requests.transition(req, State.TRANSFERRING)
         header = KVHeader(req.request_id, kv.shape[0], kv.shape[3], dtype_name(kv.dtype), len(req.prompt_ids),
-                          req.output_ids[0], getattr(self.sender, "name", ""), rng_bytes(req))
+                          req.output_ids[0], getattr(self.sender, "name", ""), rng_bytes(req),
+                          cached_tokens=req.num_cached_hit)
         if self.drop_transfers > 0:
             self.drop_transfers -= 1
             log.warning("fault injection: KV transfer of %s dropped", req.request_id)
@@ -213,6 +214,7 @@ class DecodeWorker:
             if arrival.state is TransferState.DONE:
                 rng = arrival.header.rng_state
                 rng_state = torch.frombuffer(bytearray(rng), dtype=torch.uint8) if rng else None
+                req.num_cached_hit = arrival.header.cached_tokens
                 outputs.append(self.engine.activate(req, arrival.header.first_token, rng_state))
                 continue
             reason = f"error: KV transfer {arrival.state.value}: {arrival.detail}"

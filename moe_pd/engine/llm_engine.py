@@ -53,6 +53,8 @@ class RequestOutput:
     """The new tokens' log-probabilities, when the request asked for them."""
     prompt_logprobs: list[Logprob | None] | None = None
     """With the request's first token: its prompt's log-probabilities, when it asked for them."""
+    cached_tokens: int | None = None
+    """With the request's first token: its prompt tokens served from a cache (device pages or a tier)."""
 
 
 def output(req: Request, tokens: list[int]) -> RequestOutput:
@@ -61,8 +63,9 @@ def output(req: Request, tokens: list[int]) -> RequestOutput:
     if req.logprobs is not None and tokens:  # aligned to output_ids' tail (decode lacks prefill's first token's)
         offset = len(req.output_ids) - len(req.logprobs)
         lp = req.logprobs[max(0, len(req.output_ids) - len(tokens) - offset):]
-    first = req.prompt_logprobs if len(req.output_ids) == len(tokens) and tokens else None
-    return RequestOutput(req.request_id, tokens, req.finished, req.finish_reason, state, req.listener, lp, first)
+    first = len(req.output_ids) == len(tokens) and bool(tokens)
+    return RequestOutput(req.request_id, tokens, req.finished, req.finish_reason, state, req.listener, lp,
+                         req.prompt_logprobs if first else None, req.num_cached_hit if first else None)
 
 
 @dataclass
@@ -206,7 +209,9 @@ class LLMEngine:
         """Per-process tier counters and the tiers' bytes and entries (empty without tiers)."""
         if self.tiers is None:
             return {}
-        return {**self.tiers.stats.snapshot(), "usage": self.tiers.usage()}
+        disk = self.tiers.disk
+        return {**self.tiers.stats.snapshot(), "corrupt": disk.counters.corrupt if disk else 0,
+                "usage": self.tiers.usage()}
 
     def close(self) -> None:
         """Stops the tier thread (its queued writes done) and unmaps the DRAM pool."""

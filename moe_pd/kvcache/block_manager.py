@@ -176,6 +176,8 @@ class BlockManager:
                 if page.hash is not None and self._by_hash.get(page.hash) == page_id:
                     self._evictable[page_id] = None
                 else:
+                    if page.entry is not None:  # a duplicate of a cached page: its stored event ends here
+                        self._removed.append(page.entry[0])
                     self.pages[page_id] = Page()
                     self._free.append(page_id)
         table.clear()

@@ -13,9 +13,12 @@ import queue
 import threading
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from moe_pd.engine.core.request import InvalidRequest
 from moe_pd.engine.llm_engine import LLMEngine
 from moe_pd.serve.backend import Chunk, Job, Stream
+from moe_pd.serve.rank import tier_figures
 
 if TYPE_CHECKING:
     from moe_pd.serve.metrics import Metrics
@@ -57,7 +60,7 @@ class EngineLoop:
     def health(self) -> tuple[bool, dict]:
         alloc = self.engine.allocator
         ranks = [{"rank": 0, "running": self.num_running, "waiting": self.num_waiting, "kv_used": alloc.num_used,
-                  "kv_total": alloc.num_blocks}]
+                  "kv_total": alloc.num_blocks, "tiers": msgspec.to_builtins(tier_figures(self.engine))}]
         return self._thread.is_alive(), {"status": "ok" if self._thread.is_alive() else "down",
                                          "engine_steps": self.steps,
                                          "instances": [{"name": "local", "role": "colocated", "up": True,
@@ -114,4 +117,4 @@ class EngineLoop:
                     self._push(out.listener, RuntimeError(reason))
                     continue
                 self._push(out.listener, Chunk(out.new_token_ids, out.finished, out.finish_reason, out.logprobs,
-                                               out.prompt_logprobs))
+                                               out.prompt_logprobs, out.cached_tokens))

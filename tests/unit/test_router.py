@@ -24,7 +24,7 @@ class Fake:
 
     def __init__(self, backend, address: str, role: str, free_pages: int = 100) -> None:
         self.backend, self.address, self.role, self.free_pages = backend, address, role, free_pages
-        self.up, self.queued_tokens, self.block_size, self.draining = True, 0, 16, False
+        self.up, self.queued_tokens, self.block_size, self.draining, self.status = True, 0, 16, False, None
         self.status_at, self.refused_at, self.rank_room = 0.5, 0.0, 10**6
         self.sent: list[p.Message] = []
         self.script = lambda instance, msg: []

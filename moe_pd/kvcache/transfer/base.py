@@ -103,6 +103,8 @@ class KVHeader(msgspec.Struct, forbid_unknown_fields=True):
     sender: str = ""
     rng_state: bytes = b""
     """The request's sampling generator state after the first token (empty for greedy)."""
+    cached_tokens: int = 0
+    """Prompt tokens prefill served from a cache (device pages or a KV tier): decode reports them in usage."""
 
     def shape(self) -> tuple[int, int, int]:
         return (self.num_layers, self.num_tokens, self.row_width)
