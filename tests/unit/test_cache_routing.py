@@ -83,8 +83,8 @@ class Client:
 
     def __init__(self, address, role="prefill", dram="", queued=0):
         self.address, self.role, self.up, self.queued_tokens = address, role, True, queued
-        self.status = p.Status(p.PROTOCOL_VERSION, address, role, BS, [], None, ROOT,
-                               {"dram": dram} if dram else {})
+        self.status = p.Status(p.PROTOCOL_VERSION, address, role, BS, cache_root=ROOT,
+                               tier_domains={"dram": dram} if dram else {})
 
 
 def router(*clients):
@@ -97,16 +97,16 @@ def test_router_routes_by_the_reported_device_pages_and_node_tiers_not_by_what_i
     a, b, c = Client("a", dram="node1:/pool"), Client("b", dram="node1:/pool"), Client("c", dram="node2:/pool")
     backend = router(a, b, c)
     try:
-        assert backend._pick_prefill(PROMPT) is a  # nothing known: shortest queue, then the name
+        assert backend.pick_prefill(backend.prefill, PROMPT) is a  # nothing known: shortest queue, then the name
         assert backend.cached_prefix(PROMPT, [a, b, c]) == {"a": 0, "b": 0, "c": 0}  # sending taught it nothing
         backend._on_message(c, p.Cached([p.CacheEvents("device", keys(n=6))]))
-        assert backend._pick_prefill(PROMPT) is c
+        assert backend.pick_prefill(backend.prefill, PROMPT) is c
         # node1's DRAM holds the whole prefix: both instances on that node reach it
         backend._on_message(a, p.Cached([p.CacheEvents("dram", keys())]))
         assert backend.cached_prefix(PROMPT, [a, b, c]) == {"a": 28, "b": 28, "c": 24}
         b.queued_tokens = 0
         a.queued_tokens = 500
-        assert backend._pick_prefill(PROMPT) is b  # as long a prefix, shorter queue
+        assert backend.pick_prefill(backend.prefill, PROMPT) is b  # as long a prefix, shorter queue
         backend._on_message(b, p.Cached([p.CacheEvents("dram", [], keys()[1:])]))  # node1's pool evicted them
         assert backend.cached_prefix(PROMPT, [a, b, c]) == {"a": 4, "b": 4, "c": 24}
         backend._on_down(c)  # a restarted instance's device pages are gone

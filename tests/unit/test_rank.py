@@ -52,6 +52,6 @@ def test_a_ranks_load_travels_in_its_report():
     from moe_pd.kvcache.block_manager import BlockManager
 
     allocator = BlockManager(8, 4)
-    engine = SimpleNamespace(requests=RequestTable(allocator, 64), allocator=allocator)
+    engine = SimpleNamespace(requests=RequestTable(allocator, 64), allocator=allocator, tier_usage=dict)
     report = p.RankReport(3, ColocatedRank(engine, 3, 8).load())
     assert p.decode_report(p.encode(report), 3) == report and report.load.reserved == 0
