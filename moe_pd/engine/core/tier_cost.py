@@ -11,8 +11,8 @@ recomputing a prefix does not add to. The priors only decide the first admission
 A promoting request joins the step after the one that admitted it (its copies run during that step); a
 recompute would have lengthened that step for every request in it instead.
 
-The same arithmetic decides a cross-node prefix fetch (moe_pd.kvcache.tiers.remote): bytes over the link
-against prefill FLOPs, here both as measured seconds.
+The same arithmetic is meant to decide a cross-node prefix fetch (bytes over the link against prefill
+FLOPs, both as measured seconds; the "remote" prior); that fetch is not built yet (docs/kv_tiers.md).
 """
 
 from __future__ import annotations

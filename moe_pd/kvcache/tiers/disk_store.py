@@ -199,6 +199,19 @@ class DiskStore:
         self.counters.written += 1
         return True
 
+    def keys(self, limit: int = 1_000_000) -> list[bytes]:
+        """Keys of this model's entries on disk (at most `limit`), e.g. what a restarted process reports to
+        the routers before it wrote anything."""
+        out: list[bytes] = []
+        for sub in sorted(os.listdir(self.dir)):
+            path = os.path.join(self.dir, sub)
+            if not os.path.isdir(path):
+                continue
+            out += [_key_of(name) for name in os.listdir(path) if name.endswith(".kv")][: limit - len(out)]
+            if len(out) >= limit:
+                break
+        return out
+
     # capacity -------------------------------------------------------------------------------------------
     def _scan_and_evict(self, need: int) -> tuple[int, int]:
         """Under the lock: counts every entry of the directory (all models), removes stale temporary files,

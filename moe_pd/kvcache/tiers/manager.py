@@ -83,7 +83,9 @@ class TierManager:
         # pages waiting for disk stay held in DRAM: at most half the pool
         self.max_disk_backlog = min(max_disk_backlog, num_slots // 2) if num_slots > 0 else max_disk_backlog
         self._backlog = 0
-        self._stored: dict[str, deque[bytes]] = {"dram": deque(), "disk": deque()}
+        self._stored: dict[str, deque[bytes]] = {"dram": deque(), "disk": deque(self.disk.keys() if self.disk else ())}
+        """Keys written since the last take_events; at start, what the disk already holds (a restart's routers
+        learn it from the first report)."""
         host_name = socket.gethostname()
         self.domains = {"dram": f"{host_name}:{self.host.path}" if self.host else "",
                         "disk": f"{host_name}:{os.path.realpath(self.disk.dir)}" if self.disk else ""}
