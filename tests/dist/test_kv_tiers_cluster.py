@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers.cluster import Cluster, complete, run
+from helpers.cluster import Cluster, complete, run, stream
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(600)]
 
@@ -60,6 +60,10 @@ def test_revisits_hit_the_node_dram_tier_with_the_cold_runs_tokens(tmp_path):
         # at least half from DRAM: the prefill ranks' 32 device pages hold at most 4 of the 8 prompts
         served = sum(c for _, c in again)
         assert hits(cluster, "dram", served / 2) >= served / 2
+        # streaming says it too, in the usage chunk that include_usage adds before [DONE]
+        events = run(stream(cluster.url, {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0, "stream": True,
+                                          "stream_options": {"include_usage": True}}))
+        assert events[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0.9 * (len(PROMPTS[0]) - 1) // BS * BS
     finally:
         cluster.stop()
 
