@@ -154,7 +154,7 @@ def main() -> int:
                              "real arrival rates); --no-drain replays as fast as the CPU allows")
     parser.add_argument("--engine", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the workload through the engine (TTFT, throughput)")
-    parser.add_argument("--engine-sessions", type=int, default=24)
+    parser.add_argument("--engine-sessions", type=int, default=32)
     parser.add_argument("--engine-turns", type=int, default=4)
     parser.add_argument("--engine-device-pages", type=int, default=40)
     parser.add_argument("--engine-dram-pages", type=int, default=160)
