@@ -165,3 +165,6 @@ def test_cost_model_loads_only_the_pages_that_save_time():
     assert cost.seconds_per_token == pytest.approx(1e-4)
     cost.observe_load(["dram"], 1e-3)  # ten times the prediction
     assert cost.seconds_per_page["dram"] == pytest.approx(1e-4 * (0.8 + 0.2 * 10))
+    cost.seconds_per_page["disk"] = 1.0  # one slow measurement: declined, but re-measured now and then
+    taken = [cost.pages_worth_loading(["disk"] * 2, 16) for _ in range(2 * cost.probe_every)]
+    assert taken == ([0] * (cost.probe_every - 1) + [2]) * 2

@@ -3,10 +3,11 @@
 A page found in host DRAM or on disk is worth promoting only when copying it up takes less time than
 prefilling its tokens again, so that a tier hit never costs more than a recompute. Both rates are measured
 as the engine runs, with exponential forgetting: seconds per promoted page by the tier it came from (from
-a promotion's start to the step that finds it done, so queueing behind other promotions counts), and the
+a promotion's start to the end of its copies, so queueing behind other promotions counts), and the
 marginal prefill seconds per token, the slope of a least-squares line through the prefill steps' (tokens,
 seconds): a step has a fixed cost (launches, the decodes beside it, the all-to-all's latency) that
-recomputing a prefix does not add to. The priors only decide the first admissions.
+recomputing a prefix does not add to. The priors only decide the first admissions; a tier whose loads
+are declined is still loaded once every `probe_every` declines, so its estimate follows the machine.
 
 A promoting request joins the step after the one that admitted it (its copies run during that step); a
 recompute would have lengthened that step for every request in it instead.
@@ -32,6 +33,10 @@ class LoadOrCompute:
     """Measured prefill seconds per token."""
     alpha: float = 0.2
     """Weight of the newest observation in the moving averages."""
+    probe_every: int = 8
+    """Every this many declined loads, one is taken anyway: a tier's estimate comes only from loads, so
+    without probes one slow measurement (a loaded machine) would keep it declined for good."""
+    _declined: int = 0
     _moments: tuple[float, float, float, float] | None = None
     """Moving means of tokens, seconds, tokens^2 and tokens x seconds over the prefill steps."""
 
@@ -48,6 +53,11 @@ class LoadOrCompute:
             saved = (i + 1) * block_size * self.seconds_per_token - load
             if saved > best:
                 best, best_k = saved, i + 1
+        if best_k == 0 and sources:
+            self._declined += 1
+            if self._declined >= self.probe_every:  # re-measure
+                self._declined = 0
+                return len(sources)
         return best_k
 
     def observe_load(self, sources: Sequence[str], seconds: float) -> None:

@@ -255,6 +255,7 @@ class TierManager:
                     promotion._event = torch.cuda.Event()
                     promotion._event.record(self.stream)
         finally:
+            promotion.copies_ended = time.perf_counter()  # CUDA: issued (the event says when they land)
             promotion._done.set()
 
     def _source(self, promotion: Promotion, i: int, entry: Entry) -> torch.Tensor | None:

@@ -26,7 +26,10 @@ class Promotion:
         self._keep: list[torch.Tensor] = []  # staging buffers the copies read, alive until they finish
         self._result: int | None = None
         self.seconds = 0.0
-        """From the start to the first wait() that found the copies done."""
+        """From the start to the end of the copies (set by wait()); queueing behind other promotions counts,
+        the time until a step looked does not."""
+        self.copies_ended: float | None = None
+        """When the tier thread finished (perf_counter)."""
         if not sources:
             self._done.set()
 
@@ -58,7 +61,7 @@ class Promotion:
             self._stats.add("promoted_pages", self.sources[:n].count(tier), tier=tier)
         self._stats.add("promotion_misses", len(self.sources) - n)
         self._stats.add("promotions")
-        self.seconds = time.perf_counter() - self._started
+        self.seconds = (self.copies_ended or time.perf_counter()) - self._started
         self._stats.add("load_seconds", self.seconds)
         self._result = n
         return n
