@@ -163,6 +163,10 @@ def test_cost_model_loads_only_the_pages_that_save_time():
     assert cost.seconds_per_token == pytest.approx(1.1e-3)
     cost.observe_prefill(1000, 0.2)  # a fixed 0.1 s a step plus 0.1 ms a token: the slope
     assert cost.seconds_per_token == pytest.approx(1e-4)
+    noisy = LoadOrCompute()
+    noisy.observe_prefill(100, 0.1)
+    noisy.observe_prefill(1000, 0.1001)  # ten times the tokens in the same time: never under a tenth of the mean
+    assert noisy.seconds_per_token == pytest.approx(0.1 * noisy._moments[1] / noisy._moments[0])
     cost.observe_load(["dram"], 1e-3)  # ten times the prediction
     assert cost.seconds_per_page["dram"] == pytest.approx(1e-4 * (0.8 + 0.2 * 10))
     cost.seconds_per_page["disk"] = 1.0  # one slow measurement: declined, but re-measured now and then

@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+MIN_MARGINAL_SHARE = 0.1
+"""The marginal prefill seconds per token are at least this share of the mean seconds per token."""
 PRIOR_SECONDS_PER_PAGE = {"dram": 1e-4, "disk": 1e-3, "remote": 2e-3}
 """Before any measurement: a DRAM page ~0.1 ms, a disk page ~1 ms, a page from another node ~2 ms."""
 
@@ -81,4 +83,6 @@ class LoadOrCompute:
         n, s, nn, ns = m
         spread = nn - n * n
         slope = (ns - n * s) / spread if spread > 0.01 * n * n else 0.0
-        self.seconds_per_token = slope if slope > 0 else s / n
+        # a fit over a few noisy steps can put the slope near zero; a token never costs less than a tenth
+        # of the mean (a step is not 90% fixed cost), so noise does not decline loads 10-100x cheaper
+        self.seconds_per_token = max(slope, MIN_MARGINAL_SHARE * s / n) if slope > 0 else s / n
