@@ -2,8 +2,9 @@
 
 Request metrics (TTFT, TPOT, outcomes, tokens) are observed by the HTTP handlers; instance gauges (queue
 lengths, KV usage, transfers by final state, the KV cache tiers' figures) are refreshed from the instances'
-heartbeats at each scrape, labelled by instance; transfer bytes and latency come from each finished request's prefill report. Every
-transfer series carries the backend that moved the bytes (backend="zmq" or "nixl")."""
+heartbeats at each scrape, labelled by instance; transfer bytes and latency come from each finished
+request's prefill report. Every transfer series carries the backend that moved the bytes (backend="zmq" or
+"nixl")."""
 
 from __future__ import annotations
 

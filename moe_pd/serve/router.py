@@ -143,7 +143,7 @@ class ClusterBackend:
     # choosing instances (the flows ask) ---------------------------------------------------------------------
     @property
     def block_size(self) -> int:
-        """The prefill instances' page size (the prefix index hashes their pages)."""
+        """The prefill instances' page size (Reserve counts pages in each decode instance's own)."""
         return next((i.block_size for i in self.prefill if i.up), 64)
 
     @staticmethod
