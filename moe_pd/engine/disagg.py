@@ -93,7 +93,7 @@ class PrefillWorker:
         has work); None: when this rank has requests to run."""
         results = []
         requests = self.engine.requests
-        if self.engine.scheduler.running or self.engine.scheduler.waiting if run_engine is None else run_engine:
+        if self.engine.scheduler.has_runnable if run_engine is None else run_engine:
             for out in self.engine.step()[1]:
                 if out.finished and (out.finish_reason or "").startswith("error"):
                     results.append(PrefillResult(out.request_id, -1, TransferState.CANCELLED, error=out.finish_reason))
@@ -126,7 +126,8 @@ class PrefillWorker:
         req.transfer = transfer
         self.engine.requests.transition(req, State.TRANSFERRING)
         header = KVHeader(req.request_id, kv.shape[0], kv.shape[3], dtype_name(kv.dtype), len(req.prompt_ids),
-                          req.output_ids[0], getattr(self.sender, "name", ""), rng_bytes(req), shipped_drafts(req))
+                          req.output_ids[0], getattr(self.sender, "name", ""), rng_bytes(req), shipped_drafts(req),
+                          cached_tokens=req.num_cached_hit)
         if self.drop_transfers > 0:
             self.drop_transfers -= 1
             log.warning("fault injection: KV transfer of %s dropped", req.request_id)
@@ -219,6 +220,7 @@ class DecodeWorker:
             if arrival.state is TransferState.DONE:
                 rng = arrival.header.rng_state
                 rng_state = torch.frombuffer(bytearray(rng), dtype=torch.uint8) if rng else None
+                req.num_cached_hit = arrival.header.cached_tokens
                 outputs.append(self.engine.activate(req, arrival.header.first_token, rng_state,
                                                     arrival.header.drafts))
                 continue
@@ -231,6 +233,6 @@ class DecodeWorker:
                 outputs.append(output(req, []))
         for req, _ in requests.expired(fence_s=fence_s):
             outputs.append(output(req, []))
-        if self.engine.scheduler.running or self.engine.scheduler.waiting if run_engine is None else run_engine:
+        if self.engine.scheduler.has_runnable if run_engine is None else run_engine:
             outputs += self.engine.step()[1]
         return outputs

@@ -8,6 +8,12 @@ expert parallelism every rank runs its own engine on its own requests and the ra
 (`StepSync`): an idle rank runs empty forwards so every MoE all-to-all stays paired. With
 `num_draft_tokens` = K > 0 the checkpoint's MTP layer drafts K tokens per decoding request and a step
 verifies them (moe_pd.engine.spec.engine_step): greedy output is unchanged, sampling keeps its distribution.
+
+Below the device pages sit the KV tiers of the node (kvcache.host_tier_*, disk_tier_*; see
+docs/kv_tiers.md): the scheduler promotes prefixes found there, and the engine offers pages down, as they
+fill (write_through) or as the device evicts them (write_back, before the step that reuses them writes).
+Every full page is named by its chained tier key, so what the device cache stored and evicted can be
+reported to the routers (`cache_events`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from moe_pd.engine.spec.engine_step import SpecStats, SpeculativeStep
 from moe_pd.engine.spec.mtp_step import MTPSpeculator
 from moe_pd.kvcache.block_manager import BlockManager
 from moe_pd.kvcache.paged import AttentionBatch, PagedLatentCache
+from moe_pd.kvcache.tiers.build import build_tiers, model_identity
 from moe_pd.kvcache.transfer.base import KVTarget, Transfer
 from moe_pd.model.transformer import DeepseekForCausalLM
 from moe_pd.overlap.micro_batch import split_step
@@ -50,6 +57,8 @@ class RequestOutput:
     """The new tokens' log-probabilities, when the request asked for them."""
     prompt_logprobs: list[Logprob | None] | None = None
     """With the request's first token: its prompt's log-probabilities, when it asked for them."""
+    cached_tokens: int | None = None
+    """With the request's first token: its prompt tokens served from a cache (device pages or a tier)."""
 
 
 def output(req: Request, tokens: list[int]) -> RequestOutput:
@@ -58,8 +67,9 @@ def output(req: Request, tokens: list[int]) -> RequestOutput:
     if req.logprobs is not None and tokens:  # aligned to output_ids' tail (decode lacks prefill's first token's)
         offset = len(req.output_ids) - len(req.logprobs)
         lp = req.logprobs[max(0, len(req.output_ids) - len(tokens) - offset):]
-    first = req.prompt_logprobs if len(req.output_ids) == len(tokens) and tokens else None
-    return RequestOutput(req.request_id, tokens, req.finished, req.finish_reason, state, req.listener, lp, first)
+    first = len(req.output_ids) == len(tokens) and bool(tokens)
+    return RequestOutput(req.request_id, tokens, req.finished, req.finish_reason, state, req.listener, lp,
+                         req.prompt_logprobs if first else None, req.num_cached_hit if first else None)
 
 
 @dataclass
@@ -95,7 +105,14 @@ class LLMEngine:
             raise ValueError("speculative decoding needs the model's MTP layer: build_model(mtp=True)")
         self.cache = PagedLatentCache(model.num_cache_layers, kv.num_blocks + decode_graphs, kv.block_size,
                                       cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=dtype, device=self.device)
-        self.allocator = BlockManager(kv.num_blocks, kv.block_size, kv.prefix_cache)
+        self.identity = model_identity(cfg, self.cache)
+        self.allocator = BlockManager(kv.num_blocks, kv.block_size, kv.prefix_cache, self.identity.digest)
+        self.tiers = build_tiers(kv, self.identity, self.cache)
+        self.write_back = kv.tier_write_policy == "write_back"
+        self.report_cache_events = False
+        """Keep the device cache's stored / evicted keys for `take_cache_events` (the serving ranks do)."""
+        self._stored: list[bytes] = []
+        self._removed: list[bytes] = []
         self.graphs = self.verify_graphs = None
         if decode_graphs:
             max_pages = self.allocator.blocks_for(self.max_context + 2 * num_draft_tokens)
@@ -108,7 +125,8 @@ class LLMEngine:
                 if self.verify_graphs is not None:
                     self.verify_graphs.capture()
         self.scheduler = Scheduler(self.allocator, max_num_seqs, max_num_batched_tokens, self.max_context,
-                                   hold_finished_pages, cfg.vocab_size, num_draft_tokens)
+                                   hold_finished_pages, cfg.vocab_size, self.tiers, num_draft_tokens)
+        self.scheduler.write_back = self.write_back
         self.requests = self.scheduler.requests
         """Every request of this engine: its state and what it holds (moe_pd.engine.core.table)."""
         self.stats = StepStats()
@@ -175,6 +193,7 @@ class LLMEngine:
         """Runs one step (an empty one when only other ranks have work). Returns (any rank had work,
         outputs of this rank's requests that got a token or ended)."""
         plan = self.scheduler.schedule()
+        self._offer(self.allocator.take_evicted() if self.write_back else ())  # before this step overwrites them
         outputs: list[RequestOutput] = []
         # a verification counts its drafts as tokens (the padded all-to-all must hold them) but as one query,
         # so a step of decodes and verifications overlaps with the decode schedule
@@ -189,6 +208,7 @@ class LLMEngine:
         self.scheduler.update(plan, sampled, {r.request_id: "no token could be sampled (non-finite logits)"
                                               for r in failed})
         outputs += [output(req, []) for req in failed]
+        self._offer(self.allocator.take_new_pages() if not self.write_back else ())
         emitted = 0
         for item in plan.scheduled:
             if item.seq.request_id in sampled:  # the tokens it kept (a verification stops at a stop token)
@@ -198,6 +218,38 @@ class LLMEngine:
         self._account(plan, prefill, time.perf_counter() - t0, emitted)
         return True, outputs
 
+    # KV tiers ---------------------------------------------------------------------------------------------
+    def _offer(self, pages) -> None:
+        """Offers `pages` to the tiers; drops what the other policy's list gathered, and the cache events
+        nobody reads."""
+        self.allocator.take_new_pages() if self.write_back else self.allocator.take_evicted()
+        if self.tiers is not None and pages:
+            self.tiers.offer(pages)
+        stored, removed = self.allocator.take_events()
+        if self.report_cache_events:
+            self._stored += stored
+            self._removed += removed
+
+    def take_cache_events(self) -> tuple[list[bytes], list[bytes]]:
+        """(keys the device cache stored, keys it evicted) since the last call (report_cache_events)."""
+        out = self._stored, self._removed
+        self._stored, self._removed = [], []
+        return out
+
+    def tier_usage(self) -> dict:
+        """Per-process tier counters and the tiers' bytes and entries (empty without tiers)."""
+        if self.tiers is None:
+            return {}
+        disk = self.tiers.disk
+        return {**self.tiers.stats.snapshot(), "corrupt": disk.counters.corrupt if disk else 0,
+                "usage": self.tiers.usage()}
+
+    def close(self) -> None:
+        """Stops the tier thread (its queued writes done) and unmaps the DRAM pool."""
+        if self.tiers is not None:
+            self.tiers.close()
+            self.tiers = self.scheduler.tiers = None
+
     def _account(self, plan: StepPlan, prefill: bool, elapsed: float, emitted: int) -> None:
         """A step with any prefill chunk counts as prefill (its tokens computed); a decode step counts the
         tokens it emitted (more than one per request when drafts were accepted)."""
@@ -205,6 +257,7 @@ class LLMEngine:
         if prefill:
             self.stats.prefill_tokens += plan.num_tokens
             self.stats.prefill_s += elapsed
+            self.scheduler.cost.observe_prefill(plan.num_tokens, elapsed)
         elif plan.scheduled:
             self.stats.decode_tokens += emitted
             self.stats.decode_s += elapsed

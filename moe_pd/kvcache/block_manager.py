@@ -36,13 +36,18 @@ class Page:
     """The page's tier entry (only when the manager has a tier root)."""
 
 
-def chain_hash(previous: int | None, tokens: tuple[int, ...]) -> int:
+CHAIN_ROOT = 0x6D6F655F7064
+"""The first page's `previous`. Not None: on Python 3.11 hash(None) is the object's address, different in
+every process, while tuples of ints hash the same everywhere (PYTHONHASHSEED salts only str and bytes)."""
+
+
+def chain_hash(previous: int, tokens: tuple[int, ...]) -> int:
     return hash((previous, tokens))
 
 
 def full_pages(token_ids: list[int], block_size: int) -> Iterator[tuple[int, tuple[int, ...]]]:
     """(chained hash, tokens) of each full leading page of `token_ids`, lazily (a lookup may stop early)."""
-    previous = None
+    previous = CHAIN_ROOT
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         tokens = tuple(token_ids[start : start + block_size])
         previous = chain_hash(previous, tokens)
@@ -58,6 +63,8 @@ class BlockManager:
         self.tier_root = tier_root if enable_prefix_cache else None
         self._new_full: list[tuple[int, TierEntry]] = []
         self._evicted: list[tuple[int, TierEntry]] = []
+        self._stored: list[bytes] = []
+        self._removed: list[bytes] = []
         self.pages = [Page() for _ in range(num_blocks)]
         self._free = list(range(num_blocks - 1, -1, -1))  # never used or holding nothing worth keeping
         self._evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced but cached, oldest first
@@ -86,6 +93,7 @@ class BlockManager:
                 del self._by_hash[old.hash]
             if old.entry is not None:
                 self._evicted.append((page, old.entry))
+                self._removed.append(old.entry[0])
         else:
             raise OutOfBlocks(f"no free pages ({self.num_blocks} in use)")
         self.pages[page] = Page(ref_count=1)
@@ -138,11 +146,12 @@ class BlockManager:
             raise OutOfBlocks(f"need {missing} pages, {self.num_free} free")
         table.extend(self._take() for _ in range(max(missing, 0)))
 
-    def commit(self, table: list[int], token_ids: list[int], num_computed: int) -> None:
-        """Registers the full pages among the first `num_computed` tokens in the prefix cache."""
+    def commit(self, table: list[int], token_ids: list[int], num_computed: int, offer: bool = True) -> None:
+        """Registers the full pages among the first `num_computed` tokens in the prefix cache. `offer`:
+        new full pages are offered to the tiers (take_new_pages); False for pages promoted from them."""
         if not self.enabled:
             return
-        previous, parent = None, self.tier_root
+        previous, parent = CHAIN_ROOT, self.tier_root
         for i in range(num_computed // self.block_size):
             page = self.pages[table[i]]
             if page.hash is None:  # pages registered before keep their hash: only new full pages are hashed
@@ -151,7 +160,9 @@ class BlockManager:
                 self._by_hash.setdefault(page.hash, table[i])
                 if parent is not None:
                     page.entry = (page_key(parent, tokens), parent, tokens)
-                    self._new_full.append((table[i], page.entry))
+                    self._stored.append(page.entry[0])
+                    if offer:
+                        self._new_full.append((table[i], page.entry))
             previous, parent = page.hash, page.entry[0] if page.entry else None
 
     def truncate(self, table: list[int], num_tokens: int) -> int:
@@ -177,6 +188,8 @@ class BlockManager:
                 if page.hash is not None and self._by_hash.get(page.hash) == page_id:
                     self._evictable[page_id] = None
                 else:
+                    if page.entry is not None:  # a duplicate of a cached page: its stored event ends here
+                        self._removed.append(page.entry[0])
                     self.pages[page_id] = Page()
                     self._free.append(page_id)
         table.clear()
@@ -194,6 +207,13 @@ class BlockManager:
     def take_new_pages(self) -> list[tuple[int, TierEntry]]:
         """(page, entry) of the pages that became full since the last call (write-through offers)."""
         out, self._new_full = self._new_full, []
+        return out
+
+    def take_events(self) -> tuple[list[bytes], list[bytes]]:
+        """(keys of pages registered, keys of cached pages evicted) since the last call: what this device
+        cache holds, as the KV events a router learns from (vLLM's BlockStored / BlockRemoved)."""
+        out = self._stored, self._removed
+        self._stored, self._removed = [], []
         return out
 
     def take_evicted(self) -> list[tuple[int, TierEntry]]:

@@ -41,6 +41,8 @@ class Chunk:
     """The tail of `ids`' log-probabilities, when asked for."""
     prompt_logprobs: list[Logprob | None] | None = None
     """With the first tokens: the prompt's log-probabilities, when asked for (echo)."""
+    cached: int | None = None
+    """With the first tokens: prompt tokens served from a cache (device pages or a KV tier)."""
 
 
 @dataclass

@@ -4,15 +4,13 @@ DeepSeek's inference system ("DeepSeek-V3/R1 Inference System Overview", deepsee
 per instance:
 - prefill: core-attention work and input tokens per GPU (rank);
 - decode: KV-cache usage and the number of requests per GPU;
-and the router sends a prompt to the prefill instance that already caches its longest prefix.
+and the router sends a prompt to the prefill instance that already caches its longest prefix (what each
+instance caches: moe_pd.serve.cache_index, from the instances' own reports).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
-
-from moe_pd.kvcache.block_manager import full_pages
 
 
 @dataclass
@@ -46,7 +44,7 @@ def attention_work(prompt_len: int, cached_len: int) -> float:
 def assign_prefill(requests: list[tuple[str, int, int | dict[int, int]]], ranks: list[PrefillRankLoad],
                    attention_weight: float = 1.0) -> dict[str, int]:
     """(request id, prompt length, cached length) -> the DP rank to prefill it on. The cached length is one
-    number, or per rank ({rank: cached tokens}, as a PrefixIndex gives it). Largest work first, each onto
+    number, or per rank ({rank: cached tokens}, as the leader's CacheIndex gives it). Largest work first, each onto
     the rank where it ends up least loaded, by uncached tokens plus weighted attention work normalised to
     tokens; ties go to the lowest rank. Updates `ranks` in place."""
     if not ranks:
@@ -91,34 +89,3 @@ def pick_prefill_instance(cached_prefix: dict[str, int], queued_tokens: dict[str
     if not queued_tokens:
         raise ValueError("no prefill instances")
     return min(queued_tokens, key=lambda i: (-cached_prefix.get(i, 0), queued_tokens[i], i))
-
-
-class PrefixIndex:
-    """Which owner (instance or rank) probably caches a prompt's prefix: the chained hashes of the full
-    pages of the prompts sent to each owner, LRU-bounded. An estimate (the owner may have evicted a page);
-    its only use is routing, so a miss costs a recompute, never a wrong answer."""
-
-    def __init__(self, block_size: int, capacity: int = 100_000) -> None:
-        self.block_size, self.capacity = block_size, capacity
-        self._pages: OrderedDict[tuple[str | int, int], None] = OrderedDict()
-
-    def _hashes(self, token_ids: list[int]) -> list[int]:
-        return [h for h, _ in full_pages(token_ids, self.block_size)]
-
-    def match(self, token_ids: list[int], owners: list) -> dict:
-        """owner -> tokens of `token_ids` it probably caches (whole pages)."""
-        hashes = self._hashes(token_ids)
-        out = {}
-        for owner in owners:
-            n = 0
-            while n < len(hashes) and (owner, hashes[n]) in self._pages:
-                n += 1
-            out[owner] = n * self.block_size
-        return out
-
-    def insert(self, owner, token_ids: list[int]) -> None:
-        for h in self._hashes(token_ids):
-            self._pages[(owner, h)] = None
-            self._pages.move_to_end((owner, h))
-        while len(self._pages) > self.capacity:
-            self._pages.popitem(last=False)

@@ -188,7 +188,9 @@ class _Generation:
         return await self._finish()
 
     def _usage(self) -> dict:
-        return usage(sum(map(len, self.req.prompt_ids)), sum(len(c.ids) for c in self.choices))
+        # each prompt is counted once (its first choice's cache hits), as its tokens are
+        cached = sum(c.cached or 0 for c in self.choices[:: self.req.n])
+        return usage(sum(map(len, self.req.prompt_ids)), sum(len(c.ids) for c in self.choices), cached)
 
     async def _write(self, body: dict) -> None:
         await self.response.write(f"data: {json.dumps(body)}\n\n".encode())

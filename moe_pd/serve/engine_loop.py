@@ -13,9 +13,12 @@ import queue
 import threading
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from moe_pd.engine.core.request import InvalidRequest
 from moe_pd.engine.llm_engine import LLMEngine
 from moe_pd.serve.backend import Chunk, Job, Stream
+from moe_pd.serve.rank import tier_figures
 
 if TYPE_CHECKING:
     from moe_pd.serve.metrics import Metrics
@@ -59,7 +62,8 @@ class EngineLoop:
         spec = self.engine.stats.spec
         ranks = [{"rank": 0, "running": self.num_running, "waiting": self.num_waiting, "kv_used": alloc.num_used,
                   "kv_total": alloc.num_blocks, "spec_verifications": spec.verifications if spec else 0,
-                  "spec_accepted_at": list(spec.accepted_at) if spec else []}]
+                  "spec_accepted_at": list(spec.accepted_at) if spec else [],
+                  "tiers": msgspec.to_builtins(tier_figures(self.engine))}]
         return self._thread.is_alive(), {"status": "ok" if self._thread.is_alive() else "down",
                                          "engine_steps": self.steps,
                                          "instances": [{"name": "local", "role": "colocated", "up": True,
@@ -116,4 +120,4 @@ class EngineLoop:
                     self._push(out.listener, RuntimeError(reason))
                     continue
                 self._push(out.listener, Chunk(out.new_token_ids, out.finished, out.finish_reason, out.logprobs,
-                                               out.prompt_logprobs))
+                                               out.prompt_logprobs, out.cached_tokens))

@@ -33,13 +33,14 @@ def serve_rank(worker: Rank, plane: ControlPlane, leader: Leader | None, should_
     while True:
         commands = leader.collect(0 if busy or events else idle_wait_ms) if leader else {}
         mine = p.RankReport(worker.rank, worker.load(), events, worker.busy, should_stop(), leave=leave,
-                            commands=commands)
+                            commands=commands, cache=worker.cache_events())
         raw = plane.exchange(p.encode(mine))
         reports = [r for rank, data in enumerate(raw) if (r := p.decode_report(data, rank)) is not None]
         if any(r.leave for r in reports):
             return
         if leader is not None:
             leader.loads = [r.load for r in reports]
+            leader.observe_cache(reports)
             leader.deliver([e for r in reports for e in r.events])
             if any(r.stop for r in reports):
                 leave = leader.drained()

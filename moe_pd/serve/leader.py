@@ -2,8 +2,10 @@
 events sent back to the router that asked.
 
 Prefill balances uncached prompt tokens and attention work, preferring the rank that caches the prompt's
-prefix; decode and colocated balance KV usage and running requests (DeepSeek's load balancers, see
-moe_pd.serve.balancer). The leader's record of a request is a Route (which router, which rank); the rank
+prefix (as its ranks report what their caches stored and evicted: moe_pd.serve.cache_index); decode and
+colocated balance KV usage and running requests (DeepSeek's load balancers, see moe_pd.serve.balancer).
+The ranks' cache events also go on to the routers (Cached), so they route by what the instance holds.
+The leader's record of a request is a Route (which router, which rank); the rank
 that runs it keeps the request's own record (moe_pd.engine.core.request).
 """
 
@@ -21,7 +23,8 @@ import zmq
 from moe_pd.config.serve import ServiceConfig
 from moe_pd.engine.core.request import capacity_problem, pages_needed
 from moe_pd.serve import protocol as p
-from moe_pd.serve.balancer import DecodeRankLoad, PrefillRankLoad, PrefixIndex, assign_prefill, pick_decode_rank
+from moe_pd.serve.balancer import DecodeRankLoad, PrefillRankLoad, assign_prefill, pick_decode_rank
+from moe_pd.serve.cache_index import CacheIndex, prompt_keys
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +81,13 @@ class Routes:
 
 
 class Leader:
-    def __init__(self, cfg: ServiceConfig, world_size: int, name: str, block_size: int, max_context: int) -> None:
+    def __init__(self, cfg: ServiceConfig, world_size: int, name: str, block_size: int, max_context: int,
+                 cache_root: bytes = b"", tier_domains: dict[str, str] | None = None) -> None:
+        """`cache_root`: the model identity digest its page keys chain from; `tier_domains`: where the node's
+        tiers this instance uses live (TierManager.domains)."""
         self.cfg, self.world_size, self.name = cfg, world_size, name
         self.block_size, self.max_context = block_size, max_context
+        self.cache_root, self.tier_domains = cache_root, {k: v for k, v in (tier_domains or {}).items() if v}
         self.socket = zmq.Context.instance().socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(f"tcp://{cfg.host}:{cfg.port}")
@@ -90,7 +97,8 @@ class Leader:
         self.loads: list[p.RankLoad] = []
         self.eplb_metrics: Callable[[], dict] | None = None
         """EplbManager.metrics of this rank, added to every status for the routers' /metrics."""
-        self.prefix = PrefixIndex(block_size)
+        self.cache = CacheIndex()
+        """Owners: a rank (its device pages), "dram" and "disk" (the node's tiers, as this instance wrote them)."""
         self._last_beat = 0.0
         self.drain_started: float | None = None
         """When a rank was asked to stop: the instance finishes what it holds, routers send it nothing new."""
@@ -156,12 +164,13 @@ class Leader:
         else:
             self.routers.add(identity)
         self._send(identity, self.status())
+        if identity in self.routers and self.cache_root:
+            self._send_snapshot(identity)
 
     def _assign(self, new: list[Route], commands: dict[int, list[p.Command]]) -> None:
         if self.cfg.role == "prefill":
             ranks = [PrefillRankLoad(load.rank, load.queued_tokens) for load in self.loads]
-            everyone = list(range(self.world_size))
-            chosen = assign_prefill([(r.rid, len(r.request.prompt), self.prefix.match(r.request.prompt, everyone))
+            chosen = assign_prefill([(r.rid, len(r.request.prompt), self._cached_per_rank(r.request.prompt))
                                      for r in new], ranks)
         else:
             chosen = self._pick_decode_ranks(new)
@@ -173,8 +182,6 @@ class Leader:
                 self._refuse(route, p.Error(route.rid, f"{self.name}: no rank has free KV pages and a free slot",
                                             retry=True, status=503))
                 continue
-            if self.cfg.role == "prefill":
-                self.prefix.insert(rank, route.request.prompt)
             self.routes.assign(route, rank)
             commands.setdefault(rank, []).append(route.request)
 
@@ -200,6 +207,42 @@ class Leader:
                 chosen[route.rid] = rank
         return chosen
 
+    def _cached_per_rank(self, prompt: list[int]) -> dict[int, int]:
+        """rank -> prompt tokens its device pages or the node's tiers hold (whole pages)."""
+        if not self.cache_root:
+            return {}
+        keys = prompt_keys(self.cache_root, prompt, self.block_size)
+        return {rank: self.cache.run(keys, (rank, "dram", "disk")) * self.block_size
+                for rank in range(self.world_size)}
+
+    # cache events -------------------------------------------------------------------------------------------
+    def observe_cache(self, reports: list[p.RankReport]) -> None:
+        """The ranks' cache events: into this leader's index, and on to every router as one Cached."""
+        merged: dict[str, p.CacheEvents] = {}
+        for report in reports:
+            for ev in report.cache:
+                self.cache.apply(report.rank if ev.tier == "device" else ev.tier, ev.stored, ev.removed,
+                                 counted=ev.tier == "device")
+                out = merged.setdefault(ev.tier, p.CacheEvents(ev.tier, [], []))
+                out.stored += ev.stored
+                out.removed += ev.removed
+        if merged and self.routers:
+            raw = p.encode(p.Cached(list(merged.values())))
+            for identity in self.routers:
+                self.socket.send_multipart([identity, raw])
+
+    def _send_snapshot(self, identity: bytes, chunk: int = 1 << 16) -> None:
+        """Everything the instance's caches hold, in chunks; the first replaces what the router knew."""
+        owners = [(rank, "device") for rank in range(self.world_size)] + [(t, t) for t in self.tier_domains]
+        events = [(tier, key) for owner, tier in owners for key in self.cache.keys(owner)]
+        for start in range(0, max(len(events), 1), chunk):
+            part = events[start : start + chunk]
+            by_tier: dict[str, list[bytes]] = {}
+            for tier, key in part:
+                by_tier.setdefault(tier, []).append(key)
+            self._send(identity, p.Cached([p.CacheEvents(t, keys) for t, keys in by_tier.items()],
+                                          snapshot=start == 0))
+
     def _refuse(self, route: Route, error: p.Error) -> None:
         self.routes.close(route.rid)
         self._send(route.router, error)
@@ -220,7 +263,7 @@ class Leader:
     def status(self) -> p.Status:
         eplb = msgspec.convert(self.eplb_metrics(), p.EplbStatus) if self.eplb_metrics is not None else None
         return p.Status(p.PROTOCOL_VERSION, self.name, self.cfg.role, self.block_size, self.loads, eplb,
-                        self.draining)
+                        self.draining, self.cache_root, self.tier_domains)
 
     def heartbeat(self) -> None:
         now = time.monotonic()

@@ -1,10 +1,10 @@
 """Prometheus metrics of the HTTP front (the one-process server or the PD router), one registry per app.
 
 Request metrics (TTFT, TPOT, outcomes, tokens) are observed by the HTTP handlers; instance gauges (queue
-lengths, KV usage, transfers by final state, speculative decoding's acceptance) are refreshed from the
-instances' heartbeats at each scrape, labelled by instance; transfer bytes and latency come from each finished
-request's prefill report. Every transfer series carries the backend that moved the bytes (backend="zmq" or
-"nixl")."""
+lengths, KV usage, transfers by final state, speculative decoding's acceptance, the KV cache tiers' figures)
+are refreshed from the instances' heartbeats at each scrape, labelled by instance; transfer bytes and latency
+come from each finished request's prefill report. Every transfer series carries the backend that moved the
+bytes (backend="zmq" or "nixl")."""
 
 from __future__ import annotations
 
@@ -62,6 +62,24 @@ class Metrics:
                                     "(back-pressure)", registry=r)
         self.router_attempts = Gauge("moe_pd_router_live_attempts", "Request attempts the router has in flight",
                                      registry=r)
+        tiered = [*labels, "tier"]
+        self.cache_hits = Gauge("moe_pd_kv_cache_hit_tokens", "Prompt tokens served from a cache since start-up, by "
+                                "source: device (prefix cache), dram, disk", [*labels, "source"], registry=r)
+        self.tier_bytes = Gauge("moe_pd_kv_tier_bytes", "Bytes a KV tier holds (the node's DRAM pool, the whole disk "
+                                "directory)", tiered, registry=r)
+        self.tier_entries = Gauge("moe_pd_kv_tier_entries", "Pages a KV tier holds", tiered, registry=r)
+        self.tier_promoted = Gauge("moe_pd_kv_tier_promoted_pages", "Pages promoted from a tier into device pages "
+                                   "since start-up", tiered, registry=r)
+        self.tier_demoted = Gauge("moe_pd_kv_tier_demoted_pages", "Pages written down into a tier since start-up",
+                                  tiered, registry=r)
+        self.tier_promotions = Gauge("moe_pd_kv_tier_promotions", "Promotions (one per admitted request with a tier "
+                                     "hit) since start-up", labels, registry=r)
+        self.tier_misses = Gauge("moe_pd_kv_tier_promotion_misses", "Pages found in a tier that did not arrive intact "
+                                 "(recomputed)", labels, registry=r)
+        self.tier_load_seconds = Gauge("moe_pd_kv_tier_load_seconds_sum", "Summed promotion latency (start to pages "
+                                       "usable); divided by moe_pd_kv_tier_promotions: the mean", labels, registry=r)
+        self.tier_corrupt = Gauge("moe_pd_kv_tier_corrupt_entries", "Disk tier entries found damaged and dropped as "
+                                  "misses since start-up", labels, registry=r)
 
     def router(self, waiting: int, attempts: int) -> None:
         self.router_waiting.set(waiting)
@@ -92,6 +110,7 @@ class Metrics:
                 states[key] = states.get(key, 0) + count
         for (backend, state), count in states.items():
             self.transfers.labels(name, role, backend, state).set(count)
+        self._tiers(name, role, [x["tiers"] for x in ranks if x.get("tiers")])
 
     def _speculation(self, name: str, role: str, ranks: list[dict]) -> None:
         """Acceptance of the instance's ranks together (only instances that speculate report it)."""
@@ -103,3 +122,17 @@ class Metrics:
         self.spec_acceptance_length.labels(name, role).set(1 + sum(accepted_at) / verified if verified else 0.0)
         for position, count in enumerate(accepted_at, 1):
             self.spec_acceptance_rate.labels(name, role, str(position)).set(count / verified if verified else 0.0)
+
+    def _tiers(self, name: str, role: str, figures: list[dict]) -> None:
+        """The ranks' TierFigures: counts summed over ranks, sizes (the node's, seen alike by every rank) the
+        largest any rank reports."""
+        if not figures:
+            return
+        for gauge, key, combine in ((self.cache_hits, "hit_tokens", sum), (self.tier_promoted, "promoted_pages", sum),
+                                    (self.tier_demoted, "demoted_pages", sum), (self.tier_bytes, "bytes", max),
+                                    (self.tier_entries, "entries", max)):
+            for label in {k for f in figures for k in f[key]}:
+                gauge.labels(name, role, label).set(combine(f[key].get(label, 0) for f in figures))
+        for gauge, key in ((self.tier_promotions, "promotions"), (self.tier_misses, "promotion_misses"),
+                           (self.tier_load_seconds, "load_seconds"), (self.tier_corrupt, "corrupt")):
+            gauge.labels(name, role).set(sum(f[key] for f in figures))

@@ -50,6 +50,9 @@ class Choice:
         self.reason: str | None = None
         self.sent_echo = not echo
         """The echoed prompt went out (streaming)."""
+        self.cached: int | None = None
+        """Prompt tokens served from a cache, as the first tokens said (a migrated re-run's, with the tokens
+        already streamed appended to its prompt, does not replace it)."""
 
     def add(self, chunk: Chunk) -> bool:
         """Takes a chunk; True when a stop string ended the choice here (the backend must abort the rest)."""
@@ -57,6 +60,8 @@ class Choice:
             return False
         self.ids += chunk.ids
         self.logprobs += chunk.logprobs or []
+        if self.cached is None and chunk.cached is not None:
+            self.cached = chunk.cached
         if chunk.prompt_logprobs is not None:
             self.prompt_logprobs = chunk.prompt_logprobs
         decoded = self.tokenizer.decode(self.ids) if self.tokenizer is not None else ""
@@ -140,9 +145,12 @@ class Choice:
         return list(zip(self.prompt_ids, prompt))
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage; prompt_tokens_details.cached_tokens: prompt tokens served from a cache (device pages,
+    host DRAM or disk) instead of being computed."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": min(cached_tokens, prompt_tokens)}}
 
 
 def final_choice(choice: Choice, chat: bool, logprobs: bool, with_ids: bool) -> dict:

@@ -2,7 +2,7 @@
 the ranks of an instance, as a typed struct (msgspec: validated decoding, tagged unions on "op").
 
     router -> leader:  Hello | Generate | Reserve | Prefill | Abort          (RouterMessage)
-    leader -> router:  Status | Reserved | Tokens | Prefilled | Error        (LeaderMessage)
+    leader -> router:  Status | Reserved | Tokens | Prefilled | Error | Cached  (LeaderMessage)
     rank -> ranks:     RankReport, once per iteration through the ControlPlane: the rank's load and events
                        (what it sends to routers), and on the leader the commands for every rank
 
@@ -33,8 +33,10 @@ from moe_pd.kvcache.transfer.base import KVTarget
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 3
-"""Bump on any change a peer of the previous version would misread (3: Reserved and Prefill carry a KVTarget)."""
+PROTOCOL_VERSION = 5
+"""Bump on any change a peer of the previous version would misread (3: Reserved and Prefill carry a KVTarget;
+4: cache reports (Cached, RankReport.cache, Status.cache_root / tier_domains), Tokens.cached, RankLoad.tiers;
+5: RankLoad.spec_verifications / spec_accepted_at, KVHeader.drafts)."""
 
 TokenIds = Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(min_length=1)]
 Seed = int | None
@@ -93,6 +95,28 @@ RouterMessage = Union[Hello, Generate, Reserve, Prefill, Abort]
 
 
 # leader -> router -------------------------------------------------------------------------------------------
+class TierFigures(msgspec.Struct, forbid_unknown_fields=True):
+    """A rank's KV cache figures since start-up, for the routers' /metrics: where its prompt tokens came from
+    and what the tiers below its device pages did (moe_pd.kvcache.tiers)."""
+
+    hit_tokens: dict[str, int] = {}
+    """Prompt tokens served from a cache, by source: device, dram, disk."""
+    promoted_pages: dict[str, int] = {}
+    """Pages copied up into device pages, by the tier they came from."""
+    promotions: int = 0
+    promotion_misses: int = 0
+    """Pages found at admission that did not arrive intact (recomputed)."""
+    load_seconds: float = 0.0
+    """Summed promotion latency (start to the pages being usable); / promotions: the mean."""
+    demoted_pages: dict[str, int] = {}
+    """Pages this rank wrote down into each tier (dram, disk)."""
+    corrupt: int = 0
+    """Disk entries found damaged (checksum, size, header) and dropped as misses."""
+    bytes: dict[str, int] = {}
+    """Bytes each tier holds (the whole node's DRAM pool, the whole disk directory)."""
+    entries: dict[str, int] = {}
+
+
 class RankLoad(msgspec.Struct, forbid_unknown_fields=True):
     """What a rank reports every iteration: its leader balances on it, routers see it in Status."""
 
@@ -126,6 +150,8 @@ class RankLoad(msgspec.Struct, forbid_unknown_fields=True):
     """Speculative decoding: drafts verified (one per request and step) since start-up."""
     spec_accepted_at: list[int] = []
     """Speculative decoding: per draft position, the verifications that accepted it, since start-up."""
+    tiers: TierFigures | None = None
+    """The KV cache's figures (refreshed about once a second)."""
 
 
 class EplbStatus(msgspec.Struct):
@@ -147,6 +173,29 @@ class Status(Message, tag="status"):
     eplb: EplbStatus | None = None
     draining: bool = False
     """The instance got SIGTERM: it finishes what it holds and takes nothing new (routers send it nothing)."""
+    cache_root: bytes = b""
+    """The model identity digest the instance's page keys chain from (moe_pd.kvcache.tiers.identity)."""
+    tier_domains: dict[str, str] = {}
+    """Where its tiers live ("dram", "disk" -> a name every process sharing that tier gives it alike)."""
+
+
+class CacheEvents(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    """Pages one cache stored and removed, by their 16-byte chained keys (vLLM's KV events, BlockStored and
+    BlockRemoved, which Dynamo's KV router learns from)."""
+
+    tier: str
+    """device (a rank's pages), dram or disk (the node's tiers of the instance's Status.tier_domains)."""
+    stored: list[bytes] = []
+    removed: list[bytes] = []
+
+
+class Cached(Message, tag="cached"):
+    """What the instance's caches hold, as it learned it from its ranks: changes since the last message, or
+    with `snapshot` everything (sent to a router that says Hello, in chunks: the first one replaces what
+    the router knew of this instance)."""
+
+    events: list[CacheEvents]
+    snapshot: bool = False
 
 
 class Reserved(Message, tag="reserved"):
@@ -166,6 +215,8 @@ class Tokens(Message, tag="tokens"):
     prefill sampled it, and Prefilled carries it)."""
     prompt_logprobs: list[Logprob | None] | None = None
     """Colocated, with the first token: the prompt's log-probabilities, when asked."""
+    cached: int | None = None
+    """With the first token: prompt tokens served from a cache (OpenAI's usage.prompt_tokens_details)."""
 
 
 class Prefilled(Message, tag="prefilled"):
@@ -195,7 +246,7 @@ class Error(Message, tag="error"):
 
 Event = Union[Reserved, Tokens, Prefilled, Error]
 """What a rank reports about its requests (forwarded by the leader to the router that sent them)."""
-LeaderMessage = Union[Status, Reserved, Tokens, Prefilled, Error]
+LeaderMessage = Union[Status, Reserved, Tokens, Prefilled, Error, Cached]
 FINAL = (Prefilled, Error)
 """Events after which the leader forgets the request (so do Tokens with finished=True)."""
 
@@ -220,6 +271,8 @@ class RankReport(msgspec.Struct, forbid_unknown_fields=True):
     """The leader's only: drained (or out of time), every rank leaves the loop now."""
     commands: dict[int, list[Command]] = {}
     """The leader's only: the commands for each rank, applied by every rank after the exchange."""
+    cache: list[CacheEvents] = []
+    """What the rank's device cache and the tier writes it made stored and removed since its last report."""
 
 
 # encoding ---------------------------------------------------------------------------------------------------

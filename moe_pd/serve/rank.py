@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from moe_pd.config.serve import ServiceConfig
 from moe_pd.engine.core.request import InvalidRequest, State
@@ -33,12 +34,14 @@ class Rank:
 
     def __init__(self, engine: LLMEngine, rank: int, max_running: int) -> None:
         self.engine, self.rank, self.max_running = engine, rank, max_running
+        engine.report_cache_events = True
+        self._figures: p.TierFigures | None = None
+        self._figures_at = 0.0
 
     @property
     def busy(self) -> bool:
         """The engine has requests to run (every rank then steps, so collectives stay paired)."""
-        scheduler = self.engine.scheduler
-        return bool(scheduler.running or scheduler.waiting)
+        return self.engine.scheduler.has_runnable
 
     def apply(self, cmd: p.Command) -> list[p.Event]:
         try:
@@ -80,13 +83,42 @@ class Rank:
                           self.max_running, self.address, in_transfer, requests.cached_tokens, requests.aborted,
                           os.getpid(), reserved=requests.count(State.RESERVED), transfers=dict(requests.transfers),
                           kv_backend=self.kv_backend, spec_verifications=spec.verifications if spec else 0,
-                          spec_accepted_at=list(spec.accepted_at) if spec else [])
+                          spec_accepted_at=list(spec.accepted_at) if spec else [], tiers=self._tier_figures())
+
+    def _tier_figures(self, every_s: float = 1.0) -> p.TierFigures:
+        """The KV cache's figures, recounted at most every `every_s` (the tiers' usage takes locks)."""
+        now = time.monotonic()
+        if self._figures is None or now - self._figures_at >= every_s:
+            self._figures, self._figures_at = tier_figures(self.engine), now
+        return self._figures
+
+    def cache_events(self) -> list[p.CacheEvents]:
+        """What this rank's device cache and its writes into the node's tiers stored and removed since the
+        last report."""
+        stored, removed = self.engine.take_cache_events()
+        events = [p.CacheEvents("device", stored, removed)] if stored or removed else []
+        if self.engine.tiers is not None:
+            events += [p.CacheEvents(tier, s, r) for tier, (s, r) in self.engine.tiers.take_events().items()
+                       if s or r]
+        return events
 
     address = ""
     kv_backend = ""
 
     def close(self) -> None:
         pass
+
+
+def tier_figures(engine: LLMEngine) -> p.TierFigures:
+    hits = {k: int(v) for k, v in engine.requests.cached_by_source.items()}
+    usage = engine.tier_usage()
+    if not usage:
+        return p.TierFigures(hit_tokens=hits)
+    tiers = usage.pop("usage")
+    return p.TierFigures(hits, usage["promoted_pages"], usage["promotions"], usage["promotion_misses"],
+                         usage["load_seconds"], {"dram": usage["dram_writes"], "disk": usage["disk_writes"]},
+                         usage["corrupt"], {t: u["bytes"] for t, u in tiers.items()},
+                         {t: u["entries"] for t, u in tiers.items()})
 
 
 def tokens_event(out: RequestOutput) -> p.Event:
@@ -96,7 +128,7 @@ def tokens_event(out: RequestOutput) -> p.Event:
         return p.Error(out.request_id, reason or "the request failed", retry=retry,
                        status=503 if retry else 500 if reason.startswith("error") else 400)
     return p.Tokens(out.request_id, out.new_token_ids, out.finished, out.finish_reason, out.logprobs,
-                    out.prompt_logprobs)
+                    out.prompt_logprobs, out.cached_tokens)
 
 
 class ColocatedRank(Rank):

@@ -5,8 +5,10 @@
 A request is tokenized and checked here, then:
 1. decode: the decode instance with the most free KV pages reserves pages on one of its ranks (its leader
    picks the rank) and answers with that rank's KV address;
-2. prefill: the prefill instance that probably caches the longest prefix of the prompt (then the shortest
-   queue) runs it and ships its KV straight to that decode rank;
+2. prefill: the prefill instance that caches the longest prefix of the prompt, on its ranks' device pages
+   or in its node's DRAM and disk tiers, as the instances report what their caches stored and evicted
+   (moe_pd.serve.cache_index; then the shortest queue), runs it and ships its KV straight to that decode
+   rank;
 3. the decode rank streams the tokens back through its leader to here, and on to the client.
 A request waits at the router (bounded) while no instance has room for it. A KV transfer that fails, or an
 instance that goes down, frees the request's pages everywhere; the request is run again from prefill with
@@ -34,7 +36,8 @@ from moe_pd.engine.tokenizer import load_tokenizer
 from moe_pd.log import setup_logging
 from moe_pd.serve import protocol as p
 from moe_pd.serve.backend import Job, Stream
-from moe_pd.serve.balancer import PrefixIndex, pick_prefill_instance
+from moe_pd.serve.balancer import pick_prefill_instance
+from moe_pd.serve.cache_index import CacheIndex, prompt_keys
 from moe_pd.serve.http_app import FRONT, build_app, serve_until_signalled
 from moe_pd.serve.instance_client import InstanceClient
 from moe_pd.serve.metrics import Metrics
@@ -55,13 +58,14 @@ class ClusterBackend:
         self.context = zmq.asyncio.Context()
         self.requests = RouterRequests()
         client = lambda address, role: InstanceClient(address, role, self.context, cfg.heartbeat_timeout_s,
-                                                      self.requests.deliver, self.requests.instance_down)
+                                                      self._on_message, self._on_down)
         self.prefill = [client(a, "prefill") for a in cfg.prefill]
         self.decode = [client(a, "decode") for a in cfg.decode]
         self.colocated = [client(a, "colocated") for a in cfg.colocated]
         self.instances = self.prefill + self.decode + self.colocated
         self.metrics = Metrics()
-        self.prefix: PrefixIndex | None = None
+        self.cache = CacheIndex()
+        """What every instance's device pages and every node's tiers hold, from the instances' reports."""
         self._tasks: list[asyncio.Task] = []
 
     async def start(self, metrics: Metrics) -> None:
@@ -98,6 +102,39 @@ class ClusterBackend:
                          "waiting": self.requests.count(Phase.WAITING),
                          "instances": [inst.describe() for inst in self.instances]}
 
+    def _on_message(self, inst: InstanceClient, msg: p.LeaderMessage) -> None:
+        if isinstance(msg, p.Cached):
+            self._observe_cache(inst, msg)
+        else:
+            self.requests.deliver(inst, msg)
+
+    def _on_down(self, inst: InstanceClient) -> None:
+        self.cache.forget(("device", inst.address))  # a restart starts with an empty device cache
+        self.requests.instance_down(inst)
+
+    def _observe_cache(self, inst: InstanceClient, msg: p.Cached) -> None:
+        if msg.snapshot:
+            self.cache.forget(("device", inst.address))
+        domains = inst.status.tier_domains if inst.status is not None else {}
+        for ev in msg.events:
+            owner = ("device", inst.address) if ev.tier == "device" else (ev.tier, domains.get(ev.tier, ""))
+            if owner[1]:
+                self.cache.apply(owner, ev.stored, ev.removed, counted=ev.tier == "device")
+
+    def cached_prefix(self, prompt_ids: list[int], instances: list[InstanceClient]) -> dict[str, int]:
+        """instance -> prompt tokens it (its device pages, or its node's DRAM or disk tier) holds."""
+        status = next((i.status for i in instances if i.status is not None and i.status.cache_root), None)
+        if status is None:
+            return {}
+        keys = prompt_keys(status.cache_root, prompt_ids, status.block_size)
+        out = {}
+        for inst in instances:
+            domains = inst.status.tier_domains if inst.status is not None else {}
+            owners = [("device", inst.address), *((tier, d) for tier, d in domains.items())]
+            same = inst.status is not None and inst.status.cache_root == status.cache_root
+            out[inst.address] = self.cache.run(keys, owners) * status.block_size if same else 0
+        return out
+
     def refresh(self, metrics: Metrics) -> None:
         for inst in self.instances:
             metrics.instance(inst.address, inst.role, inst.up, inst.describe()["ranks"], inst.eplb)
@@ -106,7 +143,7 @@ class ClusterBackend:
     # choosing instances (the flows ask) ---------------------------------------------------------------------
     @property
     def block_size(self) -> int:
-        """The prefill instances' page size (the prefix index hashes their pages)."""
+        """The prefill instances' page size (Reserve counts pages in each decode instance's own)."""
         return next((i.block_size for i in self.prefill if i.up), 64)
 
     @staticmethod
@@ -115,9 +152,12 @@ class ClusterBackend:
         return inst.up and not getattr(inst, "draining", False) and \
             getattr(inst, "status_at", 1.0) > getattr(inst, "refused_at", 0.0)
 
-    def pick_colocated(self):
+    def pick_colocated(self, prompt_ids: list[int] | None = None):
+        """The usable colocated instance that caches the prompt's longest prefix (device pages or its node's
+        tiers, as reported), then the one with the most free pages; None while there is none."""
         live = [inst for inst in self.colocated if self._usable(inst)]
-        return max(live, key=lambda inst: inst.free_pages) if live else None
+        cached = self.cached_prefix(prompt_ids, live) if prompt_ids and live else {}
+        return max(live, key=lambda inst: (cached.get(inst.address, 0), inst.free_pages)) if live else None
 
     def pick_pd(self, prompt_len: int, max_tokens: int):
         """(decode instance, prefill instances) for a request: the decode instance with the most free pages
@@ -145,14 +185,11 @@ class ClusterBackend:
             self.requests.tasks.pop(stream.request_id, None)
 
     def pick_prefill(self, prefills, prompt_ids: list[int]):
-        """The prefill instance among `prefills` that probably caches the prompt's longest prefix (then the
-        shortest queue); the prefix index records that it now does."""
+        """The prefill instance among `prefills` that caches the prompt's longest prefix, on its ranks' device
+        pages or in its node's tiers, as the instances reported it (then the shortest queue)."""
         live = {inst.address: inst for inst in prefills}
-        if self.prefix is None:
-            self.prefix = PrefixIndex(self.block_size)
-        cached = self.prefix.match(prompt_ids, list(live))
+        cached = self.cached_prefix(prompt_ids, prefills)
         chosen = pick_prefill_instance(cached, {a: inst.queued_tokens for a, inst in live.items()})
-        self.prefix.insert(chosen, prompt_ids)
         return live[chosen]
 
     def observe_transfer(self, msg: p.Prefilled) -> None:

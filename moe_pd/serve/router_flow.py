@@ -122,12 +122,12 @@ class Flow:
             self.prompt_logprobs_sent = True
         else:
             prompt_logprobs = None
-        self.stream.put(Chunk(msg.ids, msg.finished, msg.reason, logprobs, prompt_logprobs))
+        self.stream.put(Chunk(msg.ids, msg.finished, msg.reason, logprobs, prompt_logprobs, msg.cached))
         self.streamed += msg.ids
 
     # colocated ----------------------------------------------------------------------------------------------
     async def _colocated(self, attempt: Attempt, prompt, max_tokens, params, seed) -> None:
-        inst = await self._room(lambda: self.backend.pick_colocated(), "colocated instance")
+        inst = await self._room(lambda: self.backend.pick_colocated(prompt), "colocated instance")
         self.requests.transition(attempt, Phase.PREFILLING)
         attempt.decode = inst
         self.requests.send(attempt, inst, p.Generate(attempt.rid, prompt, max_tokens, params, seed,

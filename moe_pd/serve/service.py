@@ -50,7 +50,8 @@ def run(cfg: ServiceConfig, run_dir: str | None = None) -> None:
         leader = None
         if state.rank == 0:
             leader = Leader(cfg, state.world_size, f"{cfg.role}@{cfg.host}:{cfg.port}", engine.cache.block_size,
-                            engine.max_context)
+                            engine.max_context, engine.identity.digest,
+                            engine.tiers.domains if engine.tiers is not None else None)
             leader.eplb_metrics = group.eplb.metrics if group.eplb is not None else None
             print(f"moe_pd {cfg.role} instance of {state.world_size} rank(s) listening at {leader.address}",
                   flush=True)
@@ -59,6 +60,7 @@ def run(cfg: ServiceConfig, run_dir: str | None = None) -> None:
                        cfg.idle_wait_ms)
         finally:
             worker.close()
+            engine.close()
             if leader is not None:
                 leader.close()
         log.info("%s rank %d stopped after %d engine steps", cfg.role, state.rank, engine.stats.steps)

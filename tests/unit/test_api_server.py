@@ -21,7 +21,9 @@ PROMPT_IDS = [256, *b"Hello server"]
 @pytest.fixture(scope="module")
 def server():
     """(base URL, engine loop), served from a background event loop thread for the whole module."""
-    app, engine_loop = make_server(ServeConfig(model=TINY, kvcache=KVCacheConfig(block_size=4, num_blocks=256),
+    # no DRAM tier: the node's pool would serve prompts other tests and processes computed
+    kv = KVCacheConfig(block_size=4, num_blocks=256, host_tier_gib=0)
+    app, engine_loop = make_server(ServeConfig(model=TINY, kvcache=kv,
                                                served_model_name="tiny", max_tokens_limit=64))
     try:
         with serving(app) as url:
@@ -68,7 +70,15 @@ def test_greedy_completion_matches_offline_generation(server):
     choice = body["choices"][0]
     assert choice["token_ids"] == offline(PROMPT_IDS, 8) and choice["finish_reason"] == "length"
     assert body["usage"] == {"prompt_tokens": len(PROMPT_IDS), "completion_tokens": 8,
-                             "total_tokens": len(PROMPT_IDS) + 8}
+                             "total_tokens": len(PROMPT_IDS) + 8, "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+def test_usage_counts_the_prompt_tokens_served_from_the_cache(server):
+    url, _ = server
+    prompt = [256, *b"a prompt sent twice: its pages are cached"]  # 42 tokens, 10 whole pages of 4 before the last
+    first, second = (call(post(url, "/v1/completions", {"prompt": prompt, "max_tokens": 2})) for _ in range(2))
+    assert first[1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert second[1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 40}
 
 
 def test_streaming_chat_gives_the_same_tokens_as_non_streaming(server):

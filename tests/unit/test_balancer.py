@@ -5,7 +5,6 @@ import pytest
 from moe_pd.serve.balancer import (
     DecodeRankLoad,
     PrefillRankLoad,
-    PrefixIndex,
     assign_prefill,
     attention_work,
     pick_decode_rank,
@@ -54,19 +53,3 @@ def test_prefill_goes_where_its_prefix_is_cached_unless_that_rank_is_swamped():
     assert ranks[1].queued_tokens == 40 and ranks[0].queued_tokens == 0
     busy = [PrefillRankLoad(0), PrefillRankLoad(1, queued_tokens=5000)]
     assert assign_prefill([("r", 1000, {1: 960})], busy) == {"r": 0}
-
-
-def test_prefix_index_matches_whole_pages_of_the_same_prefix_only():
-    index = PrefixIndex(block_size=4)
-    index.insert("p0", list(range(10)))  # pages [0..3], [4..7]; the tail of 2 is not a full page
-    assert index.match(list(range(12)), ["p0", "p1"]) == {"p0": 8, "p1": 0}
-    assert index.match([99, *range(1, 12)], ["p0"]) == {"p0": 0}  # first page differs: nothing matches
-    assert index.match([0, 1, 2, 3, 9, 9, 9, 9], ["p0"]) == {"p0": 4}
-
-
-def test_prefix_index_evicts_least_recently_used_pages():
-    index = PrefixIndex(block_size=2, capacity=2)
-    index.insert("a", [1, 2, 3, 4])
-    index.insert("b", [5, 6])  # evicts a's first page: a's chain no longer matches from the start
-    assert index.match([1, 2, 3, 4], ["a"]) == {"a": 0}
-    assert index.match([5, 6], ["b"]) == {"b": 2}

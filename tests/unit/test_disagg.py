@@ -28,8 +28,9 @@ def model():
 
 
 def make_workers(model, backend, prefill_block=4, decode_block=4, fence_s=FENCE_S):
-    prefill = LLMEngine(model, KVCacheConfig(block_size=prefill_block, num_blocks=256 // prefill_block), 8, 16,
-                        hold_finished_pages=True)
+    # no DRAM tier: the node's pool would serve prompts other tests and processes computed
+    kv = KVCacheConfig(block_size=prefill_block, num_blocks=256 // prefill_block, host_tier_gib=0)
+    prefill = LLMEngine(model, kv, 8, 16, hold_finished_pages=True)
     decode = LLMEngine(model, KVCacheConfig(block_size=decode_block, num_blocks=256 // decode_block), 8, 64)
     cfg = KVCacheConfig(transfer=backend)
     # KV deadlines far above a loaded machine's prefill time; tests of timeouts set their own

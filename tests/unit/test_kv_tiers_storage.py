@@ -57,11 +57,12 @@ def test_keys_chain_over_the_model_digest_and_every_earlier_page():
 def test_identity_differs_by_config_weights_dtype_layout_and_block_size(tmp_path):
     cfg = ModelConfig(num_hidden_layers=4, hidden_size=64)
     base = ModelIdentity.of(cfg, "torch.float32", 16)
-    assert ModelIdentity.of(cfg, "float32", 16).digest == base.digest
+    assert ModelIdentity.of(cfg, "float32", 16).digest == base.digest == ModelIdentity.of(cfg, "float32", 16, 4).digest
     others = [ModelIdentity.of(replace(cfg, init_seed=1), "float32", 16),
               ModelIdentity.of(replace(cfg, hidden_size=128), "float32", 16),
               ModelIdentity.of(cfg, "bfloat16", 16), ModelIdentity.of(cfg, "float32", 32),
-              replace(base, kv_layout="mla:L=2:row=512+64:SLW")]
+              replace(base, kv_layout="mla:L=2:row=512+64:SLW"),
+              ModelIdentity.of(cfg, "float32", 16, num_layers=5)]  # a cache with the MTP layer's rows too
     assert len({o.digest for o in others} | {base.digest}) == len(others) + 1
 
 

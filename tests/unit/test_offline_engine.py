@@ -78,8 +78,8 @@ def test_chunked_prefill_prefix_cache_and_preemption_keep_tokens(model):
     prompts = [shared + list(b"Hi"), shared + list(b"Hello there"), [256, *b"x" * 40], shared + list(b"Hi!")]
     sampling = SamplingConfig(max_new_tokens=10, ignore_eos=True)
     ref = [c.output_ids for c in engine(model, batch=1).generate(prompts, sampling)]
-    tight = OfflineEngine(model, KVCacheConfig(block_size=4, num_blocks=24), max_batch_size=4,
-                          max_num_batched_tokens=7)
+    tight = OfflineEngine(model, KVCacheConfig(block_size=4, num_blocks=24, host_tier_gib=0), max_batch_size=4,
+                          max_num_batched_tokens=7)  # no tiers: nothing cached elsewhere spares a preemption
     out = tight.generate(prompts, sampling)
     assert [c.output_ids for c in out] == ref
     assert sum(c.preemptions for c in out) > 0  # 24 pages cannot hold all four at once

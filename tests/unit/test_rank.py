@@ -54,6 +54,7 @@ def test_a_ranks_load_travels_in_its_report():
     allocator = BlockManager(8, 4)
     from moe_pd.engine.llm_engine import StepStats
 
-    engine = SimpleNamespace(requests=RequestTable(allocator, 64), allocator=allocator, stats=StepStats())
+    engine = SimpleNamespace(requests=RequestTable(allocator, 64), allocator=allocator, stats=StepStats(),
+                             tier_usage=dict)
     report = p.RankReport(3, ColocatedRank(engine, 3, 8).load())
     assert p.decode_report(p.encode(report), 3) == report and report.load.reserved == 0

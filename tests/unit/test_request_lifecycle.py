@@ -35,6 +35,39 @@ def fake_token(req: Request) -> int:
     return (sum(req.token_ids) * 31 + len(req.token_ids)) % 50 + 1
 
 
+class FakePromotion:
+    """Copies from a KV tier that end when the test says so (or when the scheduler waits for them)."""
+
+    def __init__(self, n: int, intact: int) -> None:
+        self.sources, self.intact, self.done, self.seconds = ["dram"] * n, intact, False, 0.001
+
+    def ready(self) -> bool:
+        return self.done
+
+    def wait(self, timeout=None) -> int:
+        self.done = True
+        return self.intact
+
+
+class FakeTiers:
+    """A tier below the device that holds every page; one promotion in three loses its second half on the
+    way."""
+
+    def __init__(self) -> None:
+        self.promotions: list[FakePromotion] = []
+
+    def lookup(self, entries):
+        return [("dram", e) for e in entries]
+
+    def promote(self, pages):
+        promotion = FakePromotion(len(pages), len(pages) // 2 if len(self.promotions) % 3 == 2 else len(pages))
+        self.promotions.append(promotion)
+        return promotion
+
+    def offer(self, pages) -> None:
+        pass
+
+
 def step(scheduler: Scheduler, fail: int = -1) -> None:
     """One step; the sampling row `fail` (if any) gets no token and fails its request alone."""
     plan = scheduler.schedule()
@@ -46,8 +79,10 @@ def step(scheduler: Scheduler, fail: int = -1) -> None:
 
 
 def new_side(hold: bool, pages: int) -> Scheduler:
-    return Scheduler(BlockManager(pages, 4), max_num_seqs=3, token_budget=24, max_context=CONTEXT,
-                     hold_finished_pages=hold, vocab_size=100)
+    """A rank; prefill ranks (`hold`) have a KV tier below their device pages."""
+    return Scheduler(BlockManager(pages, 4, tier_root=b"model digest 16b" if hold else None), max_num_seqs=3,
+                     token_budget=24, max_context=CONTEXT, hold_finished_pages=hold, vocab_size=100,
+                     tiers=FakeTiers() if hold else None)
 
 
 class RankLifecycle(RuleBasedStateMachine):
@@ -193,6 +228,14 @@ class RankLifecycle(RuleBasedStateMachine):
         if self.kv_wire:
             rid, pages, _ = self.kv_wire.pop(i % len(self.kv_wire))
             self._land(rid, pages, fits)
+
+    @rule(i=st.integers(0, 99))
+    def promotion_lands(self, i: int) -> None:
+        """Copies from the tier end (the next step takes the request into the batch, or frees the pages of one
+        that ended meanwhile)."""
+        pending = [x for x in self.prefill.tiers.promotions if not x.done]
+        if pending:
+            pending[i % len(pending)].done = True
 
     @rule(i=st.integers(0, 99))
     def kv_lost(self, i: int) -> None:

@@ -24,7 +24,7 @@ class Fake:
 
     def __init__(self, backend, address: str, role: str, free_pages: int = 100) -> None:
         self.backend, self.address, self.role, self.free_pages = backend, address, role, free_pages
-        self.up, self.queued_tokens, self.block_size, self.draining = True, 0, 16, False
+        self.up, self.queued_tokens, self.block_size, self.draining, self.status = True, 0, 16, False, None
         self.status_at, self.refused_at, self.rank_room = 0.5, 0.0, 10**6
         self.sent: list[p.Message] = []
         self.script = lambda instance, msg: []
@@ -194,8 +194,8 @@ def test_a_request_waits_for_room_then_runs():
 
 def test_room_is_counted_in_each_decode_instances_own_page_size():
     """Prefill and decode may cut KV into pages of different sizes: 13 tokens (3 + 10) take 2 pages of 8 on d0
-    and 1 page of 16 on d1, so d1 is picked although d0 has more free pages; the prefix index hashes prefill's
-    pages."""
+    and 1 page of 16 on d1, so d1 is picked although d0 has more free pages; the router's page size is
+    prefill's."""
     backend, prefill, (d0, d1) = make_backend()
     prefill.block_size, d0.block_size, d1.block_size = 64, 8, 16
     d0.rank_room = d1.rank_room = 1
@@ -203,7 +203,7 @@ def test_room_is_counted_in_each_decode_instances_own_page_size():
     prefill.script = prefill_then_tokens(lambda msg: d1)
     tokens, error = run(backend, max_tokens=10)
     assert error is None and tokens[-1][1] is True and d0.sent == []
-    assert backend.prefix.block_size == 64
+    assert backend.block_size == 64  # prefill's page size
 
 
 async def _run_async(backend):

@@ -1,6 +1,7 @@
 """A request on a rank: its record and the states it goes through, plain Python (no torch).
 
     colocated:  QUEUED -> PREFILLING -> DECODING -> FINISHED
+    tier hit:   QUEUED -> PROMOTING (its prefix copied up from the host DRAM / disk tiers) -> PREFILLING
     prefill:    QUEUED -> PREFILLING -> PREFILLED -> TRANSFERRING -> FINISHED (decode stored the KV)
     decode:     RESERVED -> DECODING -> FINISHED
                 RESERVED -> FENCED -> FAILED | ABORTED (no KV, but a write may still land: pages kept until the fence)
@@ -102,6 +103,9 @@ def capacity_problem(prompt_len: int, max_new_tokens: int, block_size: int, max_
 class State(enum.Enum):
     QUEUED = "queued"
     """Waiting for admission (new, or preempted and waiting to recompute)."""
+    PROMOTING = "promoting"
+    """Admitted with a prefix found in the KV tiers below the device: its pages are being copied up while
+    the step's other work runs; it joins the batch (PREFILLING) once the copies ended."""
     PREFILLING = "prefilling"
     """Admitted: its prompt (or a recompute) runs in chunks."""
     DECODING = "decoding"
@@ -131,6 +135,7 @@ _ENDS = {State.ABORTED, State.FAILED}
 
 HOLDS: dict[State, frozenset[str]] = {
     State.QUEUED: frozenset({"queue"}),
+    State.PROMOTING: frozenset({"pages", "promotion"}),
     State.PREFILLING: frozenset({"pages", "slot"}),
     State.DECODING: frozenset({"pages", "slot"}),
     State.PREFILLED: frozenset({"pages"}),
@@ -140,10 +145,12 @@ HOLDS: dict[State, frozenset[str]] = {
     **{s: frozenset() for s in FINAL},
 }
 """What a request holds in each state: "pages" (its block table), "slot" (a place in the running batch),
-"queue" (a place in the waiting queue), "transfer" (its KV transfer entry, with a deadline)."""
+"queue" (a place in the waiting queue), "transfer" (its KV transfer entry, with a deadline), "promotion"
+(copies from the KV tiers into its pages: the pages are reused only once the copies ended)."""
 
 NEXT: dict[State, frozenset[State]] = {
-    State.QUEUED: frozenset({State.PREFILLING, *_ENDS}),
+    State.QUEUED: frozenset({State.PREFILLING, State.PROMOTING, *_ENDS}),
+    State.PROMOTING: frozenset({State.PREFILLING, *_ENDS}),
     State.PREFILLING: frozenset({State.DECODING, State.PREFILLED, State.FINISHED, State.QUEUED, *_ENDS}),
     State.DECODING: frozenset({State.FINISHED, State.QUEUED, *_ENDS}),
     State.PREFILLED: frozenset({State.TRANSFERRING, *_ENDS}),
@@ -176,7 +183,9 @@ class Request:
     num_computed: int = 0
     """Tokens whose latents are in the cache (prefix-cache hits count)."""
     num_cached_hit: int = 0
-    """Prompt tokens served from the prefix cache at the last admission."""
+    """Prompt tokens served from a cache (the device's prefix cache or a KV tier) at the last admission."""
+    promotion: Any = None
+    """Its tier promotion while PROMOTING (a moe_pd.kvcache.tiers.manager.Promotion)."""
     num_preemptions: int = 0
     finish_reason: str | None = None
     """Why it stopped generating: stop, length, abort, or 'error: ...'."""

@@ -12,15 +12,24 @@ furthest a step writes); after the step it appends the accepted tokens (stopping
 length) and releases the pages past that lookahead (BlockManager.truncate: the rejected positions' rows are
 never read).
 
+With KV tiers below the device pages (`tiers`: a moe_pd.kvcache.tiers.manager.TierManager), a waiting
+request whose prefix continues in host DRAM or on disk is admitted with pages for that run too, as long as
+loading it is cheaper than recomputing it (moe_pd.engine.core.tier_cost): it is PROMOTING while the tier
+thread copies the pages up and the step's other work runs, and joins the batch in the first step that finds
+its copies done (pages that did not arrive intact are recomputed). A step with nothing else to run waits
+for the oldest promotion instead of spinning.
+
 Decisions only: the requests, their states and what they hold are the RequestTable's (`self.requests`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from moe_pd.engine.core.request import Request, State
 from moe_pd.engine.core.table import RequestTable
+from moe_pd.engine.core.tier_cost import LoadOrCompute
 from moe_pd.kvcache.block_manager import BlockManager, OutOfBlocks
 from moe_pd.kvcache.transfer.base import Transfer
 
@@ -61,10 +70,12 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, allocator: BlockManager, max_num_seqs: int, token_budget: int, max_context: int,
-                 hold_finished_pages: bool = False, vocab_size: int | None = None, num_draft_tokens: int = 0) -> None:
+                 hold_finished_pages: bool = False, vocab_size: int | None = None, tiers: Any = None,
+                 num_draft_tokens: int = 0) -> None:
         """`hold_finished_pages`: a request that finished generating keeps its pages as PREFILLED (a prefill
-        instance ships its KV to decode first). `vocab_size`: prompts are checked against it.
-        `num_draft_tokens`: K of speculative decoding (0: off)."""
+        instance ships its KV to decode first). `vocab_size`: prompts are checked against it. `tiers`: the KV
+        tiers below the device pages (lookup, promote), or None. `num_draft_tokens`: K of speculative decoding
+        (0: off)."""
         if max_num_seqs <= 0 or token_budget <= 0:
             raise ValueError("max_num_seqs and token_budget must be > 0")
         if num_draft_tokens < 0:
@@ -75,6 +86,11 @@ class Scheduler:
         self.lookahead = 2 * num_draft_tokens - 1 if num_draft_tokens else 0
         """Positions past a request's last token that its pages cover while it decodes speculatively."""
         self.requests = RequestTable(allocator, max_context, vocab_size, self.lookahead)
+        self.tiers = tiers if tiers is not None and allocator.tier_root is not None else None
+        self.cost = LoadOrCompute()
+        self.write_back = False
+        """kvcache.tier_write_policy=write_back: evicted pages are offered to the tiers (by the engine before
+        each forward, and here before a promotion may write into them)."""
 
     @property
     def waiting(self):
@@ -101,6 +117,11 @@ class Scheduler:
         """Requests to run, or to hear about (KV on the wire either way)."""
         return bool(self.requests.live)
 
+    @property
+    def has_runnable(self) -> bool:
+        """Requests this rank's next step runs or waits for (queued, promoting, in the batch)."""
+        return bool(self.requests.running or self.requests.waiting or self.requests.promoting)
+
     # planning ---------------------------------------------------------------------------------------------
     def _preempt(self, req: Request) -> None:
         self.requests.transition(req, State.QUEUED)
@@ -109,6 +130,15 @@ class Scheduler:
         req.drafts, req.draft_probs = [], None  # its recompute drafts anew
 
     def schedule(self) -> StepPlan:
+        self._collect_promotions()
+        plan = self._plan()
+        if plan.is_empty and self.requests.promoting:  # nothing else to do: wait for the oldest one
+            self.requests.promoting[0].promotion.wait()
+            self._collect_promotions()
+            plan = self._plan()
+        return plan
+
+    def _plan(self) -> StepPlan:
         plan, budget = StepPlan(), self.token_budget
         for req in sorted(self.running, key=lambda s: s.arrival):
             if budget == 0:
@@ -129,23 +159,58 @@ class Scheduler:
             self.allocator.grow(req.block_table, need)
             plan.scheduled.append(Scheduled(req, req.num_computed, num_new, drafts))
             budget -= num_new + drafts
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        bs = self.allocator.block_size
+        while self.waiting and budget > 0 and len(self.running) + len(self.requests.promoting) < self.max_num_seqs:
             req = self.waiting[0]
             tokens = req.token_ids
-            hits = self.allocator.cached_prefix(tokens) if req.prompt_logprobs is None else []
-            hit_tokens = len(hits) * self.allocator.block_size
-            num_new = min(len(tokens) - hit_tokens, budget)
-            extra = self.lookahead if hit_tokens + num_new == len(tokens) else 0  # it samples and drafts
+            exact = req.prompt_logprobs is None  # prompt logprobs need every prompt token computed
+            hits = self.allocator.cached_prefix(tokens) if exact else []
+            hit_tokens = len(hits) * bs
+            found = self._tier_hits(tokens, hits) if exact else []
+            num_new = 0 if found else min(len(tokens) - hit_tokens, budget)
+            upto = hit_tokens + len(found) * bs + num_new
+            extra = self.lookahead if upto == len(tokens) else 0  # it samples and drafts
             try:
-                table, hit_tokens = self.allocator.admit(tokens, hit_tokens + num_new + extra, hits)
+                table, hit_tokens = self.allocator.admit(tokens, upto + extra, hits)
             except OutOfBlocks:
                 break  # wait for pages to come back (every request fits the whole cache: RequestTable.add)
             req.block_table, req.num_computed, req.num_cached_hit = table, hit_tokens, hit_tokens
             self.requests.cached_tokens += hit_tokens
+            self.requests.cached_by_source["device"] += hit_tokens
+            if found:
+                if self.write_back:  # pages this admission evicted are copied out before anything lands in them
+                    self.tiers.offer(self.allocator.take_evicted())
+                req.promotion = self.tiers.promote([(table[len(hits) + i], e) for i, (_, e) in enumerate(found)])
+                self.requests.transition(req, State.PROMOTING)
+                continue
             self.requests.transition(req, State.PREFILLING)
             plan.scheduled.append(Scheduled(req, hit_tokens, num_new))
             budget -= num_new
         return plan
+
+    # KV tiers -----------------------------------------------------------------------------------------------
+    def _tier_hits(self, tokens: list[int], hits: list[int]) -> list[tuple[str, Any]]:
+        """(tier, entry) of the pages after the device hits worth promoting (none: recompute them)."""
+        if self.tiers is None:
+            return []
+        found = self.tiers.lookup(self.allocator.tier_entries(tokens, hits))
+        return found[: self.cost.pages_worth_loading([tier for tier, _ in found], self.allocator.block_size)]
+
+    def _collect_promotions(self) -> None:
+        """PROMOTING requests whose copies ended join the batch with the pages that arrived intact."""
+        self.requests.settle()
+        for req in [r for r in self.requests.promoting if r.promotion.ready()]:
+            promotion = req.promotion
+            arrived = promotion.wait()
+            self.cost.observe_load(promotion.sources, promotion.seconds)
+            bs = self.allocator.block_size
+            upto = req.num_computed + arrived * bs
+            self.allocator.commit(req.block_table, req.token_ids, upto, offer=False)  # the tiers have them
+            for tier in promotion.sources[:arrived]:
+                self.requests.cached_by_source[tier] += bs
+            self.requests.cached_tokens += upto - req.num_computed
+            req.num_computed = req.num_cached_hit = upto
+            self.requests.transition(req, State.PREFILLING)
 
     def _verifies(self, req: Request, budget: int) -> bool:
         """Whether `req` verifies its drafts this step: it decodes, has K drafts and the budget has room. A

@@ -44,9 +44,16 @@ class RequestTable:
         """QUEUED requests in admission order (preempted ones at the front)."""
         self.running: list[Request] = []
         """PREFILLING and DECODING requests: the batch."""
+        self.promoting: list[Request] = []
+        """PROMOTING requests in admission order: their prefixes are on their way up from the KV tiers."""
+        self.draining: list[tuple[object, list[int]]] = []
+        """(promotion, pages) of requests that ended while their promotion still copied into their pages:
+        the pages go back to the allocator once the copies ended (`settle`), never before."""
         self.by_state: Counter[State] = Counter()
         self.cached_tokens = 0
-        """Prompt tokens served from the prefix cache so far."""
+        """Prompt tokens served from a cache so far (the device's prefix cache and the KV tiers)."""
+        self.cached_by_source: Counter[str] = Counter()
+        """The same, by where the pages came from: device, dram, disk."""
         self.aborted = 0
         """Requests aborted so far (a client went away, or the router gave up on them)."""
         self.transfers: Counter[str] = Counter()
@@ -75,7 +82,8 @@ class RequestTable:
             return None
         transfer = req.transfer
         return {"state": req.state.value, "pages": list(req.block_table), "slot": req in self.running,
-                "queued": req.state is State.QUEUED, "tokens": req.num_tokens, "computed": req.num_computed,
+                "queued": req.state is State.QUEUED, "promoting": req.promotion is not None,
+                "tokens": req.num_tokens, "computed": req.num_computed,
                 "transfer": None if transfer is None else {
                     "address": transfer.address, "state": transfer.state.value,
                     "deadline_in_s": transfer.deadline - time.monotonic(),
@@ -132,6 +140,8 @@ class RequestTable:
                 self.waiting.remove(req)
         if "slot" in before - after:
             self.running.remove(req)
+        if "promotion" in before - after:
+            self._end_promotion(req, "pages" in before - after)
         if "pages" in before - after:
             self.allocator.free(req.block_table)
         if "transfer" in before - after:
@@ -144,12 +154,34 @@ class RequestTable:
             req.finish_reason = reason
         if "slot" in after - before:
             self.running.append(req)
+        if "promotion" in after - before:
+            self.promoting.append(req)
         if "queue" in after - before:  # preempted: first in line again
             (self.waiting.appendleft if from_running else self.waiting.append)(req)
         if to.final:
             self.by_state[to] -= 1
             del self.live[req.request_id]
             self.aborted += to is State.ABORTED
+
+    def _end_promotion(self, req: Request, pages_released: bool) -> None:
+        self.promoting.remove(req)
+        promotion, req.promotion = req.promotion, None
+        if pages_released and not promotion.ready():  # the tier thread may still write into its pages
+            self.draining.append((promotion, req.block_table))
+            req.block_table = []
+        else:
+            promotion.wait()  # ended: releases its leases on the tier slots
+
+    def settle(self) -> None:
+        """Frees the pages of ended requests whose promotions have finished copying since."""
+        still = []
+        for promotion, pages in self.draining:
+            if promotion.ready():
+                promotion.wait()
+                self.allocator.free(pages)
+            else:
+                still.append((promotion, pages))
+        self.draining = still
 
     def _end_transfer(self, req: Request, to: State) -> None:
         transfer, req.transfer = req.transfer, None
@@ -202,6 +234,9 @@ class RequestTable:
         assert +self.by_state == counted, (self.by_state, counted)
         assert {id(r) for r in self.running} == {id(r) for r in self.live.values() if "slot" in HOLDS[r.state]}
         assert [r for r in self.waiting] == [r for r in self.waiting if r.state is State.QUEUED]
+        # as a set: a request preempted after its promotion comes back to PROMOTING behind later arrivals
+        promoting = sorted(id(r) for r in self.live.values() if r.state is State.PROMOTING)
+        assert sorted(map(id, self.promoting)) == promoting
         assert len(self.waiting) == counted[State.QUEUED] and len(self.running) == len(set(map(id, self.running)))
         for rid, req in self.live.items():
             holds = HOLDS[req.state]
@@ -210,11 +245,16 @@ class RequestTable:
             assert (req.transfer is not None) == ("transfer" in holds), (req.state, req.transfer)
             if req.state is State.FENCED:
                 assert req.transfer.state.final and req.transfer.reclaim_at is not None, req.transfer
+            assert (req.promotion is not None) == ("promotion" in holds), (req.state, req.promotion)
         for req in ended:
             assert req.state.final and self.live.get(req.request_id) is not req, req
             assert not req.block_table and req.transfer is None and all(r is not req for r in self.running), req
+            assert req.promotion is None and all(r is not req for r in self.promoting), req
             assert all(r is not req for r in self.waiting), req
         refs = Counter(p for r in self.live.values() for p in r.block_table)
+        draining = [p for _, pages in self.draining for p in pages]
+        assert not set(draining) & set(refs), "a page a promotion still copies into was handed out again"
+        refs.update(draining)
         for page, count in refs.items():
             assert self.allocator.pages[page].ref_count == count, (page, count)
         assert self.allocator.num_used == len(refs), (self.allocator.num_used, len(refs))

@@ -26,6 +26,7 @@ import struct
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -58,6 +59,8 @@ class DiskStore:
         self.dir = os.path.join(root, digest.hex())
         os.makedirs(self.dir, exist_ok=True)
         self.counters = DiskCounters()
+        self.removed_keys: deque[bytes] = deque()
+        """Keys of this model's entries this process removed (evicted, damaged), until the owner takes them."""
         self._tlock = threading.Lock()
         self._lock_fd = os.open(os.path.join(root, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
         self._usage_fd = os.open(os.path.join(root, "usage"), os.O_RDWR | os.O_CREAT, 0o644)
@@ -138,6 +141,7 @@ class DiskStore:
 
     def _drop_corrupt(self, path: str, size: int) -> None:
         self.counters.corrupt += 1
+        self.removed_keys.append(_key_of(path))
         with self._locked():
             try:
                 os.unlink(path)
@@ -195,6 +199,19 @@ class DiskStore:
         self.counters.written += 1
         return True
 
+    def keys(self, limit: int = 1_000_000) -> list[bytes]:
+        """Keys of this model's entries on disk (at most `limit`), e.g. what a restarted process reports to
+        the routers before it wrote anything."""
+        out: list[bytes] = []
+        for sub in sorted(os.listdir(self.dir)):
+            path = os.path.join(self.dir, sub)
+            if not os.path.isdir(path):
+                continue
+            out += [_key_of(name) for name in os.listdir(path) if name.endswith(".kv")][: limit - len(out)]
+            if len(out) >= limit:
+                break
+        return out
+
     # capacity -------------------------------------------------------------------------------------------
     def _scan_and_evict(self, need: int) -> tuple[int, int]:
         """Under the lock: counts every entry of the directory (all models), removes stale temporary files,
@@ -225,6 +242,8 @@ class DiskStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(full)
                 removed += 1
+                if os.path.dirname(os.path.dirname(full)) == self.dir:  # this model's entry
+                    self.removed_keys.append(_key_of(full))
             used -= size
         self.counters.evicted += removed
         self._set_usage(used, len(files))
@@ -234,6 +253,10 @@ class DiskStore:
         for fd in (self._lock_fd, self._usage_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _key_of(path: str) -> bytes:
+    return bytes.fromhex(os.path.basename(path).removesuffix(".kv"))
 
 
 def write_all(fd: int, buffers: list) -> None:

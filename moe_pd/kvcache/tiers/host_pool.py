@@ -27,6 +27,7 @@ import mmap
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -82,6 +83,8 @@ class HostPool:
         self.table = SlotTable(self.buckets, self.keys)
         self.allocation_failures = 0
         """Slots this process could not back with memory (the file system is full)."""
+        self.evicted_keys: deque[bytes] = deque()
+        """Keys of the READY pages this process evicted, until the owner takes them (cache events)."""
 
     # layout ---------------------------------------------------------------------------------------------
     def _layout(self) -> dict[str, int]:
@@ -273,6 +276,8 @@ class HostPool:
             candidates = candidates[np.argpartition(self.last_used[candidates], n - 1)[:n]]
         chosen = candidates[np.argsort(self.last_used[candidates], kind="stable")].tolist()
         for slot in chosen:
+            if self.state[slot] == READY:
+                self.evicted_keys.append(self.keys[slot].tobytes())
             self._free(slot)
         return chosen
 

@@ -98,11 +98,12 @@ class ModelIdentity:
         return {"format": FORMAT_VERSION, "digest": self.digest.hex(), **asdict(self)}
 
     @staticmethod
-    def of(model_cfg: Any, dtype: str, block_size: int) -> "ModelIdentity":
+    def of(model_cfg: Any, dtype: str, block_size: int, num_layers: int | None = None) -> "ModelIdentity":
         """From a ModelConfig: its fields except where the checkpoint lives (the fingerprint says what
-        it holds, so a moved copy keeps its cache)."""
+        it holds, so a moved copy keeps its cache). `num_layers`: the cache's layers (the model's, plus the MTP
+        layer's when it is loaded; default: the model's)."""
         fields = {k: v for k, v in asdict(model_cfg).items() if k != "path"}
-        layout = (f"mla:L={model_cfg.num_hidden_layers}:row={model_cfg.kv_lora_rank}+"
+        layout = (f"mla:L={num_layers or model_cfg.num_hidden_layers}:row={model_cfg.kv_lora_rank}+"
                   f"{model_cfg.qk_rope_head_dim}:LSW")
         return ModelIdentity(
             config=json.dumps(fields, sort_keys=True, default=str),

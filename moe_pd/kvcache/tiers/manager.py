@@ -24,13 +24,18 @@ dropped (counted) rather than queued without bound; pages waiting for their disk
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import logging
+import os
 import queue
 import shutil
+import socket
 import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -39,59 +44,12 @@ from moe_pd.kvcache.paged import PagedLatentCache
 from moe_pd.kvcache.tiers.disk_store import DiskStore, Entry
 from moe_pd.kvcache.tiers.host_pool import WRITE_LEASE_S, HostPool, SlotRef
 from moe_pd.kvcache.tiers.identity import ModelIdentity
+from moe_pd.kvcache.tiers.promotion import Promotion
 from moe_pd.kvcache.tiers.stats import TierStats
 
 log = logging.getLogger(__name__)
 PROMOTE, COMMIT, WRITE, FLUSH, STOP = 0, 1, 2, 8, 9
 """Tier-thread job priorities: a promotion never waits behind writes."""
-
-
-class Promotion:
-    """Pages of one sequence on their way from the tiers into its device pages, in chain order."""
-
-    def __init__(self, pages: Sequence[tuple[int, Entry]], sources: list[str], refs: list[SlotRef | None],
-                 pool: HostPool | None, stats: TierStats) -> None:
-        self.pages, self.sources, self.refs = list(pages), sources, refs
-        self.copied = [False] * len(sources)
-        self._pool, self._stats, self._started = pool, stats, time.perf_counter()
-        self._done = threading.Event()
-        self._event: torch.cuda.Event | None = None
-        self._keep: list[torch.Tensor] = []  # staging buffers the copies read, alive until they finish
-        self._result: int | None = None
-        if not sources:
-            self._done.set()
-
-    @property
-    def num_pages(self) -> int:
-        """Pages found in the tiers when the promotion started (an upper bound on wait()'s answer)."""
-        return len(self.sources)
-
-    def ready(self) -> bool:
-        return self._done.is_set() and (self._event is None or self._event.query())
-
-    def wait(self, timeout: float | None = None) -> int:
-        """Blocks until the copies end; returns how many leading pages are in their device pages intact."""
-        if self._result is not None:
-            return self._result
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"promotion of {len(self.sources)} pages still running after {timeout} s")
-        if self._event is not None:
-            self._event.synchronize()
-        self._keep.clear()
-        held = [i for i, r in enumerate(self.refs) if r is not None and self.copied[i]]
-        valid = dict(zip(held, self._pool.validate([self.refs[i] for i in held]))) if held else {}
-        if self._pool is not None:
-            self._pool.release([r for r in self.refs if r is not None])
-        n = 0
-        while n < len(self.sources) and self.copied[n] and valid.get(n, self.refs[n] is None):
-            n += 1
-        for tier in set(self.sources[:n]):
-            self._stats.add("promoted_pages", self.sources[:n].count(tier), tier=tier)
-        self._stats.add("promotion_misses", len(self.sources) - n)
-        self._stats.add("promotions")
-        self._stats.add("load_seconds", time.perf_counter() - self._started)
-        self._result = n
-        return n
 
 
 class TierManager:
@@ -125,11 +83,19 @@ class TierManager:
         # pages waiting for disk stay held in DRAM: at most half the pool
         self.max_disk_backlog = min(max_disk_backlog, num_slots // 2) if num_slots > 0 else max_disk_backlog
         self._backlog = 0
+        self._stored: dict[str, deque[bytes]] = {"dram": deque(), "disk": deque(self.disk.keys() if self.disk else ())}
+        """Keys written since the last take_events; at start, what the disk already holds (a restart's routers
+        learn it from the first report)."""
+        host_name = socket.gethostname()
+        self.domains = {"dram": f"{host_name}:{self.host.path}" if self.host else "",
+                        "disk": f"{host_name}:{os.path.realpath(self.disk.dir)}" if self.disk else ""}
+        """Where each tier lives, named so that every process sharing it names it alike (the routers learn
+        which instances share a node's tiers from these)."""
         self._jobs: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         self._thread = threading.Thread(target=self._run, name="kv-tiers", daemon=True)
         self._thread.start()
-
+        atexit.register(_close_at_exit, weakref.ref(self))  # the last process out removes the DRAM pool
     @property
     def enabled(self) -> bool:
         return self.host is not None or self.disk is not None
@@ -180,16 +146,17 @@ class TierManager:
                 return
             copied = self._copy_out([page for page, _ in todo], [self.host_NLSW[ref.slot] for _, ref in todo])
             refs = [ref for _, ref in todo]
+            entries = [entry for (_, entry), ref in zip(pages, refs_all) if ref is not None]
             hold = 0.0
             if self.disk is not None and self._admit_backlog(len(refs)):
                 # held in DRAM until written through: a fast producer cannot evict them before the disk has them
                 hold = time.monotonic() + WRITE_LEASE_S
-                entries = [entry for (_, entry), ref in zip(pages, refs_all) if ref is not None]
                 held = [SlotRef(ref.slot, ref.gen, hold) for ref in refs]
+            keys = [entry[0] for entry in entries]
             if copied is None:
-                self._commit(refs, None, hold)  # copied already: readable at once
+                self._commit(refs, keys, None, hold)  # copied already: readable at once
             else:
-                self._submit(COMMIT, lambda: self._commit(refs, copied, hold))
+                self._submit(COMMIT, lambda: self._commit(refs, keys, copied, hold))
             if hold:
                 self._submit(WRITE, lambda: self._write_from_dram(entries, held))
         else:
@@ -209,9 +176,14 @@ class TierManager:
             self._backlog += n
             return True
 
+    def _disk_write(self, items: list[tuple[Entry, memoryview]]) -> None:
+        done = self.disk.write(items)
+        self.stats.add("disk_writes", sum(done))
+        self._stored["disk"].extend(entry[0] for (entry, _), ok in zip(items, done) if ok)
+
     def _write_disk(self, items: list[tuple[Entry, memoryview]]) -> None:
         try:
-            self.stats.add("disk_writes", sum(self.disk.write(items)))
+            self._disk_write(items)
         finally:
             with self.stats._lock:
                 self._backlog -= len(items)
@@ -222,8 +194,7 @@ class TierManager:
         try:
             copies = self.host_NLSW[torch.tensor([ref.slot for ref in refs])]  # indexing copies
             valid = self.host.validate(refs)
-            self.stats.add("disk_writes", sum(self.disk.write(
-                [(entry, _bytes(copies[i])) for i, (entry, ok) in enumerate(zip(entries, valid)) if ok])))
+            self._disk_write([(entry, _bytes(copies[i])) for i, (entry, ok) in enumerate(zip(entries, valid)) if ok])
         finally:
             self.host.release(refs)
             with self.stats._lock:
@@ -246,9 +217,11 @@ class TierManager:
             event.record(self.stream)
         return event
 
-    def _commit(self, refs: list[SlotRef], copied: torch.cuda.Event | None, hold_until: float = 0.0) -> None:
+    def _commit(self, refs: list[SlotRef], keys: list[bytes], copied: torch.cuda.Event | None,
+                hold_until: float = 0.0) -> None:
         _sync(copied)
         ok = self.host.commit(refs, hold_until)
+        self._stored["dram"].extend(key for key, done in zip(keys, ok) if done)
         self.stats.add("dram_writes", sum(ok))
         self.stats.add("dram_write_failures", len(ok) - sum(ok))
 
@@ -282,6 +255,7 @@ class TierManager:
                     promotion._event = torch.cuda.Event()
                     promotion._event.record(self.stream)
         finally:
+            promotion.copies_ended = time.perf_counter()  # CUDA: issued (the event says when they land)
             promotion._done.set()
 
     def _source(self, promotion: Promotion, i: int, entry: Entry) -> torch.Tensor | None:
@@ -297,6 +271,7 @@ class TierManager:
                     self.host.abort([ref])
                     return None
                 self.stats.add("dram_writes")
+                self._stored["dram"].append(entry[0])
             run = self.host.lookup([entry], self.lease_s)  # leased, and validated like any DRAM page
             promotion.refs[i] = run[0] if run else None
             return self.host_NLSW[run[0].slot] if run else None
@@ -329,6 +304,14 @@ class TierManager:
         if not done.wait(timeout):
             raise TimeoutError(f"KV tier jobs still running after {timeout} s")
 
+    def take_events(self) -> dict[str, tuple[list[bytes], list[bytes]]]:
+        """tier -> (keys this process stored there, keys it evicted or found damaged there) since the last
+        call: the tiers' part of the cache events a router learns from."""
+        removed = {"dram": self.host.evicted_keys if self.host else deque(),
+                   "disk": self.disk.removed_keys if self.disk else deque()}
+        return {tier: (_drain(self._stored[tier]), _drain(removed[tier])) for tier in ("dram", "disk")
+                if self.domains[tier]}
+
     def usage(self) -> dict[str, dict[str, int]]:
         """Bytes and entries per tier (DRAM: the node's pool; disk: the whole directory)."""
         out = {}
@@ -353,6 +336,7 @@ class TierManager:
             self.host = None
         if self.disk is not None:
             self.disk.close()
+            self.disk = None
 
 
 def host_tier_bytes(gib: float, device_pool_bytes: int, local_ranks: int, path: str) -> int:
@@ -362,6 +346,20 @@ def host_tier_bytes(gib: float, device_pool_bytes: int, local_ranks: int, path: 
         return int(gib * (1 << 30))
     free = shutil.disk_usage(path or "/dev/shm").free
     return min(2 * device_pool_bytes * local_ranks, free // 2)
+
+
+def _drain(q: deque) -> list:
+    """Takes what is in a deque other threads append to (append and popleft are atomic)."""
+    return [q.popleft() for _ in range(len(q))]
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+    manager = ref()
+    if manager is not None:
+        try:
+            manager.close()
+        except Exception:  # exiting anyway
+            log.exception("closing the KV tiers at exit failed")
 
 
 def _bytes(t: torch.Tensor) -> memoryview:

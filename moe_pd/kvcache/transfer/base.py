@@ -106,6 +106,8 @@ class KVHeader(msgspec.Struct, forbid_unknown_fields=True):
     drafts: list[int] = []
     """Speculative decoding: prefill's MTP drafts of the tokens after the first (greedy requests), which decode
     verifies in its first step."""
+    cached_tokens: int = 0
+    """Prompt tokens prefill served from a cache (device pages or a KV tier): decode reports them in usage."""
 
     def shape(self) -> tuple[int, int, int]:
         return (self.num_layers, self.num_tokens, self.row_width)
