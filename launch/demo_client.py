@@ -13,7 +13,8 @@ import urllib.request
 
 from openai import OpenAI
 
-PROMPTS = ["Hello, moe_pd!", "Prefill and decode run on separate clusters because", "1, 2, 3,"]
+# What the trained tiny checkpoint (moe_pd/assets/tiny_dsv3) learned: facts, sums, and a chat question
+PROMPTS = ["The capital of France is", "Question: What is 3 + 4?\nAnswer:", "What does a cow say?"]
 
 
 def metrics_summary(url: str) -> list[str]:
@@ -66,7 +67,7 @@ def main() -> int:
     time.sleep(1.0)  # one heartbeat, so the page gauges show the cluster after these requests
     for line in metrics_summary(args.url):
         print(f"  {line}")
-    print("(the tiny model has random weights: its text is noise; the tokens are what the tests check)")
+    print("(the trained tiny checkpoint knows only its generated corpus: docs/tiny_checkpoint.md)")
     return 0
 
 

@@ -19,6 +19,7 @@ def test_the_readme_demo_runs_and_stops_cleanly(tmp_path):
                           capture_output=True, text=True, timeout=360)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "cluster ready" in proc.stdout and "(streaming)" in proc.stdout
+    assert "Paris" in proc.stdout and "3 + 4 = 7" in proc.stdout  # the trained checkpoint's answers
     assert "requests finished: 3" in proc.stdout and "0 KV pages in use" in proc.stdout
     assert proc.stdout.rstrip().endswith(f"cluster stopped (logs in {tmp_path / 'demo'})")
     left = subprocess.run(["pgrep", "-f", f"port={ports['DECODE_PORT']}"], capture_output=True, text=True)
