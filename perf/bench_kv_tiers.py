@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from kv_policy_bound import replay as policy_replay
 from kv_tiers_engine import engine_bench
-from kv_workload import Turn, WorkloadSpec, multi_turn, working_set_pages
+from kv_workload import HitRate, Turn, WorkloadSpec, multi_turn, working_set_pages
 
 from moe_pd.kvcache.block_manager import BlockManager, OutOfBlocks, full_pages
 from moe_pd.kvcache.paged import PagedLatentCache
@@ -46,21 +46,13 @@ LAYERS, LATENT, ROPE = 2, 12, 4
 
 
 @dataclass
-class Result:
+class Result(HitRate):
     name: str
     prompt_tokens: int = 0
     hit_tokens: dict[str, int] = field(default_factory=lambda: {"device": 0, "dram": 0, "disk": 0})
     wrong_pages: int = 0
     seconds: float = 0.0
     tiers: dict = field(default_factory=dict)
-
-    @property
-    def hits(self) -> int:
-        return sum(self.hit_tokens.values())
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / max(self.prompt_tokens, 1)
 
 
 def fill_value(page_hash: int) -> float:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from kv_workload import Turn, WorkloadSpec, multi_turn
+from kv_workload import HitRate, Turn, WorkloadSpec, multi_turn
 
 from moe_pd.config.kvcache import KVCacheConfig
 from moe_pd.engine.core.request import SamplingParams
@@ -31,7 +31,7 @@ from moe_pd.kvcache.block_manager import full_pages
 
 
 @dataclass
-class EngineResult:
+class EngineResult(HitRate):
     name: str
     prompt_tokens: int = 0
     generated: int = 0
@@ -42,14 +42,6 @@ class EngineResult:
     tiers: dict = field(default_factory=dict)
     pages: set = field(default_factory=set)
     """The distinct full pages of every prompt and answer (the working set)."""
-
-    @property
-    def hits(self) -> int:
-        return sum(self.hit_tokens.values())
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / max(self.prompt_tokens, 1)
 
     def ttft(self, q: float) -> float:
         return statistics.quantiles(self.ttft_s, n=100, method="inclusive")[round(q * 100) - 1]

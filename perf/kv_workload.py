@@ -40,6 +40,22 @@ class WorkloadSpec:
     seed: int = 0
 
 
+class HitRate:
+    """`hits` and `hit_rate` of a benchmark's result: prompt tokens served from a cache (`hit_tokens`, per
+    tier) over `prompt_tokens`."""
+
+    hit_tokens: dict[str, int]
+    prompt_tokens: int
+
+    @property
+    def hits(self) -> int:
+        return sum(self.hit_tokens.values())
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(self.prompt_tokens, 1)
+
+
 def multi_turn(spec: WorkloadSpec) -> list[Turn]:
     """Every turn of every session, in arrival order."""
     rng = random.Random(spec.seed)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
-from dispatch_worker import D, E, all_reduce_reference, make_case  # noqa: E402
+from dispatch_worker import D, E, compare_with_references, make_case  # noqa: E402
 
 from helpers import deepep_double, deepep_v2_double  # noqa: E402
 from helpers.runner import fresh_cache  # noqa: E402
@@ -87,19 +87,7 @@ def check_moe(state, placement) -> list[dict]:
         backends = [(f"v1 {m} fp8={fp8}", v1(state, placement, D, m, fp8)) for m in ("normal", "low_latency")]
         backends += [(f"v2 {m} fp8={fp8}", v2(state, placement, D, m, fp8, 4)) for m in ("normal", "low_latency")]
         for name, ep in backends:
-            for case in ("uneven", "one_expert", "zero_tokens", "minus_one", "odd_t"):
-                x, ids, w = make_case(case, rank, world, torch.Generator().manual_seed(100 + rank))
-                if fp8:  # the references see what the wire carries
-                    x = unpack_fp8(pack_fp8(x), D, x.dtype)
-                got = moe(ep, x, ids, w, w13[mine], w2[mine])
-                local = moe(LocalDispatcher(E), x, ids, w, w13, w2)
-                reduced = all_reduce_reference(x, ids, w, w13, w2, mine, world)
-                for ref_name, ref in (("local", local), ("all-reduce", reduced)):
-                    same = got.shape == ref.shape
-                    results.append({"backend": name, "case": case, "reference": ref_name, "tokens": int(x.shape[0]),
-                                    "shape_matches": same,
-                                    "close": same and torch.allclose(got, ref, rtol=1e-5, atol=1e-6),
-                                    "max_abs_err": (got - ref).abs().max().item() if same and got.numel() else 0.0})
+            results += compare_with_references(name, ep, fp8, w13, w2, mine, rank, world, moe=moe)
     return results
 
 

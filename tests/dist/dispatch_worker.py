@@ -69,6 +69,26 @@ def all_reduce_reference(x, ids, w, w13, w2, local_experts, world):
     return parts[dist.get_rank()]
 
 
+def compare_with_references(name, ep, fp8, w13, w2, mine, rank, world, moe=moe) -> list[dict]:
+    """The MoE output through dispatcher `ep` (this rank's experts `mine`) on every case, against the
+    one-process dispatcher and the all-reduce reference: one result row per case and reference."""
+    results = []
+    for case in ("uneven", "one_expert", "zero_tokens", "minus_one", "odd_t"):
+        x, ids, w = make_case(case, rank, world, torch.Generator().manual_seed(100 + rank))
+        if fp8:  # the references see what the wire carries
+            x = unpack_fp8(pack_fp8(x), D, x.dtype)
+        got = moe(ep, x, ids, w, w13[mine], w2[mine])
+        local = moe(LocalDispatcher(E), x, ids, w, w13, w2)
+        reduced = all_reduce_reference(x, ids, w, w13, w2, mine, world)
+        for ref_name, ref in (("local", local), ("all-reduce", reduced)):
+            same_shape = got.shape == ref.shape
+            results.append({"backend": name, "case": case, "reference": ref_name, "tokens": int(x.shape[0]),
+                            "shape_matches": same_shape,
+                            "close": same_shape and torch.allclose(got, ref, rtol=1e-5, atol=1e-6),
+                            "max_abs_err": (got - ref).abs().max().item() if same_shape and got.numel() else 0.0})
+    return results
+
+
 def main() -> int:
     join_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -84,19 +104,7 @@ def main() -> int:
         backends.append((f"all_to_all padded fp8={fp8}", fp8,
                          AllToAllDispatcher(state, D, placement, fp8=fp8, padded_max_tokens=1 << 20)))
     for name, fp8, ep in backends:
-        for case in ("uneven", "one_expert", "zero_tokens", "minus_one", "odd_t"):
-            x, ids, w = make_case(case, rank, world, torch.Generator().manual_seed(100 + rank))
-            if fp8:  # the references see what the wire carries
-                x = unpack_fp8(pack_fp8(x), D, x.dtype)
-            got = moe(ep, x, ids, w, w13[mine], w2[mine])
-            local = moe(LocalDispatcher(E), x, ids, w, w13, w2)
-            reduced = all_reduce_reference(x, ids, w, w13, w2, mine, world)
-            for ref_name, ref in (("local", local), ("all-reduce", reduced)):
-                same_shape = got.shape == ref.shape
-                results.append({"backend": name, "case": case, "reference": ref_name, "tokens": int(x.shape[0]),
-                                "shape_matches": same_shape,
-                                "close": same_shape and torch.allclose(got, ref, rtol=1e-5, atol=1e-6),
-                                "max_abs_err": (got - ref).abs().max().item() if same_shape and got.numel() else 0.0})
+        results += compare_with_references(name, ep, fp8, w13, w2, mine, rank, world)
     dist.barrier()
     dist.destroy_process_group()
     (Path(sys.argv[1]) / f"rank{rank}.json").write_text(json.dumps({"results": results}))
