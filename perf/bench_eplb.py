@@ -236,13 +236,38 @@ def recorded_windows() -> torch.Tensor | None:
     return None if history is None else history.float()
 
 
+def trained_windows() -> torch.Tensor:
+    """Load windows [T, L, E] of the trained tiny checkpoint (moe_pd/assets/tiny_dsv3: 24 windows of a workload
+    whose kind of document changes every 4 windows, its 3 MoE layers and the MTP layer x 16 experts), as its
+    training recorded them (docs/tiny_checkpoint.md)."""
+    from safetensors.torch import load_file
+
+    from moe_pd.assets import TINY_DSV3
+
+    return load_file(str(Path(TINY_DSV3) / "expert_load.safetensors"))["expert_load_history"].float()
+
+
+def print_windows(what: str, windows: torch.Tensor) -> None:
+    r = run_windows(windows, 4, 1, groups=4, redundant=16, history=1)
+    print(f"{what}: {windows.shape[0]} windows, {windows.shape[1]} MoE layers x {windows.shape[2]} experts, EP 4, "
+          f"16 redundant), next-window balancedness: ds {r['ds'].mean():.4f}, ours {r['ours'].mean():.4f}, "
+          f"ds+route {r['ds+route'].mean():.4f}, ours+route {r['ours+route'].mean():.4f}, ideal "
+          f"{r['ideal'].mean():.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=58)
     parser.add_argument("--scored", type=int, default=16, help="windows scored per case")
     parser.add_argument("--png", default="perf/results/eplb_temporal.png")
     parser.add_argument("--skip-live", action="store_true", help="skip the 4-rank tiny-model run")
+    parser.add_argument("--trained-only", action="store_true",
+                        help="only the trained checkpoint's recorded windows (seconds)")
     args = parser.parse_args()
+    if args.trained_only:
+        print_windows("trained router's windows (moe_pd/assets/tiny_dsv3, a shifting mix of documents",
+                      trained_windows())
+        return
     for spec in CASES:
         print(spec)
     results = []
@@ -264,12 +289,9 @@ def main() -> None:
                   f"{a_max}/{a_mean:.0f} = {a_max / a_mean:.2f} in the last window")
         recorded = recorded_windows()
         if recorded is not None:
-            r = run_windows(recorded, 4, 1, groups=4, redundant=16, history=1)
-            print(f"recorded windows (the recorder in a 4-rank run of the tiny model, random weights, no skew: "
-                  f"{recorded.shape[0]} windows of 3 steps, {recorded.shape[1]} MoE layers x {recorded.shape[2]} "
-                  f"experts, EP 4, 16 redundant), next-window balancedness: ds {r['ds'].mean():.4f}, ours "
-                  f"{r['ours'].mean():.4f}, ds+route {r['ds+route'].mean():.4f}, ours+route "
-                  f"{r['ours+route'].mean():.4f}, ideal {r['ideal'].mean():.4f}")
+            print_windows("recorded windows (the recorder in a 4-rank run of the tiny model, random weights, no "
+                          "skew, windows of 3 steps", recorded)
+    print_windows("trained router's windows (moe_pd/assets/tiny_dsv3, a shifting mix of documents", trained_windows())
 
 
 if __name__ == "__main__":
